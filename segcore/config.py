@@ -1,0 +1,176 @@
+"""Typed configuration for training, parsed from YAML once and saved with every model.
+
+Every worker (a Tune trial, a Ray Data actor, a laptop) rebuilds a model from the JSON
+form of these objects alone, the way smp saves ``config.json`` and timm ``args.yaml``.
+Unknown keys are refused (``extra="forbid"``) so a typo names itself instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+FreezeStrategy = Literal["full", "frozen-encoder", "random-init", "staged"]
+OptimizerName = Literal["adam", "adamw", "sgd"]
+ScheduleName = Literal["cosine_restarts", "one_cycle", "constant"]
+NormalizeMode = Literal["dtype_range", "percentile", "zscore", "fits_header", "none"]
+ClassWeighting = Literal["none", "inverse_frequency"]
+
+
+class Strict(BaseModel):
+    """Base for all config sections: unknown keys are errors, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    """What to build: any smp architecture (or ResUNet) with any smp encoder."""
+
+    arch: str = "Unet"
+    encoder: str = "resnet18"
+    # None: random init; "imagenet": smp's hub weights (needs a network or a filled cache);
+    # anything else: a local .pth/.safetensors file holding encoder (or whole-model) weights.
+    encoder_weights: str | None = None
+    in_channels: int = Field(1, ge=1)
+    classes: int = Field(2, ge=1)
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class NormalizeConfig(Strict):
+    """How raw pixels become float32 model input; the pipeline applies the same at inference."""
+
+    mode: NormalizeMode = "dtype_range"
+    low_percentile: float = 0.5
+    high_percentile: float = 99.5
+    mean: float | None = None
+    std: float | None = None
+
+
+class LossPhase(Strict):
+    """From ``start_epoch`` on, use this weighted mix of loss terms (e.g. BCE first, then Dice)."""
+
+    start_epoch: int = Field(0, ge=0)
+    terms: dict[str, float]
+
+
+class LossConfig(Strict):
+    """A weighted sum of registered losses, e.g. ``{dice: 1.0, focal: 0.5}``, optionally scheduled."""
+
+    terms: dict[str, float] = Field(default_factory=lambda: {"dice": 1.0, "focal": 0.5})
+    schedule: list[LossPhase] = Field(default_factory=list)
+    class_weighting: ClassWeighting = "none"
+    focal_gamma: float = 2.0
+    focal_alpha: float | None = None
+    tversky_alpha: float = 0.5
+    tversky_beta: float = 0.5
+
+
+class FreezeConfig(Strict):
+    """Encoder training strategy; ``unfreeze_epoch`` is K for ``staged``."""
+
+    strategy: FreezeStrategy = "full"
+    unfreeze_epoch: int = Field(1, ge=0)
+    encoder_lr_scale: float = Field(0.1, gt=0)
+
+
+class AugmentConfig(Strict):
+    """One ``strength`` knob in [0, 1] scales every albumentations transform; 0 disables them."""
+
+    strength: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class DataConfig(Strict):
+    """Patch sampling for training, tiling for validation."""
+
+    patch_size: int = Field(96, ge=8)
+    patches_per_epoch: int = Field(512, ge=1)
+    batch_size: int = Field(16, ge=1)
+    class_balanced: bool = True
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    val_tile: int = Field(256, ge=16)
+    val_halo: int = Field(32, ge=0)
+    num_workers: int = Field(0, ge=0)
+
+
+class OptimConfig(Strict):
+    name: OptimizerName = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = 0.9
+    schedule: ScheduleName = "cosine_restarts"
+    restart_epochs: int = Field(10, ge=1)
+
+
+class TrainConfig(Strict):
+    """Everything one training run needs; saved as ``config.json`` in every model directory."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    epochs: int = Field(10, ge=1)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    binary_threshold: float = 0.5
+
+
+class ConfigError(ValueError):
+    """A config file or dict that does not validate; the message names the file and the bad keys."""
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {key}: {e['msg']}")
+    lines.append("Fix the keys above (see segcore/config.py for every field and its default).")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], model: type[Strict] = TrainConfig, source: str = "<dict>") -> Any:
+    """Validate ``data`` into ``model``; errors name ``source`` and every bad key."""
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def load_yaml_config(path: str | Path, model: type[Strict] = TrainConfig) -> Any:
+    """Load and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML file.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}); fix the syntax.") from None
+    return parse_config(data, model, source=str(path))
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data['a']['b'] = value`` for ``dotted='a.b'`` (CLI overrides and search samples)."""
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to ``{'model.arch': 'Unet', ...}`` (MLflow params are flat)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,82 @@
+"""Shared fixtures: one real local Ray per test session (restarted only when a test needs
+different resources), and a private SQLite MLflow per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_RAY_STATE: dict[str, object] = {}
+
+
+def ensure_ray(num_cpus: int = 2, num_gpus: int = 0) -> None:
+    """Start (or reuse) a local Ray with exactly these logical resources.
+
+    GPUs here are logical only (no CUDA): enough to test Tune's packing of fractional trials.
+    ``address="local"`` always starts a fresh cluster, never attaching to someone else's.
+    """
+    import ray
+
+    key = (num_cpus, num_gpus)
+    if ray.is_initialized() and _RAY_STATE.get("key") == key:
+        return
+    if ray.is_initialized():
+        ray.shutdown()
+    temp_dir = _RAY_STATE.setdefault("temp_dir", tempfile.mkdtemp(prefix="gsray-", dir="/tmp"))
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        _temp_dir=str(temp_dir),
+        object_store_memory=300 * 1024 * 1024,
+        runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}},
+    )
+    _RAY_STATE["key"] = key
+
+
+@pytest.fixture
+def ray_local():
+    """A 2-CPU local Ray shared across the session (the size of a CI machine)."""
+    ensure_ray(num_cpus=2, num_gpus=0)
+    yield
+
+
+@pytest.fixture
+def ray_fake_gpus():
+    """A local Ray with 2 logical GPUs and 4 logical CPUs, for resource-packing tests."""
+    ensure_ray(num_cpus=4, num_gpus=2)
+    yield
+
+
+@pytest.fixture
+def mlflow_sqlite(tmp_path, monkeypatch) -> str:
+    """A private SQLite tracking store + artifact folder; returns the tracking URI."""
+    home = tmp_path / "gigaseg-home"
+    home.mkdir()
+    monkeypatch.setenv("GIGASEG_HOME", str(home))
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def pytest_sessionfinish(session, exitstatus):
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:
+        pass
+    temp_dir = _RAY_STATE.get("temp_dir")
+    if temp_dir and os.path.isdir(str(temp_dir)):
+        shutil.rmtree(str(temp_dir), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
