@@ -1,0 +1,72 @@
+"""Evaluate a trained model on a labelled dataset folder: report, metrics.json, overlay PNGs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from segcore.data import load_samples, load_spec
+from segcore.metrics import ConfusionMatrix, format_report
+from segcore.modeldir import LoadedModel, load_model
+from segcore.tiling import predict_tiled
+from segcore.visualize import save_prediction_panel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    report: str
+    out_dir: Path
+
+
+def predict_labels(loaded: LoadedModel, image: np.ndarray, tile: int, halo: int, batch_size: int = 8) -> np.ndarray:
+    """Whole-image class ids for a normalised (C, H, W) image, tiled like the pipeline."""
+    proba = predict_tiled(image, loaded.predict_proba, tile=tile, halo=halo, batch_size=batch_size)
+    if loaded.card.train.model.classes == 1:
+        return (proba[1] >= loaded.card.train.binary_threshold).astype(np.int64)
+    return proba.argmax(axis=0)
+
+
+def evaluate(model_ref: str | Path, data_dir: str | Path, out_dir: str | Path, n_overlays: int = 4,
+             device: str = "auto") -> EvalResult:
+    """Predict every image of ``data_dir`` with the model's own normalisation and score it."""
+    loaded = load_model(model_ref, device=device)
+    cfg = loaded.card.train
+    spec = load_spec(data_dir).model_copy(update={"normalize": cfg.normalize})
+    samples = load_samples(data_dir, spec)
+    cm = ConfusionMatrix(loaded.num_classes)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, sample in enumerate(samples):
+        pred = predict_labels(loaded, sample.image, cfg.data.val_tile, cfg.data.val_halo, cfg.data.batch_size)
+        cm.update(pred, sample.mask)
+        if i < n_overlays:
+            save_prediction_panel(out_dir / f"overlay_{sample.name}.png", sample.image, sample.mask, pred,
+                                  loaded.card.class_names, loaded.card.class_colors)
+    metrics = cm.compute()
+    report = format_report(metrics, loaded.card.class_names)
+    payload = {"model": str(model_ref), "data": str(data_dir), "n_images": len(samples),
+               "metrics": _jsonable(metrics), "confusion_matrix": cm.matrix.tolist(),
+               "class_names": loaded.card.class_names}
+    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+    return EvalResult(metrics=metrics, report=report, out_dir=out_dir)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return None if np.isnan(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

@@ -1,0 +1,392 @@
+"""The one training function: ``gigaseg train`` and every search trial call :func:`train`.
+
+It draws random (optionally class-balanced) patches for training, validates on whole
+images tiled exactly like inference, and writes a model directory. Hooks:
+
+* ``callbacks`` receive an :class:`EpochReport` after every epoch (Tune, MLflow, logging);
+* ``resume_from`` continues from a checkpoint written by ``EpochReport.save_checkpoint``;
+* when a ``torch.distributed`` process group is initialised (e.g. by a Ray Train worker),
+  the model is wrapped in DDP, patches are sharded per rank, and validation confusion
+  matrices are summed across ranks. segcore itself never imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from segcore.config import TrainConfig
+from segcore.data import PatchDataset, Sample, build_augmentation, load_samples, load_spec
+from segcore.losses import build_loss, inverse_frequency_weights
+from segcore.metrics import ConfusionMatrix, choose_binary_threshold, flat_metrics
+from segcore.modeldir import WEIGHTS_FILE, ModelCard, logits_to_proba, pick_device, save_model_dir
+from segcore.models import build_model, check_combination
+from segcore.models.freeze import FreezeController
+from segcore.tiling import predict_tiled
+from segcore.visualize import save_prediction_panel
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class EpochReport:
+    """What a callback sees after each epoch; ``save_checkpoint(dir)`` makes a resumable checkpoint."""
+
+    epoch: int
+    metrics: dict[str, float]
+    is_last: bool
+    save_checkpoint: Callable[[Path], None]
+    rank: int = 0
+    world_size: int = 1
+
+
+EpochCallback = Callable[[EpochReport], None]
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    confusion: np.ndarray | None = None
+    class_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """Everything built once per training run (keeps function signatures short)."""
+
+    cfg: TrainConfig
+    card: ModelCard
+    model: torch.nn.Module
+    freeze: FreezeController
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    loss_fn: torch.nn.Module
+    loader: DataLoader
+    patches: PatchDataset
+    val_samples: list[Sample]
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def bare_model(self) -> torch.nn.Module:
+        return getattr(self.model, "module", self.model)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def split_samples(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic train/val split by whole image (never by patch, so no leakage)."""
+    if len(samples) < 2 or val_fraction <= 0:
+        if val_fraction > 0:
+            log.warning("only %d image(s): validating on the training image(s)", len(samples))
+        return samples, samples
+    order = np.random.default_rng(seed).permutation(len(samples))
+    n_val = min(len(samples) - 1, max(1, round(val_fraction * len(samples))))
+    val_idx = set(order[:n_val].tolist())
+    return [s for i, s in enumerate(samples) if i not in val_idx], [samples[i] for i in sorted(val_idx)]
+
+
+def _fit_config_to_data(cfg: TrainConfig, spec, train_samples: list[Sample]) -> TrainConfig:
+    """Take channels, classes and normalisation from the dataset, so the saved config is complete."""
+    num_classes = len(spec.class_names)
+    binary_head = num_classes == 2 and any(t == "bce" for t in _all_loss_terms(cfg))
+    model = cfg.model.model_copy(
+        update={"in_channels": train_samples[0].image.shape[0], "classes": 1 if binary_head else num_classes}
+    )
+    if cfg.freeze.strategy == "random-init":
+        model = model.model_copy(update={"encoder_weights": None})
+    return cfg.model_copy(update={"model": model, "normalize": spec.normalize})
+
+
+def _all_loss_terms(cfg: TrainConfig) -> set[str]:
+    terms = set(cfg.loss.terms)
+    for phase in cfg.loss.schedule:
+        terms |= set(phase.terms)
+    return terms
+
+
+def _make_loader(cfg: TrainConfig, patches: PatchDataset, rank: int, world: int) -> DataLoader:
+    sampler = DistributedSampler(patches, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed) if world > 1 else None
+    return DataLoader(
+        patches,
+        batch_size=cfg.data.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        drop_last=len(patches) // world >= cfg.data.batch_size,
+        persistent_workers=cfg.data.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _build_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+    optim_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[o.name]
+    return optim_cls(groups, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """Stepped once per batch. Cosine warm restarts (as the SEM study) or one-cycle."""
+    o = cfg.optim
+    if o.schedule == "cosine_restarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=o.restart_epochs * steps_per_epoch)
+    if o.schedule == "one_cycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=cfg.epochs * steps_per_epoch,
+        )
+    return None
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device_for(cfg: TrainConfig, rank: int, world: int) -> torch.device:
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and world > 1 and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _class_weights(cfg: TrainConfig, samples: list[Sample], num_classes: int) -> torch.Tensor | None:
+    if cfg.loss.class_weighting != "inverse_frequency":
+        return None
+    weights = inverse_frequency_weights((s.mask for s in samples), num_classes)
+    log.info("inverse-frequency class weights: %s", np.round(weights, 3).tolist())
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def build_run(cfg: TrainConfig, data_dir: str | Path, val_dir: str | Path | None = None) -> _Run:
+    """Load data, fit the config to it, build model, optimiser, scheduler and loss."""
+    rank, world = _dist_info()
+    spec = load_spec(data_dir)
+    samples = load_samples(data_dir, spec)
+    train_s, val_s = (samples, load_samples(val_dir)) if val_dir else split_samples(samples, cfg.data.val_fraction, cfg.seed)
+    cfg = _fit_config_to_data(cfg, spec, train_s)
+    check_combination(cfg.model.arch, cfg.model.encoder, cfg.model.in_channels, cfg.data.patch_size)
+    torch.manual_seed(cfg.seed)
+    device = _device_for(cfg, rank, world)
+    model = build_model(cfg.model, load_weights=True).to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    freeze = FreezeController(model, cfg.freeze, cfg.optim.lr)
+    optimizer = _build_optimizer(cfg, freeze.param_groups())
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg.freeze.strategy != "full")
+    patches = PatchDataset(
+        train_s, cfg.data.patch_size, cfg.data.patches_per_epoch, cfg.data.class_balanced,
+        augment=build_augmentation(cfg.augment.strength), seed=cfg.seed,
+    )
+    loader = _make_loader(cfg, patches, rank, world)
+    scheduler = _build_scheduler(cfg, optimizer, max(1, len(loader)))
+    loss_fn = build_loss(cfg.loss, len(spec.class_names), _class_weights(cfg, train_s, len(spec.class_names)))
+    card = ModelCard(train=cfg, class_names=list(spec.class_names), class_colors=_spec_colors(spec))
+    return _Run(cfg, card, model, freeze, optimizer, scheduler, loss_fn.to(device), loader, patches, val_s, device, rank, world)
+
+
+def _spec_colors(spec) -> list[tuple[int, int, int]] | None:
+    """One display colour per class: the first palette colour of each class, if the spec has any."""
+    colors = getattr(spec, "display_colors", None)
+    return colors() if callable(colors) else None
+
+
+# ----------------------------------------------------------------------------- epochs
+
+
+def train_one_epoch(run: _Run, epoch: int) -> float:
+    """One pass over this epoch's patches; returns the mean training loss on this rank."""
+    run.freeze.on_epoch_start(epoch)
+    run.freeze.train_mode()
+    run.loss_fn.set_epoch(epoch)
+    run.patches.set_epoch(epoch)
+    if isinstance(run.loader.sampler, DistributedSampler):
+        run.loader.sampler.set_epoch(epoch)
+    use_amp = run.device.type == "cuda" and run.cfg.amp
+    total, count = 0.0, 0
+    for images, masks in run.loader:
+        images, masks = images.to(run.device, non_blocking=True), masks.to(run.device, non_blocking=True)
+        if run.device.type == "cuda" and run.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        run.optimizer.zero_grad(set_to_none=True)  # frozen params keep grad None -> optimiser skips them
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = run.model(images)
+        loss = run.loss_fn(logits.float(), masks)
+        loss.backward()
+        run.optimizer.step()
+        if run.scheduler is not None:
+            run.scheduler.step()
+        total += float(loss.detach()) * images.shape[0]
+        count += images.shape[0]
+    return total / max(count, 1)
+
+
+def predict_logits(run: _Run, image: np.ndarray) -> np.ndarray:
+    """Whole-image logits (K, H, W) through the same tiler as inference."""
+    model = run.bare_model.eval()
+    use_amp = run.device.type == "cuda" and run.cfg.amp
+
+    @torch.inference_mode()
+    def forward(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(run.device)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            return model(x).float().cpu().numpy()
+
+    tile = max(32, math.ceil(run.cfg.data.val_tile / 32) * 32)
+    return predict_tiled(image, forward, tile=tile, halo=run.cfg.data.val_halo, batch_size=run.cfg.data.batch_size)
+
+
+def labels_from_logits(logits: np.ndarray, threshold: float) -> np.ndarray:
+    """Class ids from (K, H, W) logits; a 1-channel binary head uses ``threshold``."""
+    if logits.shape[0] == 1:
+        return (1 / (1 + np.exp(-logits[0])) >= threshold).astype(np.int64)
+    return logits.argmax(axis=0)
+
+
+def validate(run: _Run) -> tuple[dict[str, float], ConfusionMatrix, list[tuple[Sample, np.ndarray]]]:
+    """Tiled whole-image validation on this rank's share of images; confusion summed over ranks."""
+    num_classes = len(run.card.class_names)
+    cm = ConfusionMatrix(num_classes)
+    losses, probs_pos, targets, keep = [], [], [], []
+    for sample in run.val_samples[run.rank :: run.world_size]:
+        logits = predict_logits(run, sample.image)
+        with torch.no_grad():
+            t_logits = torch.from_numpy(logits)[None].to(run.device)
+            t_mask = torch.from_numpy(sample.mask)[None].to(run.device)
+            losses.append(float(run.loss_fn(t_logits, t_mask)))
+        if logits.shape[0] == 1:
+            probs_pos.append(logits_to_proba(torch.from_numpy(logits)[None])[0, 1].numpy().ravel())
+            targets.append(sample.mask.ravel())
+        pred = labels_from_logits(logits, run.card.train.binary_threshold)
+        cm.update(pred, sample.mask)
+        keep.append((sample, pred))
+    if probs_pos:
+        threshold, _ = choose_binary_threshold(np.concatenate(probs_pos), np.concatenate(targets))
+        run.card.train = run.card.train.model_copy(update={"binary_threshold": float(threshold)})
+    val_loss = _all_reduce_mean(run, sum(losses), len(losses))
+    _all_reduce_confusion(run, cm)
+    metrics = flat_metrics(cm.compute(), run.card.class_names, prefix="val_")
+    metrics["val_loss"] = val_loss
+    return metrics, cm, keep
+
+
+def _all_reduce_mean(run: _Run, total: float, count: int) -> float:
+    if run.world_size == 1:
+        return total / max(count, 1)
+    t = torch.tensor([total, float(count)], dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return float(t[0] / t[1].clamp(min=1))
+
+
+def _all_reduce_confusion(run: _Run, cm: ConfusionMatrix) -> None:
+    if run.world_size > 1:
+        t = torch.from_numpy(cm.matrix).to(run.device)
+        dist.all_reduce(t)
+        cm.matrix[...] = t.cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run: _Run, epoch: int, directory: Path) -> None:
+    """Model directory + optimiser/scheduler state: enough to resume after ``epoch``."""
+    directory = Path(directory)
+    save_model_dir(directory, run.bare_model, run.card)
+    state = {
+        "epoch": epoch,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "history": json.dumps(run.history),
+    }
+    torch.save(state, directory / STATE_FILE)
+
+
+def load_checkpoint(run: _Run, directory: Path) -> int:
+    """Restore a checkpoint (no pickle: ``weights_only=True``); returns the epoch to start at."""
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    load_model(run.bare_model, str(directory / WEIGHTS_FILE))
+    state = torch.load(directory / STATE_FILE, map_location=run.device, weights_only=True)
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler is not None and state["scheduler"] is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
+    run.history = json.loads(state["history"])
+    log.info("resumed from %s after epoch %d", directory, state["epoch"])
+    return int(state["epoch"]) + 1
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def train(
+    cfg: TrainConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    callbacks: Sequence[EpochCallback] = (),
+    resume_from: str | Path | None = None,
+    val_dir: str | Path | None = None,
+) -> TrainResult:
+    """Train ``cfg`` on the dataset folder ``data_dir``; write the model directory to ``out_dir``."""
+    run = build_run(cfg, data_dir, val_dir)
+    start = load_checkpoint(run, Path(resume_from)) if resume_from else 0
+    metrics: dict[str, float] = run.history[-1] if run.history else {}
+    cm, keep = ConfusionMatrix(len(run.card.class_names)), []
+    for epoch in range(start, run.cfg.epochs):
+        t0 = time.perf_counter()
+        train_loss = train_one_epoch(run, epoch)
+        metrics, cm, keep = validate(run)
+        metrics.update(train_loss=_all_reduce_mean(run, train_loss, 1), lr=run.optimizer.param_groups[-1]["lr"],
+                       epoch_time_s=time.perf_counter() - t0)
+        run.history.append(metrics)
+        log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_miou %.4f (%.1fs)", epoch + 1, run.cfg.epochs,
+                 metrics["train_loss"], metrics["val_loss"], metrics["val_miou"], metrics["epoch_time_s"])
+        report = EpochReport(epoch, dict(metrics), epoch == run.cfg.epochs - 1, partial(save_checkpoint, run, epoch),
+                             run.rank, run.world_size)
+        for callback in callbacks:
+            callback(report)
+    run.card.metrics = metrics
+    out_dir = Path(out_dir)
+    if run.rank == 0:
+        write_outputs(run, out_dir, cm, keep)
+    return TrainResult(out_dir, metrics, run.history, cm.matrix, run.card.class_names)
+
+
+def write_outputs(run: _Run, out_dir: Path, cm: ConfusionMatrix, keep: list[tuple[Sample, np.ndarray]]) -> None:
+    """The model directory plus metrics.json, confusion_matrix.json and preview.png."""
+    save_model_dir(out_dir, run.bare_model, run.card)
+    (out_dir / "metrics.json").write_text(json.dumps({"final": run.card.metrics, "history": run.history}, indent=2))
+    (out_dir / "confusion_matrix.json").write_text(
+        json.dumps({"class_names": run.card.class_names, "matrix": cm.matrix.tolist()}, indent=2)
+    )
+    if keep:
+        sample, pred = keep[0]
+        save_prediction_panel(out_dir / "preview.png", sample.image, sample.mask, pred,
+                              run.card.class_names, run.card.class_colors)
