@@ -36,7 +36,7 @@ def run_kind(kind: str, work: Path, epochs: int | None) -> dict:
     train_s = time.perf_counter() - t0
     gigaseg("evaluate", "--model", str(work / "model"), "--data", str(work / "test"), "--out", str(work / "eval"))
     metrics = json.loads((work / "eval" / "metrics.json").read_text())["metrics"]
-    return {"kind": kind, "train_s": train_s, "test_miou": metrics["miou"], "pixel_acc": metrics["pixel_accuracy"]}
+    return {"kind": kind, "train_s": train_s, "test_miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"]}
 
 
 def main() -> None:
