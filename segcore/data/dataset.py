@@ -1,0 +1,294 @@
+"""Samples (whole normalised images + masks) and the random-patch training dataset.
+
+FITS images give one sample per image HDU. The mask of HDU ``i`` (EXTNAME ``E``) is, in this
+order of preference: ``masks/<mask stem>_<E>.<png|tif|tiff>``, ``masks/<mask stem>_<i>.<...>``
+(``i`` = HDU number in the file), ``masks/<mask stem>.<...>`` for a FITS with a single image
+HDU, else the HDU with EXTNAME ``E`` (or number ``i``) of a mask FITS ``masks/<mask stem>.fits``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from segcore.config import NormalizeConfig
+from segcore.data.errors import DataError
+from segcore.data.io import (
+    RawImage,
+    file_stem,
+    is_fits,
+    is_supported,
+    mask_to_ids,
+    read_image,
+    read_mask,
+)
+from segcore.data.normalize import apply_norm, compute_norm_stats, strided_sample
+from segcore.data.spec import IGNORE, DatasetSpec, load_spec
+
+log = logging.getLogger(__name__)
+
+MASK_SUFFIX_ORDER = (".png", ".tif", ".tiff", ".fits", ".fit", ".fts", ".fits.gz", ".jpg", ".jpeg")
+
+
+@dataclass
+class Sample:
+    """One training/validation image: normalised (C, H, W) float32 and int64 (H, W) class ids."""
+
+    name: str
+    image: np.ndarray
+    mask: np.ndarray
+    source: Path
+
+
+def _index_files(folder: Path) -> dict[str, list[Path]]:
+    if not folder.is_dir():
+        raise DataError(folder, "folder not found", f"a dataset needs {folder.name}/ next to the other folder")
+    index: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if is_supported(p):
+            index.setdefault(file_stem(p), []).append(p)
+    return index
+
+
+def _mask_stem(image: Path, spec: DatasetSpec, masks: dict[str, list[Path]]) -> str:
+    """The mask stem for ``image`` under ``spec.pairing``."""
+    pairing = spec.pairing
+    groups = pairing.match_image(file_stem(image))
+    if groups is None:
+        raise DataError(image, f"name does not match pairing.image_regex {pairing.image_regex!r}",
+                        "rename the file or fix pairing.image_regex in dataset.yaml")
+    if pairing.mask_template is not None:
+        return pairing.mask_template.format(**groups)
+    if pairing.mask_regex is not None:
+        hits = [s for s in masks if (m := re.fullmatch(pairing.mask_regex, s)) and m.groupdict() == groups]
+        if len(hits) > 1:
+            raise DataError(image, f"several masks match: {hits}", "keep one mask per image")
+        return hits[0] if hits else pairing.mask_regex
+    return groups["stem"]
+
+
+def _unique(stem: str, masks: dict[str, list[Path]]) -> Path | None:
+    paths = masks.get(stem, [])
+    if len(paths) > 1:
+        raise DataError(paths[0].parent / stem, f"several mask files share this name: {[p.name for p in paths]}",
+                        "keep one mask file per image")
+    return paths[0] if paths else None
+
+
+def _find_mask(image: Path, raw: RawImage, n_raw: int, stem: str,
+               masks: dict[str, list[Path]]) -> tuple[Path, bool]:
+    """The mask file of one raw image and whether it is a per-HDU mask FITS (see module doc)."""
+    candidates = [stem] if n_raw == 1 else []
+    if is_fits(image):
+        candidates = [f"{stem}_{raw.extname}"] * bool(raw.extname) + [f"{stem}_{raw.index}"] + candidates
+    for cand in candidates:
+        path = _unique(cand, masks)
+        if path is not None and not (is_fits(path) and cand == stem and n_raw > 1):
+            return path, False
+    path = _unique(stem, masks)
+    if path is not None and is_fits(path) and is_fits(image):
+        return path, True
+    looked = ", ".join(f"{c}.*" for c in dict.fromkeys(candidates + [stem]))
+    raise DataError(image, f"no mask for {raw.name} in masks/ (looked for {looked})",
+                    "add the mask, or fix pairing in dataset.yaml")
+
+
+def _read_mask_for(raw: RawImage, path: Path, from_fits: bool, spec: DatasetSpec) -> np.ndarray:
+    """Read the mask of ``raw``; in a mask FITS pick the HDU with its EXTNAME, else its number."""
+    if not from_fits:
+        return read_mask(path, spec)
+    hdus = read_image(path, palette_indices=True)
+    pick = [m for m in hdus if raw.extname and m.extname == raw.extname] or [m for m in hdus if m.index == raw.index]
+    if not pick:
+        have = ", ".join(f"{m.index}:{m.extname or ''}" for m in hdus)
+        raise DataError(path, f"no HDU for image HDU {raw.index} (EXTNAME {raw.extname}); mask HDUs are {have}",
+                        "give the mask FITS the image's EXTNAMEs or HDU layout")
+    return mask_to_ids(pick[0].array, spec, f"{path}[{pick[0].extname or pick[0].index}]")
+
+
+def _check_pixels(raw: RawImage, image: Path, mask: np.ndarray, mask_path: Path) -> None:
+    h, w = raw.array.shape[:2]
+    if mask.shape != (h, w):
+        raise DataError(image, f"{raw.name} is {h}x{w} (HxW) but its mask {mask_path.name} is "
+                        f"{mask.shape[0]}x{mask.shape[1]}", "the mask must have the image's height and width")
+    if np.issubdtype(raw.array.dtype, np.floating):
+        bad = ~np.isfinite(raw.array)
+        if bad.any():
+            r, c = (int(v) for v in np.argwhere(bad)[0][:2])
+            raise DataError(image, f"{raw.name} has {int(bad.sum())} NaN/inf values (first at row {r}, column {c})",
+                            "replace them (e.g. with the background level) before training")
+
+
+def make_sample(raw: RawImage, mask: np.ndarray, source: Path, cfg: NormalizeConfig) -> Sample:
+    """Normalise ``raw`` to (C, H, W) float32 with stats from a strided sample of it."""
+    stats = compute_norm_stats(strided_sample(raw.array), cfg, raw.header, source=source)
+    arr = raw.array if raw.array.ndim == 3 else raw.array[..., None]
+    image = np.ascontiguousarray(apply_norm(arr, stats).transpose(2, 0, 1))
+    return Sample(raw.name, image, mask.astype(np.int64, copy=False), source)
+
+
+def load_samples(data_dir: str | Path, spec: DatasetSpec | None = None,
+                 normalize: NormalizeConfig | None = None) -> list[Sample]:
+    """Read every image of ``<data_dir>/images`` with its mask from ``<data_dir>/masks``.
+
+    ``normalize`` overrides ``spec.normalize`` (e.g. the TrainConfig's, so that the model card
+    records what was applied). Raises :class:`DataError` naming the file for any bad input.
+    """
+    data_dir = Path(data_dir)
+    spec = spec or load_spec(data_dir)
+    cfg = normalize or spec.normalize
+    images = [p for paths in _index_files(data_dir / "images").values() for p in paths]
+    masks = _index_files(data_dir / "masks")
+    if not images:
+        raise DataError(data_dir / "images", "no images (PNG, JPEG, TIFF or FITS) found", "add images")
+    samples: list[Sample] = []
+    for image in images:
+        stem = _mask_stem(image, spec, masks)
+        raws = read_image(image)
+        for raw in raws:
+            mask_path, from_fits = _find_mask(image, raw, len(raws), stem, masks)
+            mask = _read_mask_for(raw, mask_path, from_fits, spec)
+            _check_pixels(raw, image, mask, mask_path)
+            samples.append(make_sample(raw, mask, image, cfg))
+    names = [s.name for s in samples]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise DataError(data_dir / "images", f"several files give samples named {dup}",
+                        "give each image a unique file name (e.g. not a.png and a.tif)")
+    log.info("%s: %d samples, %d classes (%s)", data_dir, len(samples), spec.num_classes,
+             ", ".join(spec.class_names))
+    return samples
+
+
+def _pad_small(sample: Sample, patch: int) -> Sample:
+    """Pad an image smaller than the patch (reflect; mask with 255 = ignore) at bottom/right."""
+    from segcore.tiling import reflect_pad
+
+    h, w = sample.mask.shape
+    ph, pw = max(patch - h, 0), max(patch - w, 0)
+    if not (ph or pw):
+        return sample
+    log.warning("%s (%s): image %dx%d is smaller than the %d px patch; padded by reflection, "
+                "padding ignored in the loss", sample.source, sample.name, h, w, patch)
+    image = reflect_pad(sample.image, ((0, ph), (0, pw)))
+    mask = np.pad(sample.mask, ((0, ph), (0, pw)), constant_values=IGNORE)
+    return Sample(sample.name, np.ascontiguousarray(image), mask, sample.source)
+
+
+class _ClassIndex:
+    """Flat pixel indices of one mask grouped by class: ``order[start[c]:start[c] + count[c]]``.
+
+    Built with one stable sort of a uint8 copy (numpy uses radix sort there: linear time).
+    """
+
+    def __init__(self, mask: np.ndarray, num_classes: int) -> None:
+        small = np.uint8 if num_classes < 255 else np.uint16
+        flat = np.where(mask.ravel() == IGNORE, num_classes, mask.ravel()).astype(small)
+        dtype = np.int32 if flat.size < 2**31 else np.int64
+        self.order = np.argsort(flat, kind="stable").astype(dtype, copy=False)
+        self.count = np.bincount(flat, minlength=num_classes + 1)[:num_classes].astype(np.int64)
+        self.start = np.concatenate([[0], np.cumsum(self.count)[:-1]])
+
+    def pixel(self, cls: int, u: float) -> int:
+        return int(self.order[self.start[cls] + min(int(u * self.count[cls]), self.count[cls] - 1)])
+
+
+class PatchDataset(Dataset):
+    """``patches_per_epoch`` random ``patch_size`` patches drawn from ``samples``.
+
+    With ``class_balanced`` each patch picks a class uniformly among the classes present, then
+    a random pixel of that class (over all samples) as its centre, jittered by up to a quarter
+    patch; otherwise a uniformly random position. Item ``i`` of epoch ``e`` depends only on
+    ``(seed, e, i)``, so DDP ranks, dataloader workers and reruns agree; call :meth:`set_epoch`.
+    ``augment`` is a callable like ``build_augmentation(...)``'s, called with HWC images.
+    Returns ``(image float32 (C, p, p), mask int64 (p, p))`` tensors.
+    """
+
+    def __init__(self, samples: Sequence[Sample], patch_size: int, patches_per_epoch: int,
+                 class_balanced: bool = True, augment: Callable[..., dict[str, Any]] | None = None,
+                 seed: int = 0, num_classes: int | None = None) -> None:
+        if not samples:
+            raise ValueError("PatchDataset needs at least one sample")
+        if patch_size < 1 or patches_per_epoch < 1:
+            raise ValueError(f"patch_size and patches_per_epoch must be >= 1, got {patch_size}, {patches_per_epoch}")
+        self.samples = [_pad_small(s, patch_size) for s in samples]
+        self.patch_size = patch_size
+        self.patches_per_epoch = patches_per_epoch
+        self.class_balanced = class_balanced
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        if num_classes is None:
+            num_classes = 1 + max(int(m.max(initial=-1, where=m != IGNORE)) for m in (s.mask for s in self.samples))
+        self.num_classes = max(num_classes, 1)
+        self._index = [_ClassIndex(s.mask, self.num_classes) for s in self.samples] if class_balanced else []
+        counts = np.array([ix.count for ix in self._index]) if class_balanced else None
+        self._class_counts = counts
+        self.present_classes = np.flatnonzero(counts.sum(0)) if counts is not None else np.arange(self.num_classes)
+        areas = np.array([s.mask.size for s in self.samples], dtype=np.float64)
+        self._area_cdf = np.cumsum(areas) / areas.sum()
+
+    def __len__(self) -> int:
+        return self.patches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the random stream of ``epoch`` (call before each epoch, like DistributedSampler)."""
+        self.epoch = int(epoch)
+
+    def _corner(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        p = self.patch_size
+        if self.class_balanced and self.present_classes.size:
+            cls = int(rng.choice(self.present_classes))
+            cdf = np.cumsum(self._class_counts[:, cls]) / self._class_counts[:, cls].sum()
+            k = int(np.searchsorted(cdf, rng.random(), side="right"))
+            k = min(k, len(self.samples) - 1)
+            h, w = self.samples[k].mask.shape
+            y, x = divmod(self._index[k].pixel(cls, rng.random()), w)
+            jy, jx = rng.integers(-(p // 4), p // 4 + 1, size=2)
+            top = int(np.clip(y - p // 2 + jy, 0, h - p))
+            left = int(np.clip(x - p // 2 + jx, 0, w - p))
+            return k, top, left
+        k = min(int(np.searchsorted(self._area_cdf, rng.random(), side="right")), len(self.samples) - 1)
+        h, w = self.samples[k].mask.shape
+        return k, int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < self.patches_per_epoch:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        k, top, left = self._corner(rng)
+        p = self.patch_size
+        sample = self.samples[k]
+        image = sample.image[:, top:top + p, left:left + p]
+        mask = sample.mask[top:top + p, left:left + p]
+        if self.augment is not None:
+            image, mask = self._augment(image, mask, int(rng.integers(2**31)))
+        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), torch.from_numpy(
+            np.ascontiguousarray(mask, dtype=np.int64))
+
+    def _augment(self, image: np.ndarray, mask: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        from segcore.data.augment import seed_augmentation
+
+        if hasattr(self.augment, "transforms"):
+            seed_augmentation(self.augment, seed)
+        out = self.augment(image=np.ascontiguousarray(image.transpose(1, 2, 0)), mask=mask.astype(np.uint8))
+        aug_image = out["image"]
+        if aug_image.ndim == 2:
+            aug_image = aug_image[..., None]
+        return aug_image.transpose(2, 0, 1), out["mask"].astype(np.int64)
+
+    def class_pixel_counts(self) -> np.ndarray:
+        """Labelled pixels per class over all samples (e.g. for inverse-frequency weights)."""
+        total = np.zeros(self.num_classes, dtype=np.int64)
+        for s in self.samples:
+            valid = s.mask[s.mask != IGNORE]
+            total += np.bincount(valid.ravel(), minlength=self.num_classes)[: self.num_classes]
+        return total
