@@ -48,21 +48,21 @@ def ids_mask(h: int, w: int, k: int = 3) -> np.ndarray:
 
 
 def test_tiff_16bit_one_and_three_channels(tmp_path):
-    images, masks = make_dirs(tmp_path)
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 65536, (20, 30), dtype=np.uint16)
     rgb = rng.integers(0, 65536, (20, 30, 3), dtype=np.uint16)
-    tifffile.imwrite(images / "grey.tif", grey)
-    tifffile.imwrite(images / "rgb.tiff", rgb, photometric="rgb")
-    save_png(masks / "grey.png", ids_mask(20, 30))
-    save_png(masks / "rgb.png", ids_mask(20, 30))
-    samples = {s.name: s for s in load_samples(tmp_path)}
-    assert samples["grey"].image.shape == (1, 20, 30)
-    assert samples["rgb"].image.shape == (3, 20, 30)
-    assert samples["grey"].image.dtype == np.float32 and samples["grey"].mask.dtype == np.int64
-    np.testing.assert_allclose(samples["grey"].image[0], grey / 65535.0, rtol=1e-6)
-    np.testing.assert_allclose(samples["rgb"].image, rgb.transpose(2, 0, 1) / 65535.0, rtol=1e-6)
-    assert load_spec(tmp_path).class_names == ["class_0", "class_1", "class_2"]
+    for name, array in (("grey", grey), ("rgb", rgb)):
+        images, masks = make_dirs(tmp_path / name)
+        tifffile.imwrite(images / f"{name}.tif", array, photometric="rgb" if array.ndim == 3 else None)
+        save_png(masks / f"{name}.png", ids_mask(20, 30))
+    (g,) = load_samples(tmp_path / "grey")
+    (c,) = load_samples(tmp_path / "rgb")
+    assert g.image.shape == (1, 20, 30) and c.image.shape == (3, 20, 30)
+    assert g.image.dtype == np.float32 and g.mask.dtype == np.int64
+    np.testing.assert_allclose(g.image[0], grey / 65535.0, rtol=1e-6)
+    np.testing.assert_allclose(c.image, rgb.transpose(2, 0, 1) / 65535.0, rtol=1e-6)
+    assert (g.mask == ids_mask(20, 30)).all()
+    assert load_spec(tmp_path / "grey").class_names == ["class_0", "class_1", "class_2"]
 
 
 def test_rgb_mask_merges_several_colours_into_one_class(tmp_path):
@@ -328,3 +328,13 @@ def test_read_image_reports_unsupported_type(tmp_path):
     (tmp_path / "x.bmp").write_bytes(b"BM")
     with pytest.raises(DataError, match=r"x\.bmp: unsupported"):
         read_image(tmp_path / "x.bmp")
+
+
+def test_channel_count_must_agree(tmp_path):
+    images, masks = make_dirs(tmp_path, {"classes": ["a", "b"]})
+    save_png(images / "a.png", np.zeros((8, 8), np.uint8))
+    save_png(images / "b.png", np.zeros((8, 8, 3), np.uint8))
+    for name in ("a", "b"):
+        save_png(masks / f"{name}.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"b\.png: b has 3 channels but a\.png has 1"):
+        load_samples(tmp_path)

@@ -1,9 +1,14 @@
 """Samples (whole normalised images + masks) and the random-patch training dataset.
 
-FITS images give one sample per image HDU. The mask of HDU ``i`` (EXTNAME ``E``) is, in this
-order of preference: ``masks/<mask stem>_<E>.<png|tif|tiff>``, ``masks/<mask stem>_<i>.<...>``
-(``i`` = HDU number in the file), ``masks/<mask stem>.<...>`` for a FITS with a single image
-HDU, else the HDU with EXTNAME ``E`` (or number ``i``) of a mask FITS ``masks/<mask stem>.fits``.
+Images pair with masks by file stem (``images/a.tif`` -> ``masks/a.png``; any supported
+suffix), or through ``pairing`` in dataset.yaml. FITS images give one sample per image HDU,
+named ``<stem>_<EXTNAME>`` (``<stem>_<hdu number>`` without EXTNAME; just ``<stem>`` for a
+single image HDU). The mask of HDU number ``i`` with EXTNAME ``E`` is the first that exists of:
+
+1. ``masks/<mask stem>_<E>.<png|tif|...>`` (what ``gigaseg simulate ccd`` writes),
+2. ``masks/<mask stem>_<i>.<...>``,
+3. ``masks/<mask stem>.<...>`` (only for a FITS with a single image HDU),
+4. a mask FITS ``masks/<mask stem>.fits``: its HDU with EXTNAME ``E``, else HDU number ``i``.
 """
 
 from __future__ import annotations
@@ -34,9 +39,6 @@ from segcore.data.normalize import apply_norm, compute_norm_stats, strided_sampl
 from segcore.data.spec import IGNORE, DatasetSpec, load_spec
 
 log = logging.getLogger(__name__)
-
-MASK_SUFFIX_ORDER = (".png", ".tif", ".tiff", ".fits", ".fit", ".fts", ".fits.gz", ".jpg", ".jpeg")
-
 
 @dataclass
 class Sample:
@@ -91,8 +93,8 @@ def _find_mask(image: Path, raw: RawImage, n_raw: int, stem: str,
         candidates = [f"{stem}_{raw.extname}"] * bool(raw.extname) + [f"{stem}_{raw.index}"] + candidates
     for cand in candidates:
         path = _unique(cand, masks)
-        if path is not None and not (is_fits(path) and cand == stem and n_raw > 1):
-            return path, False
+        if path is not None:
+            return path, is_fits(path) and is_fits(image)
     path = _unique(stem, masks)
     if path is not None and is_fits(path) and is_fits(image):
         return path, True
@@ -107,6 +109,8 @@ def _read_mask_for(raw: RawImage, path: Path, from_fits: bool, spec: DatasetSpec
         return read_mask(path, spec)
     hdus = read_image(path, palette_indices=True)
     pick = [m for m in hdus if raw.extname and m.extname == raw.extname] or [m for m in hdus if m.index == raw.index]
+    if len(hdus) == 1:
+        pick = hdus
     if not pick:
         have = ", ".join(f"{m.index}:{m.extname or ''}" for m in hdus)
         raise DataError(path, f"no HDU for image HDU {raw.index} (EXTNAME {raw.extname}); mask HDUs are {have}",
@@ -135,6 +139,14 @@ def make_sample(raw: RawImage, mask: np.ndarray, source: Path, cfg: NormalizeCon
     return Sample(raw.name, image, mask.astype(np.int64, copy=False), source)
 
 
+def _check_channels(samples: list[Sample]) -> None:
+    first = samples[0]
+    for s in samples[1:]:
+        if s.image.shape[0] != first.image.shape[0]:
+            raise DataError(s.source, f"{s.name} has {s.image.shape[0]} channels but {first.source.name} has "
+                            f"{first.image.shape[0]}", "convert all images of a dataset to the same channels")
+
+
 def load_samples(data_dir: str | Path, spec: DatasetSpec | None = None,
                  normalize: NormalizeConfig | None = None) -> list[Sample]:
     """Read every image of ``<data_dir>/images`` with its mask from ``<data_dir>/masks``.
@@ -158,6 +170,7 @@ def load_samples(data_dir: str | Path, spec: DatasetSpec | None = None,
             mask = _read_mask_for(raw, mask_path, from_fits, spec)
             _check_pixels(raw, image, mask, mask_path)
             samples.append(make_sample(raw, mask, image, cfg))
+    _check_channels(samples)
     names = [s.name for s in samples]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
