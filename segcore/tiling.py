@@ -9,18 +9,30 @@ A :class:`Window` keeps three regions apart (after MONAI's inferers and StarDist
 
 The predictor sees ``reflect_pad(image[read], pad)``, and only ``crop`` of its output
 (the write region in window coordinates) is kept. With a halo at least the model's
-receptive-field reach, tiled prediction equals whole-image prediction.
+receptive-field reach, tiled prediction equals whole-image prediction on the image
+reflect-padded by ``halo`` (:func:`predict_whole`); bit for bit for a purely local predictor.
+
+Predictor wrappers (each takes and returns a ``PredictFn``):
+
+* :func:`pad_to_multiple`: reflect-pad a batch up to a multiple of the model's stride, crop back.
+* :func:`flip_tta`: average the probabilities over horizontal/vertical flips.
+* :func:`blended_predictor`: predict a window as overlapping sub-tiles blended with Gaussian
+  weights (for models with global context, e.g. PSPNet or DeepLabV3 pooling). It works *inside*
+  one window, so the window still writes only its own disjoint write region.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
 Slice2D = tuple[slice, slice]
 Pad2D = tuple[tuple[int, int], tuple[int, int]]
+PredictFn = Callable[[np.ndarray], np.ndarray]  # (N, C, h, w) float32 -> (N, K, h, w) float32
 
 
 @dataclass(frozen=True)
@@ -51,40 +63,67 @@ class Window:
         )
 
 
-def _axis(start: int, stop: int, halo: int, size: int) -> tuple[slice, tuple[int, int]]:
+def _check(tile: int, halo: int) -> None:
+    if tile < 1 or halo < 0:
+        raise ValueError(f"tile must be >= 1 and halo >= 0, got tile={tile}, halo={halo}")
+
+
+def _axis(start: int, stop: int, halo: int, size: int, tile: int) -> tuple[slice, tuple[int, int]]:
+    """Read slice and (before, after) padding along one axis; the far pad also fills the
+    window up to ``tile + 2 * halo`` so every window of an image has the same padded shape."""
     lo, hi = start - halo, stop + halo
-    return slice(max(lo, 0), min(hi, size)), (max(-lo, 0), max(hi - size, 0))
+    fill = tile - (stop - start)
+    return slice(max(lo, 0), min(hi, size)), (max(-lo, 0), max(hi - size, 0) + fill)
+
+
+def grid_shape(shape: tuple[int, int], tile: int) -> tuple[int, int]:
+    """Number of window rows and columns over ``shape`` for ``tile``."""
+    return math.ceil(shape[0] / tile), math.ceil(shape[1] / tile)
+
+
+def window_at(shape: tuple[int, int], tile: int, halo: int, row: int, col: int) -> Window:
+    """The window in grid position (``row``, ``col``): its write region starts at (row, col) * tile."""
+    _check(tile, halo)
+    height, width = shape
+    r, c = row * tile, col * tile
+    if not (0 <= r < height and 0 <= c < width):
+        raise IndexError(f"window ({row}, {col}) is outside the {grid_shape(shape, tile)} grid of {shape}")
+    rs, rp = _axis(r, min(r + tile, height), halo, height, tile)
+    cs, cp = _axis(c, min(c + tile, width), halo, width, tile)
+    return Window(read=(rs, cs), pad=(rp, cp), write=(slice(r, min(r + tile, height)), slice(c, min(c + tile, width))))
 
 
 def split_windows(shape: tuple[int, int], tile: int, halo: int) -> Iterator[Window]:
-    """Yield windows whose write regions are the ``tile`` x ``tile`` grid over ``shape``.
+    """Yield windows whose write regions are the ``tile`` x ``tile`` grid over ``shape``, row by row.
 
     Edge windows own smaller write regions; every window is padded to a common
     ``tile + 2 * halo`` square so batches stack (padding beyond the image is reflected).
     """
-    if tile < 1 or halo < 0:
-        raise ValueError(f"tile must be >= 1 and halo >= 0, got tile={tile}, halo={halo}")
-    height, width = shape
-    for r in range(0, height, tile):
-        for c in range(0, width, tile):
-            rs, rp = _axis(r, min(r + tile, height), halo, height)
-            cs, cp = _axis(c, min(c + tile, width), halo, width)
-            # grow padding at the far side so every window has the same padded shape
-            rp = (rp[0], rp[1] + tile - (min(r + tile, height) - r))
-            cp = (cp[0], cp[1] + tile - (min(c + tile, width) - c))
-            yield Window(read=(rs, cs), pad=(rp, cp), write=(slice(r, min(r + tile, height)), slice(c, min(c + tile, width))))
+    _check(tile, halo)
+    rows, cols = grid_shape(shape, tile)
+    for i in range(rows):
+        for j in range(cols):
+            yield window_at(shape, tile, halo, i, j)
+
+
+def union_read(windows: Sequence[Window]) -> Slice2D:
+    """The smallest region covering every window's read region (one read for a band of windows)."""
+    return (
+        slice(min(w.read[0].start for w in windows), max(w.read[0].stop for w in windows)),
+        slice(min(w.read[1].start for w in windows), max(w.read[1].stop for w in windows)),
+    )
 
 
 def reflect_pad(block: np.ndarray, pad: Pad2D) -> np.ndarray:
-    """Pad the last two axes by reflection; falls back to symmetric for pads wider than the block."""
+    """Pad the last two axes by reflection about the edge pixels (numpy ``reflect``, repeated
+    for pads wider than the block, so it matches reflecting the whole image); a one-pixel
+    axis is repeated instead."""
     if pad == ((0, 0), (0, 0)):
         return block
     full = [(0, 0)] * (block.ndim - 2) + list(pad)
-    h, w = block.shape[-2:]
-    mode = "reflect" if max(pad[0]) < h and max(pad[1]) < w else "symmetric"
-    if mode == "symmetric" and (max(pad[0]) >= 2 * h or max(pad[1]) >= 2 * w):
-        mode = "edge"
-    return np.pad(block, full, mode=mode)
+    if min(block.shape[-2:]) > 1:
+        return np.pad(block, full, mode="reflect")
+    return np.pad(block, full, mode="edge")
 
 
 def read_window(image: np.ndarray, window: Window) -> np.ndarray:
@@ -92,7 +131,12 @@ def read_window(image: np.ndarray, window: Window) -> np.ndarray:
     return reflect_pad(np.asarray(image[(slice(None), *window.read)]), window.pad)
 
 
-PredictFn = Callable[[np.ndarray], np.ndarray]  # (N, C, h, w) float32 -> (N, K, h, w) float32
+def window_from_block(block: np.ndarray, origin: tuple[int, int], window: Window) -> np.ndarray:
+    """Cut ``window`` out of an in-memory (C, h, w) ``block`` whose top-left pixel is image
+    pixel ``origin`` (e.g. a band read with :func:`union_read`), and pad it."""
+    rows = slice(window.read[0].start - origin[0], window.read[0].stop - origin[0])
+    cols = slice(window.read[1].start - origin[1], window.read[1].stop - origin[1])
+    return reflect_pad(block[:, rows, cols], window.pad)
 
 
 def predict_tiled(
@@ -115,7 +159,106 @@ def predict_tiled(
         pred = predict(batch)
         if out is None:
             out = np.zeros((pred.shape[1], *image.shape[-2:]), dtype=np.float32)
-        for w, p in zip(chunk, pred):
+        for w, p in zip(chunk, pred, strict=True):
             out[(slice(None), *w.write)] = p[(slice(None), *w.crop)]
-    assert out is not None
+    if out is None:
+        raise ValueError(f"predict_tiled: image of shape {image.shape} has no pixels")
     return out
+
+
+def predict_whole(image: np.ndarray, predict: PredictFn, halo: int) -> np.ndarray:
+    """The reference tiling must reproduce: the whole (C, H, W) image reflect-padded by ``halo``,
+    predicted in one call, cropped back to (K, H, W)."""
+    h, w = image.shape[-2:]
+    padded = reflect_pad(np.asarray(image, dtype=np.float32), ((halo, halo), (halo, halo)))
+    return predict(padded[None])[0][:, halo : halo + h, halo : halo + w]
+
+
+def pad_to_multiple(predict: PredictFn, multiple: int) -> PredictFn:
+    """Wrap ``predict`` so inputs are reflect-padded (bottom/right) to a multiple of
+    ``multiple`` (a U-Net's total stride) and outputs cropped back."""
+    if multiple <= 1:
+        return predict
+
+    def wrapped(batch: np.ndarray) -> np.ndarray:
+        h, w = batch.shape[-2:]
+        ph, pw = (-h) % multiple, (-w) % multiple
+        if ph == 0 and pw == 0:
+            return predict(batch)
+        return predict(reflect_pad(batch, ((0, ph), (0, pw))))[..., :h, :w]
+
+    return wrapped
+
+
+FLIPS: dict[str, tuple[int, ...]] = {"none": (), "h": (-1,), "v": (-2,), "hv": (-2, -1)}
+
+
+def flip_tta(predict: PredictFn, flips: Sequence[str] = ("none", "h", "v", "hv")) -> PredictFn:
+    """Test-time augmentation: mean of the probabilities over ``flips`` (each undone on the output)."""
+    unknown = [f for f in flips if f not in FLIPS]
+    if unknown or not flips:
+        raise ValueError(f"flip_tta: unknown flips {unknown}; choose from {sorted(FLIPS)}")
+
+    def one(batch: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+        if not axes:
+            return predict(batch)
+        return np.flip(predict(np.ascontiguousarray(np.flip(batch, axes))), axes)
+
+    def wrapped(batch: np.ndarray) -> np.ndarray:
+        total = one(batch, FLIPS[flips[0]]).astype(np.float32, copy=True)
+        for name in flips[1:]:
+            total += one(batch, FLIPS[name])
+        return total / np.float32(len(flips))
+
+    return wrapped
+
+
+@lru_cache(maxsize=8)
+def gaussian_weights(height: int, width: int, sigma_scale: float = 0.125) -> np.ndarray:
+    """A (height, width) Gaussian importance map (nnU-Net style: sigma = size / 8), min 1e-3, max 1."""
+
+    def axis(n: int) -> np.ndarray:
+        r = np.arange(n, dtype=np.float64) - (n - 1) / 2
+        return np.exp(-(r**2) / (2 * (sigma_scale * n) ** 2))
+
+    w = np.outer(axis(height), axis(width))
+    return np.maximum(w / w.max(), 1e-3).astype(np.float32)
+
+
+def _starts(length: int, size: int, step: int) -> list[int]:
+    if length <= size:
+        return [0]
+    starts = list(range(0, length - size + 1, step))
+    if starts[-1] != length - size:
+        starts.append(length - size)
+    return starts
+
+
+def blended_predictor(predict: PredictFn, sub_tile: int, overlap: float = 0.5) -> PredictFn:
+    """Predict each (N, C, h, w) window as overlapping ``sub_tile`` squares blended with
+    Gaussian weights; ``overlap`` is the fraction of ``sub_tile`` shared by neighbours."""
+    if sub_tile < 1 or not 0 <= overlap < 1:
+        raise ValueError(f"blend: need sub_tile >= 1 and 0 <= overlap < 1, got {sub_tile}, {overlap}")
+    step = max(1, int(round(sub_tile * (1 - overlap))))
+
+    def wrapped(batch: np.ndarray) -> np.ndarray:
+        h, w = batch.shape[-2:]
+        sh, sw = min(sub_tile, h), min(sub_tile, w)
+        weight = gaussian_weights(sh, sw)
+        positions = [(r, c) for r in _starts(h, sh, step) for c in _starts(w, sw, step)]
+        norm = np.zeros((h, w), dtype=np.float32)
+        acc = np.zeros(0, dtype=np.float32)
+        for r, c in positions:
+            p = predict(np.ascontiguousarray(batch[..., r : r + sh, c : c + sw]))
+            if acc.size == 0:
+                acc = np.zeros((batch.shape[0], p.shape[1], h, w), dtype=np.float32)
+            acc[..., r : r + sh, c : c + sw] += p * weight
+            norm[r : r + sh, c : c + sw] += weight
+        return acc / norm
+
+    return wrapped
+
+
+def forward_pixels_per_output(tile: int, halo: int, tta: int = 1, blend_factor: float = 1.0) -> float:
+    """How many pixels the model evaluates per output pixel (halo, flips and blending overhead)."""
+    return ((tile + 2 * halo) / tile) ** 2 * tta * blend_factor

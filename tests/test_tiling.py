@@ -1,0 +1,225 @@
+"""Tiling: tiled prediction equals whole-image prediction (bit for bit for local predictors),
+every output pixel is written exactly once, and the predictor wrappers (stride padding, flip
+TTA, Gaussian-blended sub-tiles) do what they claim."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segcore.config import ModelConfig
+from segcore.models import build_model
+from segcore.tiling import (
+    blended_predictor,
+    flip_tta,
+    forward_pixels_per_output,
+    gaussian_weights,
+    grid_shape,
+    pad_to_multiple,
+    predict_tiled,
+    predict_whole,
+    read_window,
+    reflect_pad,
+    split_windows,
+    union_read,
+    window_at,
+    window_from_block,
+)
+
+REACH = 2  # the box filter below reads 2 pixels each side
+
+
+def box5(batch: np.ndarray) -> np.ndarray:
+    """A fixed 5x5 mean filter (zero outside the window) as two 'class' maps: the same
+    arithmetic, in the same order, for every pixel wherever it sits in the window."""
+    x = np.pad(batch.astype(np.float32), ((0, 0), (0, 0), (REACH, REACH), (REACH, REACH)))
+    h, w = batch.shape[-2:]
+    acc = np.zeros(batch.shape, dtype=np.float32)
+    for dy in range(2 * REACH + 1):
+        for dx in range(2 * REACH + 1):
+            acc += x[..., dy : dy + h, dx : dx + w]
+    acc /= np.float32(25)
+    return np.concatenate([acc[:, :1], -acc[:, :1] * acc[:, :1]], axis=1)
+
+
+def tiny_convnet(seed: int = 0) -> torch.nn.Module:
+    """Two 3x3 convs: receptive-field reach 2, like ``box5``."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 3, padding=1))
+    return net.eval()
+
+
+CASES = [  # (height, width, tile, halo)
+    (37, 53, 16, 2),
+    (37, 53, 16, 8),
+    (64, 64, 16, 4),
+    (33, 47, 7, 3),
+    (20, 91, 64, 5),
+    (5, 9, 4, 40),  # halo far bigger than the image: repeated reflection
+    (1, 17, 4, 2),  # one-pixel-high image
+    (100, 3, 32, 2),
+]
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "halo"), CASES)
+def test_tiled_equals_whole_bit_for_bit(height: int, width: int, tile: int, halo: int) -> None:
+    img = np.random.default_rng(height * width).random((1, height, width), dtype=np.float32)
+    tiled = predict_tiled(img, box5, tile=tile, halo=halo, batch_size=3)
+    whole = predict_whole(img, box5, halo)
+    assert tiled.shape == (2, height, width)
+    if halo >= REACH:
+        assert np.array_equal(tiled, whole)
+
+
+def test_halo_smaller_than_reach_shows_seams() -> None:
+    """The negative control: with halo < reach the tiles' zero borders leak into the output."""
+    img = np.random.default_rng(1).random((1, 48, 48), dtype=np.float32)
+    tiled = predict_tiled(img, box5, tile=16, halo=1)
+    assert not np.array_equal(tiled, predict_whole(img, box5, 1))
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "halo"), [(37, 53, 16, 2), (33, 47, 8, 4), (64, 40, 32, 3)])
+def test_tiled_equals_whole_tiny_convnet(height: int, width: int, tile: int, halo: int) -> None:
+    net = tiny_convnet()
+
+    @torch.inference_mode()
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return torch.softmax(net(torch.from_numpy(batch)), dim=1).numpy()
+
+    img = np.random.default_rng(2).random((1, height, width), dtype=np.float32)
+    tiled = predict_tiled(img, predict, tile=tile, halo=halo, batch_size=4)
+    whole = predict_whole(img, predict, halo)
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-6)
+    assert np.array_equal(tiled.argmax(0), whole.argmax(0))
+
+
+class CountingArray:
+    """Records how often every pixel is assigned."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.writes = np.zeros(shape[-2:], dtype=np.int32)
+        self.data = np.zeros(shape, dtype=np.float32)
+
+    def __setitem__(self, key: tuple[slice, ...], value: np.ndarray) -> None:
+        self.writes[key[-2:]] += 1
+        self.data[key] = value
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "halo"), CASES)
+def test_every_pixel_written_exactly_once(height: int, width: int, tile: int, halo: int) -> None:
+    img = np.random.default_rng(3).random((1, height, width), dtype=np.float32)
+    out = CountingArray((2, height, width))
+    predict_tiled(img, box5, tile=tile, halo=halo, out=out)  # type: ignore[arg-type]
+    assert (out.writes == 1).all()
+    windows = list(split_windows((height, width), tile, halo))
+    assert len(windows) == np.prod(grid_shape((height, width), tile))
+    for w in windows:  # write regions start on the chunk grid; windows stack into batches
+        assert w.write[0].start % tile == 0 and w.write[1].start % tile == 0
+        assert w.padded_shape == (tile + 2 * halo, tile + 2 * halo)
+
+
+def test_window_at_and_band_reads_match_split_windows() -> None:
+    shape, tile, halo = (70, 90), 16, 6
+    img = np.random.default_rng(4).random((1, *shape), dtype=np.float32)
+    windows = list(split_windows(shape, tile, halo))
+    rows, cols = grid_shape(shape, tile)
+    assert windows == [window_at(shape, tile, halo, i, j) for i in range(rows) for j in range(cols)]
+    band = [window_at(shape, tile, halo, 2, j) for j in range(1, 5)]
+    rs, cs = union_read(band)
+    block = img[:, rs, cs]
+    for w in band:  # cutting windows out of one band read == reading each window
+        assert np.array_equal(window_from_block(block, (rs.start, cs.start), w), read_window(img, w))
+    with pytest.raises(IndexError):
+        window_at(shape, tile, halo, rows, 0)
+
+
+def test_reflect_pad_matches_reflecting_the_whole_image() -> None:
+    img = np.arange(15, dtype=np.float32).reshape(1, 3, 5)
+    padded = reflect_pad(img, ((4, 6), (7, 2)))
+    assert np.array_equal(padded, np.pad(img, ((0, 0), (4, 6), (7, 2)), mode="reflect"))
+    assert reflect_pad(np.ones((1, 1, 4)), ((2, 2), (0, 0))).shape == (1, 5, 4)
+
+
+def test_pad_to_multiple_feeds_stride_multiples_and_crops_back() -> None:
+    seen = []
+
+    def strict(batch: np.ndarray) -> np.ndarray:
+        if batch.shape[-1] % 32 or batch.shape[-2] % 32:
+            raise ValueError(f"shape {batch.shape} is not a multiple of 32")
+        seen.append(batch.shape)
+        return box5(batch)
+
+    batch = np.random.default_rng(5).random((2, 1, 50, 70), dtype=np.float32)
+    out = pad_to_multiple(strict, 32)(batch)
+    assert out.shape == (2, 2, 50, 70) and seen == [(2, 1, 64, 96)]
+    assert np.array_equal(out[..., 10:40, 10:60], box5(batch)[..., 10:40, 10:60])
+
+
+def test_flip_tta_averages_flipped_predictions() -> None:
+    def lopsided(batch: np.ndarray) -> np.ndarray:  # not flip-equivariant: depends on column index
+        cols = np.arange(batch.shape[-1], dtype=np.float32)
+        return np.concatenate([batch * cols, batch], axis=1)
+
+    batch = np.random.default_rng(6).random((2, 1, 6, 8), dtype=np.float32)
+    out = flip_tta(lopsided, flips=("none", "h"))(batch)
+    expected = (lopsided(batch) + lopsided(batch[..., ::-1])[..., ::-1]) / 2
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    assert np.array_equal(flip_tta(box5)(batch).shape, box5(batch).shape)
+    with pytest.raises(ValueError, match="unknown flips"):
+        flip_tta(box5, flips=("diagonal",))
+
+
+def test_blended_predictor_is_exact_for_pointwise_models_and_covers_everything() -> None:
+    def pointwise(batch: np.ndarray) -> np.ndarray:
+        return np.concatenate([batch, 1 - batch], axis=1)
+
+    batch = np.random.default_rng(7).random((3, 1, 45, 61), dtype=np.float32)
+    out = blended_predictor(pointwise, sub_tile=16, overlap=0.5)(batch)
+    np.testing.assert_allclose(out, pointwise(batch), rtol=1e-5, atol=1e-6)
+    calls = []
+
+    def counting(batch: np.ndarray) -> np.ndarray:
+        calls.append(batch.shape)
+        return pointwise(batch)
+
+    blended_predictor(counting, sub_tile=32, overlap=0.5)(batch)
+    assert calls and all(s[-2:] == (32, 32) for s in calls) and len(calls) == 2 * 3
+    w = gaussian_weights(16, 16)
+    assert w.max() == 1.0 and w[0, 0] < w[8, 8]
+
+
+def test_forward_pixels_per_output() -> None:
+    assert forward_pixels_per_output(512, 0) == 1
+    assert forward_pixels_per_output(512, 64, tta=4) == pytest.approx(4 * (640 / 512) ** 2)
+
+
+def _sharp_unet(seed: int) -> torch.nn.Module:
+    """Random-init Unet (resnet18, depth 3, receptive-field reach 65 px) with a scaled head,
+    so classes vary across the image and argmax ties are rare."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(arch="Unet", encoder="resnet18", classes=3,
+                                    arch_kwargs={"encoder_depth": 3, "decoder_channels": [32, 16, 8]}))
+    with torch.no_grad():
+        head = model.segmentation_head[0]
+        head.weight.mul_(20)
+        head.bias.zero_()
+    return model.eval()
+
+
+def test_unet_tiled_labels_equal_whole_with_large_halo() -> None:
+    model = _sharp_unet(0)
+
+    @torch.inference_mode()
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return torch.softmax(model(torch.from_numpy(batch)), dim=1).numpy()
+
+    predict8 = pad_to_multiple(predict, 8)
+    img = np.random.default_rng(8).random((1, 150, 190), dtype=np.float32)
+    img = (img + np.roll(img, 1, -1) + np.roll(img, 1, -2)) / 3  # a little spatial structure
+    whole = predict_whole(img, predict8, 72).argmax(0)
+    assert len(np.unique(whole)) > 1
+    tiled = predict_tiled(img, predict8, tile=64, halo=72, batch_size=4).argmax(0)
+    assert np.array_equal(tiled, whole)
+    seams = predict_tiled(img, predict8, tile=64, halo=0, batch_size=4).argmax(0)
+    assert not np.array_equal(seams, predict_whole(img, predict8, 0).argmax(0))
