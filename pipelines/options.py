@@ -1,0 +1,69 @@
+"""What a segmentation run does (``SegmentOptions``) and what it needs to know about the model
+(``ModelInfo``); both are small JSON-able objects shipped to every Ray task and actor.
+
+The *signature* hashes everything that changes the output bytes (model identity, tiling,
+TTA, blending, output arrays), so a rerun resumes only work done under the same signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from segcore.config import NormalizeConfig
+from segcore.modeldir import LoadedModel
+
+DEFAULT_TILE = 512
+DEFAULT_HALO = 64  # seams vanish for the U-Nets measured with bench/halo_seams.py; a model card may override
+HALO_CARD_KEY = "halo"  # ModelCard.extra[HALO_CARD_KEY]: the halo measured for this model
+
+
+class SegmentOptions(BaseModel):
+    """Per-run settings that shape the output (all part of the resume signature)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str  # resolved model reference (directory or pinned MLflow URI)
+    tile: int = Field(DEFAULT_TILE, ge=16)  # write region edge == output chunk edge
+    halo: int = Field(DEFAULT_HALO, ge=0)
+    batch_size: int = Field(8, ge=1)  # windows per model call (and per work unit on tiled files)
+    tta: bool = False  # average over flips
+    blend_tile: int | None = Field(None, ge=16)  # Gaussian-blended sub-tiles inside each window
+    blend_overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    only_class: str | None = None  # write a 0/1 mask of this class instead of all labels
+    probabilities: bool = False  # also store float16 class probabilities
+    uncertainty: bool = False  # also store float16 normalised softmax entropy
+    device: str = "auto"
+
+    def signature(self, model_digest: str) -> str:
+        data = self.model_dump(mode="json", exclude={"device"})
+        data["model_digest"] = model_digest
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ModelInfo(BaseModel):
+    """What the planning and finishing stages need from the model card (no weights)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ref: str
+    digest: str
+    class_names: list[str]
+    class_colors: list[tuple[int, int, int]]
+    normalize: NormalizeConfig
+    in_channels: int
+    stride: int  # inputs are padded to a multiple of this
+
+    def class_index(self, name: str) -> int:
+        if name not in self.class_names:
+            raise ValueError(f"--only-class {name!r}: the model's classes are {self.class_names}; pick one of them")
+        return self.class_names.index(name)
+
+
+def default_halo(loaded: LoadedModel) -> int:
+    """The halo recorded on the model card (``extra["halo"]``), else :data:`DEFAULT_HALO`."""
+    value: Any = loaded.card.extra.get(HALO_CARD_KEY)
+    return int(value) if isinstance(value, int | float) and value >= 0 else DEFAULT_HALO

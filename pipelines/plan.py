@@ -1,0 +1,191 @@
+"""Planning: one input file -> per-image plans -> the work units still to do.
+
+A *work unit* is a fixed run of windows in one row of the window grid: ``batch_size``
+windows on files with fast random access, a whole row (one band read) on striped TIFFs and
+row-compressed FITS. Units are fixed by the plan, so a resumed run predicts exactly the same
+batches as an uninterrupted one (byte-identical output).
+
+``plan_file`` is the Ray Data ``flat_map`` stage: it opens the file, computes normalisation
+statistics from a strided sample (once per image; reused on resume), creates the output
+store, and emits one small row per unit still to do (paths and grid indices, never pixels).
+A file that cannot be planned yields a single ``failed`` row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines import omezarr
+from pipelines.layout import Layout
+from pipelines.options import ModelInfo, SegmentOptions
+from pipelines.readers import ImageSource, open_sources
+from segcore.data.errors import DataError
+from segcore.data.normalize import compute_norm_stats
+from segcore.tiling import grid_shape
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+DONE_FILE = "done.jsonl"
+
+
+@dataclass
+class ImagePlan:
+    """Everything a worker needs to segment one image; saved as ``plan.json``."""
+
+    key: str  # "<stem>" or "<stem>/<HDU>"
+    file: str
+    stem: str
+    index: int  # FITS HDU index, -1 otherwise
+    name: str  # HDU name, "" otherwise
+    shape: tuple[int, int]
+    channels: int
+    dtype: str
+    tile: int
+    halo: int
+    unit_cols: int  # windows per unit (a whole row when slow)
+    norm_offset: float
+    norm_scale: float
+    group: str  # OME-Zarr image group
+    state: str  # state directory
+    signature: str
+    slow: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def units(self) -> list[tuple[int, int, int]]:
+        """(grid row, first col, end col) of every unit, in row-band order."""
+        rows, cols = grid_shape(self.shape, self.tile)
+        return [(i, j, min(j + self.unit_cols, cols)) for i in range(rows) for j in range(0, cols, self.unit_cols)]
+
+    def save(self) -> None:
+        Path(self.state).mkdir(parents=True, exist_ok=True)
+        tmp = Path(self.state) / (PLAN_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(Path(self.state) / PLAN_FILE)
+
+    @classmethod
+    def load(cls, state: str | Path) -> ImagePlan:
+        data = json.loads((Path(state) / PLAN_FILE).read_text())
+        data["shape"] = tuple(data["shape"])
+        return cls(**data)
+
+
+def done_units(state: str | Path) -> dict[int, dict[str, Any]]:
+    """Units recorded as finished (one JSON line each, written by the driver after the
+    worker's writes returned); a torn last line from a killed driver is ignored."""
+    path = Path(state) / DONE_FILE
+    done: dict[int, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                done[int(row["unit"])] = row
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+    return done
+
+
+def to_model_channels(block: np.ndarray, channels: int, in_channels: int) -> np.ndarray:
+    """(h, w) or (h, w, C) pixels -> (in_channels, h, w); RGB(A) becomes grey for 1-channel models."""
+    if block.ndim == 2:
+        return block[None]
+    if in_channels == 1 and channels in (3, 4):
+        return block[..., :3].mean(axis=-1, dtype=np.float32)[None]
+    return np.moveaxis(block, -1, 0)
+
+
+def check_channels(source: ImageSource, in_channels: int) -> str | None:
+    """None if the image fits the model, a warning for RGB -> grey; DataError otherwise."""
+    if source.channels == in_channels:
+        return None
+    if in_channels == 1 and source.channels in (3, 4):
+        return f"{source.label}: {source.channels}-channel image averaged to grey for a 1-channel model"
+    raise DataError(source.label, f"has {source.channels} channels but the model takes {in_channels}",
+                    "convert the image or use a model trained on this many channels")
+
+
+def _new_plan(source: ImageSource, key: str, stem: str, opts: SegmentOptions, info: ModelInfo,
+              layout: Layout, signature: str) -> ImagePlan:
+    warnings = [w for w in [check_channels(source, info.in_channels)] if w]
+    sample = source.sample()
+    if source.channels > 1:
+        sample = to_model_channels(sample[:, None, :], source.channels, info.in_channels)
+    stats = compute_norm_stats(sample.astype(source.dtype, copy=False), info.normalize, source.header,
+                               source=source.label)
+    cols = grid_shape(source.shape, opts.tile)[1]
+    if source.slow_random_access:
+        warnings.append(f"{source.label}: striped/row-compressed storage has slow random access; "
+                        f"reading it band by band (one band of {opts.tile + 2 * opts.halo} rows per row of windows)")
+    return ImagePlan(
+        key=key, file=str(source.path), stem=stem, index=source.index, name=source.name,
+        shape=source.shape, channels=source.channels, dtype=str(source.dtype), tile=opts.tile, halo=opts.halo,
+        unit_cols=cols if source.slow_random_access else opts.batch_size,
+        norm_offset=stats.offset, norm_scale=stats.scale,
+        group=str(layout.image_group(stem, source.name)), state=str(layout.state(stem, source.name)),
+        signature=signature, slow=source.slow_random_access, warnings=warnings,
+    )
+
+
+def prepare_image(source: ImageSource, stem: str, opts: SegmentOptions, info: ModelInfo,
+                  layout: Layout, signature: str) -> ImagePlan:
+    """Reuse the saved plan and output when the signature matches (resume); else start afresh."""
+    state = layout.state(stem, source.name)
+    key = f"{stem}/{source.name}" if source.name else stem
+    if (state / PLAN_FILE).exists():
+        old = ImagePlan.load(state)
+        if old.signature == signature and Path(old.group, omezarr.LEVEL0).exists():
+            omezarr.remove_partial_files(Path(old.group))
+            return old
+        log.info("%s: settings or model changed since the last run; segmenting it again", key)
+    shutil.rmtree(state, ignore_errors=True)
+    plan = _new_plan(source, key, stem, opts, info, layout, signature)
+    omezarr.create_image_group(Path(plan.group), plan.shape, opts.tile, len(info.class_names),
+                               opts.probabilities, opts.uncertainty)
+    plan.save()
+    return plan
+
+
+def unit_rows(plan: ImagePlan, n_images: int) -> list[dict[str, Any]]:
+    """Rows for the units not yet done (one ``noop`` row if all are, so the driver finishes it)."""
+    done = done_units(plan.state)
+    todo = [(u, rc) for u, rc in enumerate(plan.units) if u not in done]
+    base = {"file": plan.file, "stem": plan.stem, "key": plan.key, "state": plan.state, "n_images": n_images,
+            "remaining": max(len(todo), 1), "error": ""}
+    if not todo:
+        return [{**base, "status": "noop", "unit": -1, "row": -1, "col0": -1, "col1": -1}]
+    return [{**base, "status": "work", "unit": u, "row": r, "col0": c0, "col1": c1} for u, (r, c0, c1) in todo]
+
+
+def failed_row(file: str, stem: str, error: str) -> dict[str, Any]:
+    return {"file": file, "stem": stem, "key": stem, "state": "", "n_images": 1, "remaining": 1, "error": error,
+            "status": "failed", "unit": -1, "row": -1, "col0": -1, "col1": -1}
+
+
+def plan_file(row: dict[str, Any], opts: dict[str, Any], info: dict[str, Any], out: str,
+              signature: str) -> list[dict[str, Any]]:
+    """Ray Data ``flat_map`` stage: an input row ``{file, stem}`` -> unit rows (or one failed row)."""
+    file, stem = str(row["file"]), str(row["stem"])
+    layout, options, model = Layout(Path(out)), SegmentOptions(**opts), ModelInfo(**info)
+    sources: list[ImageSource] = []
+    try:
+        sources = open_sources(file)
+        plans = [prepare_image(s, stem, options, model, layout, signature) for s in sources]
+        if sources[0].index >= 0:
+            omezarr.ensure_root_group(layout.zarr_root(stem), [p.name for p in plans])
+        rows = [r for p in plans for r in unit_rows(p, len(plans))]
+    except Exception as err:  # one bad file is recorded as failed; the job goes on
+        log.error("%s", err)
+        message = str(err) if isinstance(err, DataError) else f"{file}: {type(err).__name__}: {err}"
+        return [failed_row(file, stem, message)]
+    finally:
+        for s in sources:
+            s.close()
+    return rows

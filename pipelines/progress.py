@@ -1,0 +1,86 @@
+"""Driver-side bookkeeping: record finished units (the resume log), notice when an image and
+then a whole file is complete, and collect per-worker statistics. One writer (the driver)
+for every ``done.jsonl`` and the manifest, so no file locking is needed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.plan import DONE_FILE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FileState:
+    file: str
+    stem: str
+    n_images: int = 1
+    images: dict[str, list[int]] = field(default_factory=dict)  # state -> [received, expected]
+    complete: list[str] = field(default_factory=list)
+    error: str = ""
+    started: float = field(default_factory=time.perf_counter)
+    windows: int = 0
+
+
+@dataclass
+class WorkerStats:
+    node: str
+    pid: int
+    units: int = 0
+    windows: int = 0
+    rss_mb: float = 0.0
+
+
+class Tracker:
+    """Consumes the result rows of the segmentation stage."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, FileState] = {}
+        self.workers: dict[tuple[str, int], WorkerStats] = {}
+        self.units = 0
+        self.windows = 0
+
+    def on_row(self, row: dict[str, Any]) -> tuple[FileState, bool]:
+        """Record one row; returns the file's state and whether the file just became complete
+        (every image's units seen) or just failed (``state.error`` set on this row)."""
+        fs = self.files.setdefault(row["file"], FileState(row["file"], row["stem"]))
+        self._worker(row)
+        if fs.error:
+            return fs, False
+        if row["status"] == "failed":
+            fs.error = str(row["error"])
+            return fs, True
+        fs.n_images = int(row["n_images"])
+        counter = fs.images.setdefault(row["state"], [0, int(row["remaining"])])
+        counter[0] += 1
+        if row["status"] == "work":
+            self._record_done(row)
+            fs.windows += int(row["n_windows"])
+        if counter[0] == counter[1]:
+            fs.complete.append(row["state"])
+            return fs, len(fs.complete) == fs.n_images
+        return fs, False
+
+    def _record_done(self, row: dict[str, Any]) -> None:
+        self.units += 1
+        self.windows += int(row["n_windows"])
+        line = {k: row[k] for k in ("unit", "n_windows", "t_read", "t_predict", "t_write")}
+        path = Path(row["state"]) / DONE_FILE
+        with path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def _worker(self, row: dict[str, Any]) -> None:
+        if int(row.get("pid", 0) or 0) <= 0:
+            return
+        key = (str(row["node"]), int(row["pid"]))
+        ws = self.workers.setdefault(key, WorkerStats(*key))
+        ws.rss_mb = max(ws.rss_mb, float(row["rss_mb"]))
+        if row["status"] == "work":
+            ws.units += 1
+            ws.windows += int(row["n_windows"])

@@ -1,0 +1,227 @@
+"""The Ray Data job: input files -> plan (flat_map tasks) -> one block per work unit ->
+segment (actor pool, model loaded once per actor) -> small result rows consumed by the driver,
+which records progress, starts each file's finishing task and writes the manifest.
+
+Resource guard: actors ask for a fraction of a CPU (0.5 on CPU-only clusters, 0.25 next to a
+GPU) and the pool is sized so that at least one CPU stays free; otherwise the planning and
+repartition tasks upstream could never be scheduled and the job would hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.finalize import finalize_file
+from pipelines.layout import STATE_DIR, Layout, Manifest, assign_stems, expand_inputs
+from pipelines.modelref import load_for_run
+from pipelines.options import ModelInfo, SegmentOptions, default_halo
+from pipelines.plan import plan_file
+from pipelines.progress import FileState, Tracker
+from pipelines.worker import TileSegmenter, peak_rss_mb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunConfig:
+    """How the job runs (no effect on the output bytes)."""
+
+    workers: int | None = None  # actors; default: one per GPU, else one per CPU
+    worker_cpus: float | None = None  # CPU request per actor (default 0.5, or 0.25 with a GPU)
+    threads: int | None = None  # torch threads per actor (default: CPUs / actors, at least 1)
+    overlap: bool = True  # two calls per actor: one reads/writes while the other predicts
+    address: str | None = None  # Ray address; default RAY_ADDRESS, else a new local Ray
+    overwrite: bool = False  # redo inputs the manifest lists as done
+    progress_bars: bool = True
+
+
+@dataclass
+class RunReport:
+    done: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    driver_rss_mb: float = 0.0
+    wall_s: float = 0.0
+    windows: int = 0
+    pool: dict[str, Any] = field(default_factory=dict)
+
+
+def init_ray(address: str | None) -> None:
+    """Reuse a running Ray; else connect to ``address`` / ``RAY_ADDRESS``; else start a local one."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(address="local")
+
+
+def pool_plan(run: RunConfig, device: str) -> dict[str, Any]:
+    """Actor count and per-actor resources that leave room for the upstream tasks."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1)), int(res.get("GPU", 0))
+    use_gpu = gpus > 0 and device != "cpu"
+    size = run.workers or (gpus if use_gpu else max(1, int(cpus)))
+    per_cpu = run.worker_cpus if run.worker_cpus is not None else (0.25 if use_gpu else 0.5)
+    free = max(1.0, 0.25 * cpus)  # kept for planning, repartition and finishing tasks
+    if size * per_cpu > cpus - free:
+        per_cpu = max(0.01, (cpus - free) / size) if cpus > free else 0.01
+        log.info("actors ask for %.2f CPU each so that %.1f CPU stay free for reads", per_cpu, free)
+    threads = run.threads or (2 if use_gpu else max(1, int(cpus // size)))
+    return {"size": size, "num_cpus": per_cpu, "num_gpus": 1 if use_gpu else 0, "threads": threads,
+            "cluster_cpus": cpus, "cluster_gpus": gpus}
+
+
+def build_dataset(items: list[dict[str, str]], opts: SegmentOptions, info: ModelInfo, out: Path,
+                  signature: str, pool: dict[str, Any], run: RunConfig) -> Any:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 512)))
+    ds = ds.flat_map(plan_file, fn_kwargs={"opts": opts.model_dump(mode="json"), "info": info.model_dump(mode="json"),
+                                           "out": str(out), "signature": signature}, num_cpus=0.5)
+    ds = ds.repartition(target_num_rows_per_block=1)  # one unit per block: spread over all actors
+    compute = ActorPoolStrategy(size=pool["size"], max_concurrent_calls_per_actor=2 if run.overlap else 1,
+                                enable_true_multi_threading=run.overlap)
+    return ds.map_batches(
+        TileSegmenter, batch_size=1, batch_format="numpy", compute=compute,
+        fn_constructor_kwargs={"opts": opts.model_dump(mode="json"), "info": info.model_dump(mode="json"),
+                               "threads": pool["threads"]},
+        num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"] or None,
+    )
+
+
+def _todo(files: list[Path], stems: dict[Path, str], layout: Layout, signature: str,
+          run: RunConfig, report: RunReport) -> list[dict[str, str]]:
+    entries = Manifest(layout.manifest).load()
+    items = []
+    for f in files:
+        entry = entries.get(str(f), {})
+        done = entry.get("status") == "done" and entry.get("signature") == signature
+        if done and not run.overwrite and layout.product(stems[f], ".json").exists():
+            report.skipped.append(str(f))
+            continue
+        if run.overwrite:
+            shutil.rmtree(layout.root / STATE_DIR / stems[f], ignore_errors=True)
+        items.append({"file": str(f), "stem": stems[f]})
+    return items
+
+
+def segment_archive(model: str, inputs: list[str], output: str | Path, run: RunConfig | None = None,
+                    **options: Any) -> RunReport:
+    """Segment every image matched by ``inputs`` into ``output``; ``options`` are
+    :class:`SegmentOptions` fields (tile, halo, tta, blend_tile, only_class, ...)."""
+    t0, run, report = time.perf_counter(), run or RunConfig(), RunReport()
+    layout = Layout(Path(output).resolve())
+    layout.root.mkdir(parents=True, exist_ok=True)
+    loaded, info = load_for_run(model)
+    if options.get("halo") is None:
+        options["halo"] = default_halo(loaded)
+    opts = SegmentOptions(model=info.ref, **{k: v for k, v in options.items() if v is not None})
+    if opts.only_class:
+        info.class_index(opts.only_class)
+    del loaded
+    signature = opts.signature(info.digest)
+    files = expand_inputs(inputs, exclude=layout.root)
+    if not files:
+        raise FileNotFoundError(f"--input {' '.join(inputs)}: no image files found; check the paths and globs")
+    items = _todo(files, assign_stems(files), layout, signature, run, report)
+    log.info("%d inputs: %d to segment, %d already done (manifest %s)", len(files), len(items),
+             len(report.skipped), layout.manifest)
+    if items:
+        _execute(items, opts, info, layout, signature, run, report)
+    report.driver_rss_mb, report.wall_s = peak_rss_mb(), time.perf_counter() - t0
+    return report
+
+
+def _execute(items: list[dict[str, str]], opts: SegmentOptions, info: ModelInfo, layout: Layout,
+             signature: str, run: RunConfig, report: RunReport) -> None:
+    from ray.data import DataContext
+
+    init_ray(run.address)
+    DataContext.get_current().enable_progress_bars = run.progress_bars
+    report.pool = pool_plan(run, opts.device)
+    log.info("actor pool: %s", report.pool)
+    ds = build_dataset(items, opts, info, layout.root, signature, report.pool, run)
+    finisher = _Finisher(layout, opts, info, signature, report, total=len(items))
+    tracker = Tracker()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(batch["unit"])):
+            row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+            fs, changed = tracker.on_row(row)
+            if changed:
+                finisher.file_changed(fs)
+        finisher.poll(block=False)
+    finisher.poll(block=True)
+    report.windows = tracker.windows
+    report.workers = [vars(w) for w in tracker.workers.values()]
+
+
+class _Finisher:
+    """Starts a finishing task per complete file and writes manifest lines as they end."""
+
+    def __init__(self, layout: Layout, opts: SegmentOptions, info: ModelInfo, signature: str,
+                 report: RunReport, total: int) -> None:
+        import ray
+
+        self.remote = ray.remote(num_cpus=0.5, max_retries=3)(finalize_file)
+        self.layout, self.opts, self.info, self.signature = layout, opts, info, signature
+        self.manifest, self.report, self.total = Manifest(layout.manifest), report, total
+        self.pending: dict[Any, FileState] = {}
+
+    def file_changed(self, fs: FileState) -> None:
+        if fs.error:
+            self._failed(fs, fs.error)
+            return
+        wall = time.perf_counter() - fs.started
+        ref = self.remote.remote(fs.complete, self.opts.model_dump(mode="json"),
+                                 self.info.model_dump(mode="json"), str(self.layout.root), wall)
+        self.pending[ref] = fs
+
+    def poll(self, block: bool) -> None:
+        import ray
+
+        while self.pending:
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=None if block else 0)
+            if not ready:
+                return
+            fs = self.pending.pop(ready[0])
+            try:
+                summary = ray.get(ready[0])
+            except Exception as err:  # a failed finish fails this file only
+                self._failed(fs, f"{fs.file}: finishing failed: {err}")
+                continue
+            self._done(fs, summary)
+
+    def _count(self) -> str:
+        return f"[{len(self.report.done) + len(self.report.failed)}/{self.total}]"
+
+    def _done(self, fs: FileState, summary: dict[str, Any]) -> None:
+        self.report.done.append(fs.file)
+        self.report.summaries[fs.file] = summary
+        self.manifest.append({"input": fs.file, "stem": fs.stem, "status": "done", "signature": self.signature,
+                              "outputs": summary["outputs"]})
+        top = sorted(summary["area_fractions"].items(), key=lambda kv: -kv[1])[:4]
+        log.info("%s done %s: %d windows in %.1f s; %s", self._count(), fs.stem, fs.windows,
+                 summary["timings"]["segment_wall_s"], ", ".join(f"{k} {100 * v:.1f}%" for k, v in top))
+
+    def _failed(self, fs: FileState, error: str) -> None:
+        self.report.failed[fs.file] = error
+        self.manifest.append({"input": fs.file, "stem": fs.stem, "status": "failed", "signature": self.signature,
+                              "error": error})
+        log.error("%s FAILED %s: %s", self._count(), fs.stem, error)

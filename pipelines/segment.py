@@ -1,0 +1,90 @@
+"""``gigaseg segment`` / ``python -m pipelines.segment``: segment whole archives with Ray Data.
+
+    gigaseg segment --model models:/sem@champion --input '/archive/**/*.tif' /archive/ccd/*.fits --output OUT/
+
+Runs on the Ray cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it) or on a new local Ray.
+Stop it any time; rerunning the same command resumes: inputs the manifest lists as done are
+skipped and unfinished images redo only their missing work units.
+Exit status: 0 all done, 1 some inputs failed (see OUT/manifest.jsonl), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipelines.runner import RunConfig, segment_archive
+
+log = logging.getLogger("gigaseg.segment")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory or MLflow URI, e.g. models:/sem@champion")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="files, directories ending .zarr, or globs ('**' recurses; quote them for ray job submit)")
+    p.add_argument("--output", required=True, help="output directory (shared by all nodes on a cluster)")
+    g = p.add_argument_group("tiling and prediction (change the output)")
+    g.add_argument("--tile", type=int, default=512, help="write region edge = output chunk edge (default 512)")
+    g.add_argument("--halo", type=int, default=None,
+                   help="context pixels around each tile (default: the model card's 'halo', else 64)")
+    g.add_argument("--batch-size", type=int, default=8, help="windows per model call (default 8)")
+    g.add_argument("--tta", action="store_true", help="average predictions over flips (4x compute)")
+    g.add_argument("--blend-tile", type=int, default=None,
+                   help="predict each window as Gaussian-blended sub-tiles of this size (models with global context)")
+    g.add_argument("--blend-overlap", type=float, default=0.5, help="sub-tile overlap fraction (default 0.5)")
+    g.add_argument("--only-class", default=None, metavar="NAME", help="write a 0/1 mask of this class only")
+    g.add_argument("--probabilities", action="store_true", help="also store float16 class probabilities")
+    g.add_argument("--uncertainty", action="store_true", help="also store float16 normalised softmax entropy")
+    g.add_argument("--device", default="auto", help="auto (GPU if the actor has one), cpu or cuda")
+    r = p.add_argument_group("execution (no effect on the output)")
+    r.add_argument("--workers", type=int, default=None, help="model actors (default: one per GPU, else per CPU)")
+    r.add_argument("--worker-cpus", type=float, default=None, help="CPUs requested per actor (default 0.5; 0.25 with GPU)")
+    r.add_argument("--threads", type=int, default=None, help="torch threads per actor")
+    r.add_argument("--no-overlap", action="store_true", help="one call at a time per actor (no read/predict overlap)")
+    r.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+    r.add_argument("--overwrite", action="store_true", help="redo inputs the manifest lists as done")
+    r.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run from parsed arguments; 0 if every input is done, 1 if some failed."""
+    cfg = RunConfig(workers=args.workers, worker_cpus=args.worker_cpus, threads=args.threads,
+                    overlap=not args.no_overlap, address=args.address, overwrite=args.overwrite,
+                    progress_bars=not args.no_progress)
+    report = segment_archive(
+        args.model, args.input, args.output, cfg, tile=args.tile, halo=args.halo, batch_size=args.batch_size,
+        tta=args.tta, blend_tile=args.blend_tile, blend_overlap=args.blend_overlap, only_class=args.only_class,
+        probabilities=args.probabilities, uncertainty=args.uncertainty, device=args.device)
+    log.info("finished in %.1f s: %d done, %d failed, %d skipped (already done); manifest %s/manifest.jsonl",
+             report.wall_s, len(report.done), len(report.failed), len(report.skipped), args.output)
+    for file, error in report.failed.items():
+        log.error("failed: %s: %s", file, error)
+    return 1 if report.failed else 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Entry point ``gigaseg.commands: segment``: add the parser and set ``func``."""
+    p = subparsers.add_parser("segment", help="segment image archives with Ray Data", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.segment", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The Ray Data actor: load the model once, then for each work unit read its band of pixels,
+normalise, predict window batches and write each window's write region straight into the
+output zarr. Only a small row per unit goes back (class counts, timings, memory), never pixels.
+
+Writes are idempotent: a unit always writes the same whole chunks with the same bytes, so a
+unit retried after a worker or node died simply overwrites them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines import omezarr
+from pipelines.options import ModelInfo, SegmentOptions
+from pipelines.plan import ImagePlan, to_model_channels
+from pipelines.predictor import build_predictor, entropy_from, labels_from
+from pipelines.readers import ImageSource, open_source
+from segcore.data.normalize import NormStats, apply_norm
+from segcore.tiling import Window, union_read, window_at, window_from_block
+
+log = logging.getLogger(__name__)
+
+RESULT_KEYS = ("file", "stem", "key", "state", "status", "unit", "remaining", "n_images", "error",
+               "n_windows", "counts", "t_read", "t_predict", "t_write", "pid", "node", "rss_mb")
+
+
+class _Cache(OrderedDict):
+    """A tiny LRU that closes what it evicts."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: Any, value: Any) -> Any:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            _, old = self.popitem(last=False)
+            if hasattr(old, "close"):
+                old.close()
+        return value
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class TileSegmenter:
+    """Callable class for ``Dataset.map_batches``: one model per actor, many units per call."""
+
+    def __init__(self, opts: dict[str, Any], info: dict[str, Any], threads: int | None = None) -> None:
+        import torch
+
+        from segcore.modeldir import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.opts = SegmentOptions(**opts)
+        self.info = ModelInfo(**info)
+        self.loaded = load_model(self.opts.model, device=self.opts.device)
+        if self.loaded.device.type == "cuda":
+            self.loaded.model.to(memory_format=torch.channels_last)
+        self.predict = build_predictor(self.loaded, self.opts, self.info.stride)
+        self.only = self.info.class_index(self.opts.only_class) if self.opts.only_class else None
+        self.n_values = 2 if self.only is not None else len(self.info.class_names)
+        self._model_lock = threading.Lock()  # one forward pass at a time (GPU memory)
+        self._cache_lock = threading.Lock()
+        self._plans: _Cache = _Cache(1024)
+        self._sources: _Cache = _Cache(8)
+        self._arrays: _Cache = _Cache(16)
+        self.node = os.uname().nodename
+        log.info("worker %d loaded %s on %s", os.getpid(), self.opts.model, self.loaded.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["unit"])
+        results = [self._one({k: _scalar(v[i]) for k, v in batch.items()}) for i in range(n)]
+        return {k: np.array([r[k] for r in results]) for k in RESULT_KEYS}
+
+    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+        out = {k: row.get(k, "") for k in ("file", "stem", "key", "state", "status", "error")}
+        out.update(unit=int(row["unit"]), remaining=int(row["remaining"]), n_images=int(row["n_images"]),
+                   n_windows=0, counts="[]", t_read=0.0, t_predict=0.0, t_write=0.0)
+        if row["status"] == "work":
+            try:
+                out.update(self._segment_unit(row))
+            except Exception as err:  # one bad unit fails its image, never the job
+                log.exception("unit %s of %s failed", row["unit"], row["key"])
+                out.update(status="failed", error=str(err) if str(row["file"]) in str(err)
+                           else f"{row['file']}: {type(err).__name__}: {err}")
+        out.update(pid=os.getpid(), node=self.node, rss_mb=peak_rss_mb())
+        return out
+
+    def _context(self, state: str) -> tuple[ImagePlan, ImageSource, dict[str, Any]]:
+        with self._cache_lock:
+            plan = self._plans.get(state) or self._plans.put(state, ImagePlan.load(state))
+            source = self._sources.get(state) or self._sources.put(state, open_source(plan.file, plan.index))
+            arrays = self._arrays.get(state) or self._arrays.put(state, omezarr.open_arrays(Path(plan.group)))
+        return plan, source, arrays
+
+    def _segment_unit(self, row: dict[str, Any]) -> dict[str, Any]:
+        plan, source, arrays = self._context(str(row["state"]))
+        windows = [window_at(plan.shape, plan.tile, plan.halo, int(row["row"]), j)
+                   for j in range(int(row["col0"]), int(row["col1"]))]
+        t0 = time.perf_counter()
+        rows, cols = union_read(windows)
+        block = to_model_channels(source.read(rows, cols), plan.channels, self.info.in_channels)
+        block = apply_norm(block, NormStats(plan.norm_offset, plan.norm_scale))
+        t_read, t_predict, t_write = time.perf_counter() - t0, 0.0, 0.0
+        counts = np.zeros(self.n_values, dtype=np.int64)
+        step = self.opts.batch_size
+        for i in range(0, len(windows), step):
+            chunk = windows[i : i + step]
+            t0 = time.perf_counter()
+            batch = np.stack([window_from_block(block, (rows.start, cols.start), w) for w in chunk])
+            with self._model_lock:
+                proba = self.predict(batch)
+            t1 = time.perf_counter()
+            for w, p in zip(chunk, proba, strict=True):
+                counts += self._write(arrays, w, p[(slice(None), *w.crop)])
+            t_predict, t_write = t_predict + t1 - t0, t_write + time.perf_counter() - t1
+        return {"n_windows": len(windows), "counts": json.dumps(counts.tolist()),
+                "t_read": t_read, "t_predict": t_predict, "t_write": t_write}
+
+    def _write(self, arrays: dict[str, Any], window: Window, proba: np.ndarray) -> np.ndarray:
+        """Write one window's products (labels last) and return its value counts."""
+        labels = labels_from(proba, self.only)
+        if omezarr.PROBABILITIES in arrays:
+            arrays[omezarr.PROBABILITIES][(slice(None), *window.write)] = proba.astype(np.float16)
+        if omezarr.UNCERTAINTY in arrays:
+            arrays[omezarr.UNCERTAINTY][window.write] = entropy_from(proba)
+        arrays[omezarr.LEVEL0][window.write] = labels
+        return np.bincount(labels.ravel(), minlength=self.n_values)[: self.n_values]
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
