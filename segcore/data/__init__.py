@@ -1,13 +1,27 @@
 """Data layer: dataset folders (images/ + masks/ + dataset.yaml), reading, normalisation,
-patch sampling and augmentation. See docs/DESIGN.md for the contracts."""
+patch sampling and augmentation. See docs/DESIGN.md for the contracts.
 
+Reading, specs and normalisation import without torch or albumentations (cheap for inference
+workers and the generators); the dataset and augmentation names load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
 from typing import Any
 
-from segcore.data.dataset import PatchDataset, Sample, load_samples, make_sample
 from segcore.data.errors import DataError
 from segcore.data.io import RawImage, mask_to_ids, read_image, read_mask
 from segcore.data.normalize import NormStats, apply_norm, compute_norm_stats, strided_sample
 from segcore.data.spec import IGNORE, DatasetSpec, load_spec, parse_spec
+
+_LAZY = {
+    "PatchDataset": "segcore.data.dataset",
+    "Sample": "segcore.data.dataset",
+    "load_samples": "segcore.data.dataset",
+    "make_sample": "segcore.data.dataset",
+    "build_augmentation": "segcore.data.augment",
+}
 
 __all__ = [
     "IGNORE",
@@ -31,9 +45,8 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:  # albumentations/cv2 load only when augmentation is used
-    if name == "build_augmentation":
-        from segcore.data.augment import build_augmentation
-
-        return build_augmentation
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    """Import torch-/albumentations-backed names on first access."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'segcore.data' has no attribute {name!r}")
