@@ -81,6 +81,7 @@ def test_rgb_mask_merges_several_colours_into_one_class(tmp_path):
     assert sample.mask[0].tolist() == [1] * 6 and sample.mask[1].tolist() == [1] * 6
     assert sample.mask[2].tolist() == [2, 2, 2, 0, 0, 0]
     assert sample.mask[3].tolist() == [255] * 6
+    assert load_spec(tmp_path).display_colors() == [(0, 0, 0), (255, 0, 0), (0, 0, 255)]
 
 
 def write_amp_fits(path: Path, amps: list[np.ndarray], pedestals: list[float], gains: list[float] | None) -> None:
@@ -272,6 +273,19 @@ def test_patches_are_deterministic_per_seed_epoch_index():
     assert all((a[i][0] == b[i][0]).all() and (a[i][1] == b[i][1]).all() for i in (7, 2, 7))
     a.set_epoch(1)
     assert not (a[7][0] == b[7][0]).all()
+
+
+def test_set_epoch_reaches_persistent_workers():
+    import torch
+
+    s = sample(np.random.default_rng(3).integers(0, 3, (64, 64)))
+    ds = PatchDataset([s], 16, 4, seed=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, persistent_workers=True)
+    first = next(iter(loader))[0]
+    ds.set_epoch(1)
+    second = next(iter(loader))[0]
+    expected = torch.stack([ds[i][0] for i in range(4)])
+    assert torch.equal(second, expected) and not torch.equal(first, second)
 
 
 def test_small_image_is_padded_with_warning(caplog):

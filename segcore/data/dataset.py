@@ -238,7 +238,8 @@ class PatchDataset(Dataset):
         self.class_balanced = class_balanced
         self.augment = augment
         self.seed = seed
-        self.epoch = 0
+        # shared memory, so set_epoch reaches persistent DataLoader workers too
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         if num_classes is None:
             num_classes = 1 + max(int(m.max(initial=-1, where=m != IGNORE)) for m in (s.mask for s in self.samples))
         self.num_classes = max(num_classes, 1)
@@ -252,9 +253,14 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return self.patches_per_epoch
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the random stream of ``epoch`` (call before each epoch, like DistributedSampler)."""
-        self.epoch = int(epoch)
+        """Select the random stream of ``epoch`` (call before each epoch, like DistributedSampler).
+        The value lives in shared memory, so persistent DataLoader workers see it."""
+        self._epoch.fill_(int(epoch))
 
     def _corner(self, rng: np.random.Generator) -> tuple[int, int, int]:
         p = self.patch_size

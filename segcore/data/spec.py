@@ -163,6 +163,14 @@ class DatasetSpec(BaseModel):
             lut.update({_pack(c): cid for c in colors})
         return lut
 
+    def display_colors(self) -> list[RGB] | None:
+        """One colour per class for overlays: its first palette colour (None without colours;
+        a class without colours gets grey)."""
+        if not self.class_colors:
+            return None
+        return [tuple(self.class_colors[n][0]) if self.class_colors.get(n) else (128, 128, 128)
+                for n in self.class_names]
+
     def to_yaml(self) -> str:
         """YAML text using the short keys (``classes``, ``colors``)."""
         data = self.model_dump(by_alias=True, exclude_defaults=True, mode="json")
