@@ -19,8 +19,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for ep in sorted(entry_points(group="gigaseg.commands"), key=lambda e: e.name):
-        ep.load()(sub)
+        try:
+            register = ep.load()
+        except ImportError as err:  # keep the other commands usable; say why this one is not
+            _add_unavailable(sub, ep.name, err)
+            continue
+        register(sub)
     return parser
+
+
+def _add_unavailable(sub: argparse._SubParsersAction, name: str, err: ImportError) -> None:
+    def fail(_args: argparse.Namespace) -> int:
+        log.error("gigaseg %s is unavailable: %s. Reinstall with `pip install -e .`.", name, err)
+        return 2
+
+    p = sub.add_parser(name, help=f"(unavailable: {err})")
+    p.set_defaults(func=fail)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""gigaseg demo: the whole mission end to end on one machine."""
