@@ -1,0 +1,82 @@
+"""``gigaseg search`` (and ``python -m search``): run, dry-run or resume a search from YAML."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = (
+    "Search architectures, encoders, losses and training settings with Ray Tune + Optuna, "
+    "tracked in MLflow. Starts a local Ray unless RAY_ADDRESS is set (as in `ray job submit`)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", type=Path, metavar="YAML", help="search config (see docs/search.md)")
+    what.add_argument("--resume", type=Path, metavar="PATH",
+                      help="continue a stopped search from its folder (<storage_path>/<name>)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the YAML and print the dimensions (and grid size), start nothing")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Entry point ``gigaseg.commands: search``."""
+    parser = subparsers.add_parser("search", help="hyperparameter/architecture search", description=DESCRIPTION)
+    add_arguments(parser)
+    parser.set_defaults(func=run_cli)
+
+
+def _dry_run(config: Path) -> int:
+    from search.space import SearchSpace
+    from search.spec import load_search_spec
+
+    spec = load_search_spec(config)
+    space = SearchSpace.from_spec(spec, str(config))
+    print(f"{config}: valid. engine={spec.engine} metric={spec.metric} ({spec.mode})")
+    for dim in space.dims:
+        print(f"  {dim.key:<16} -> {dim.path:<24} {dim.kind:<10} {list(dim.values)}")
+    for arch, encoders in space.encoders_for.items():
+        print(f"  valid encoders for {arch}: {', '.join(encoders)}")
+    if spec.engine == "grid":
+        print(f"  grid: {len(space.grid(spec.seed))} configurations")
+    return 0
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run the command; user errors (bad YAML, missing folders) raise ValueError with the fix."""
+    from search.runner import resume_search, run_search
+    from search.spec import load_search_spec
+
+    if args.resume:
+        outcome = resume_search(args.resume)
+    elif args.dry_run:
+        return _dry_run(args.config)
+    else:
+        spec = load_search_spec(args.config)
+        outcome = run_search(spec, spec_yaml=args.config.read_text())
+    print(json.dumps({
+        "search": outcome.name, "path": outcome.path, "parent_run_id": outcome.parent_run_id,
+        "counts": outcome.counts, "best_trial": outcome.best_trial_id, "best_value": outcome.best_value,
+        "best_params": outcome.best_params, "champion": outcome.champion_uri,
+    }, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m search``: the same as ``gigaseg search``."""
+    parser = argparse.ArgumentParser(prog="python -m search", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return run_cli(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        log.error("%s", err)
+        return 2

@@ -1,0 +1,131 @@
+"""Search algorithms, the ASHA scheduler and the trial-epoch budget for one search.
+
+* ``tpe``: Optuna TPE (multivariate, grouped for the conditional space) via Ray Tune's
+  OptunaSearch with a define-by-run space; seed configurations are enqueued first.
+* ``random``: the same define-by-run space with Optuna's RandomSampler.
+* ``grid``: every combination of the choice dimensions (``SearchSpace.grid``) as one
+  ``tune.grid_search``; ranges drawn once per grid point from ``seed``.
+
+Ray 2.60's OptunaSearch tells Optuna COMPLETE with the last value for a trial that ASHA stopped
+early; :class:`PruningAwareOptunaSearch` tells such trials as PRUNED instead (see docs/search.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, Searcher
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import Stopper
+
+from search.space import Active, Dimension, SearchSpace
+from search.spec import SearchSpec
+from search.validate import seed_to_optuna
+
+log = logging.getLogger(__name__)
+
+IS_LAST = "is_last"  # reported with every epoch: 1.0 on a trial's final epoch, else 0.0
+
+
+class DefineByRun:
+    """Optuna define-by-run space (picklable, so Tuner.restore brings it back)."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        def draw(dim: Dimension, act: Active) -> Any:
+            if dim.kind == "choice":
+                return trial.suggest_categorical(act.name, list(act.choices))
+            lo, hi = dim.values
+            if dim.kind == "int":
+                return trial.suggest_int(act.name, lo, hi)
+            return trial.suggest_float(act.name, lo, hi, log=dim.kind == "loguniform")
+
+        return {"params": self.space.sample(draw)}
+
+
+class PruningAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna PRUNED (not COMPLETE) for trials stopped before their last epoch.
+
+    A trial is complete only if its last result carries ``is_last``; one stopped by ASHA (or by
+    the time/epoch budget) is reported with its final value as an intermediate value and state
+    PRUNED, which is how Optuna's own pruners record it, so TPE ranks it below finished trials.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if error or not result or result.get(IS_LAST) or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+            return
+        from optuna.trial import TrialState
+
+        ot_trial = self._ot_trials[trial_id]
+        value, step = result.get(self.metric), result.get("training_iteration")
+        if value is not None and step is not None:  # the stopping result never reached on_trial_result
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna warns if this step was already reported
+                ot_trial.report(float(value), int(step))
+        try:
+            self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
+        except Exception as exc:  # e.g. the study already knows the trial
+            log.warning("optuna: could not tell trial %s as pruned: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)
+
+
+def build_searcher(spec: SearchSpec, space: SearchSpace) -> tuple[Searcher, dict[str, Any]]:
+    """The search algorithm and Tuner param_space for ``spec.engine``."""
+    import optuna
+
+    if spec.engine == "grid":
+        points = space.grid(seed=spec.seed)
+        log.info("grid search over %d configurations", len(points))
+        return BasicVariantGenerator(random_state=spec.seed), {"params": tune.grid_search(points)}
+    if spec.engine == "random":
+        sampler = optuna.samplers.RandomSampler(seed=spec.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(
+            seed=spec.seed, n_startup_trials=spec.tpe_startup_trials, multivariate=True, group=True,
+            constant_liar=True,
+        )
+    seeds = [seed_to_optuna(space, s) for s in spec.seed_configs]
+    searcher = PruningAwareOptunaSearch(
+        space=DefineByRun(space), metric=spec.metric, mode=spec.mode, sampler=sampler,
+        points_to_evaluate=seeds or None, study_name=spec.name,
+    )
+    return searcher, {}
+
+
+def build_scheduler(spec: SearchSpec, space: SearchSpace) -> TrialScheduler:
+    """ASHA on the metric per epoch (``training_iteration``), or FIFO when disabled."""
+    if not spec.asha.enabled:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=spec.asha.max_t or space.max_epochs(),
+        grace_period=spec.asha.grace_period,
+        reduction_factor=spec.asha.reduction_factor,
+    )
+
+
+def num_trials(spec: SearchSpec, space: SearchSpace) -> int:
+    """Tuner num_samples: the grid repeats once; tpe/random run ``num_samples`` trials."""
+    return 1 if spec.engine == "grid" else spec.num_samples
+
+
+class EpochBudget(Stopper):
+    """Stops the whole search once ``budget`` epochs (summed over trials) have been reported."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.used += 1
+        return False
+
+    def stop_all(self) -> bool:
+        return self.used >= self.budget

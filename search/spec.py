@@ -1,0 +1,144 @@
+"""The search YAML: one pydantic model per section, unknown keys refused.
+
+``load_search_spec(path)`` parses and validates everything (sections, every dimension of the
+space, seed configurations, data folders) before Ray or MLflow start; every error names the
+YAML key that is wrong. The dimension syntax itself lives in :mod:`search.space`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from segcore.config import ConfigError, Strict, parse_config
+
+Engine = Literal["tpe", "random", "grid"]
+
+
+class DataSection(Strict):
+    """Dataset folders (``gigaseg simulate`` output or your own); relative paths are relative to the YAML."""
+
+    train: Path
+    val: Path | None = None
+
+
+class AshaSection(Strict):
+    """Asynchronous successive halving on ``metric`` per epoch (``training_iteration``)."""
+
+    enabled: bool = True
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_t: int | None = Field(None, ge=1, description="default: the largest epochs budget in the space")
+
+
+class ResourcesSection(Strict):
+    """Per trial: CPUs and (fractional) GPUs; ``workers_per_trial > 1`` runs DDP through Ray Train."""
+
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    workers_per_trial: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check_gpus(self) -> ResourcesSection:
+        g = self.gpus_per_trial
+        if g > 1 and g != int(g):
+            raise ValueError("gpus_per_trial above 1 must be a whole number")
+        if self.workers_per_trial > 1 and g not in (0, 1):
+            raise ValueError("with workers_per_trial > 1, gpus_per_trial is per worker and must be 0 or 1")
+        return self
+
+
+class MlflowSection(Strict):
+    """Where runs go. ``tracking_uri`` default: MLFLOW_TRACKING_URI, else SQLite under GIGASEG_HOME."""
+
+    tracking_uri: str | None = None
+    experiment: str | None = Field(None, description="default: the search name")
+    registered_model_name: str | None = Field(None, description="register the best model; None: don't")
+    alias: str = "champion"
+
+
+class FailureSection(Strict):
+    max_failures: int = Field(1, ge=0, description="retries of a failed trial, from its last checkpoint")
+
+
+class TestingSection(Strict):
+    """Test-only hooks honoured by the trial function (see docs/search.md); leave unset in real searches."""
+
+    barrier_dir: Path | None = None
+    barrier_parties: int = Field(0, ge=0)
+    barrier_timeout_s: float = Field(120.0, gt=0)
+    fail_once_at_epoch: int | None = Field(None, ge=0)
+
+
+class SearchSpec(Strict):
+    """A whole search, as written in ``search.yaml``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataSection
+    base: dict[str, Any] = Field(default_factory=dict, description="partial TrainConfig for every trial")
+    space: dict[str, Any] = Field(default_factory=dict, description="dimensions, see search.space")
+    engine: Engine = "tpe"
+    seed: int = 0
+    num_samples: int = Field(8, ge=1, description="trials for tpe/random (grid: the grid decides)")
+    time_budget_s: float | None = Field(None, gt=0)
+    max_trial_epochs: int | None = Field(None, ge=1, description="stop the search after this many epochs in all")
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    tpe_startup_trials: int = Field(4, ge=1, description="random trials before TPE models the space")
+    seed_configs: list[dict[str, Any]] = Field(default_factory=list)
+    metric: str = "val_miou"
+    mode: Literal["max", "min"] = "max"
+    asha: AshaSection = Field(default_factory=AshaSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)
+    storage_path: Path | None = Field(None, description="Tune results; default GIGASEG_HOME/searches")
+    failure: FailureSection = Field(default_factory=FailureSection)
+    testing: TestingSection | None = None
+
+    @property
+    def experiment(self) -> str:
+        return self.mlflow.experiment or self.name
+
+
+def _resolve_paths(spec: SearchSpec, root: Path) -> SearchSpec:
+    """Make data/storage paths absolute (relative to the YAML's folder), so trials anywhere agree."""
+
+    def absolute(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (root / p)).resolve()
+
+    data = spec.data.model_copy(update={"train": absolute(spec.data.train), "val": absolute(spec.data.val)})
+    return spec.model_copy(update={"data": data, "storage_path": absolute(spec.storage_path)})
+
+
+def _check_data(spec: SearchSpec, source: str) -> None:
+    for key, path in (("data.train", spec.data.train), ("data.val", spec.data.val)):
+        if path is not None and not path.is_dir():
+            raise ConfigError(f"{source}: {key}: {path} is not a folder; point it at a dataset folder "
+                              "(e.g. made by `gigaseg simulate shapes --out DIR`).")
+
+
+def parse_search_spec(data: dict[str, Any], source: str = "<dict>", root: Path | None = None) -> SearchSpec:
+    """Validate a search config dict completely (sections, space, seeds, data); raise ConfigError."""
+    from search.space import SearchSpace
+
+    spec = parse_config(data, SearchSpec, source=source)
+    spec = _resolve_paths(spec, root or Path.cwd())
+    _check_data(spec, source)
+    SearchSpace.from_spec(spec, source)  # validates base, every dimension and the seed configs
+    return spec
+
+
+def load_search_spec(path: str | Path) -> SearchSpec:
+    """Load and validate ``search.yaml``; nothing starts if this raises."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: search config not found; pass an existing YAML file.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}); fix the syntax.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (name, data, space, ...).")
+    return parse_search_spec(data, source=str(path), root=path.parent.resolve())

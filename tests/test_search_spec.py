@@ -1,0 +1,136 @@
+"""Search YAML validation, the conditional space, grid enumeration and the Optuna PRUNED fix (no Ray cluster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from segcore.config import ConfigError
+from search.engines import DefineByRun, PruningAwareOptunaSearch
+from search.space import SearchSpace
+from search.spec import load_search_spec, parse_search_spec
+from search.validate import seed_to_optuna
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "search" / "examples"
+
+
+def spec_dict(data_dir: Path, **over) -> dict:
+    base = {
+        "name": "t",
+        "data": {"train": str(data_dir)},
+        "space": {
+            "architecture": {"choice": ["Unet", "FPN"]},
+            "encoder": {"choice": ["resnet18", "resnet34"]},
+            "encoder_weights": {"choice": ["none", str(data_dir / "w.pth")]},
+            "freeze": {"choice": ["full", "frozen-encoder", "staged"]},
+            "unfreeze_epoch": {"int": [1, 3]},
+            "focal_weight": {"choice": [0.0, 0.5]},
+            "focal_gamma": {"uniform": [1.0, 3.0]},
+            "lr": {"loguniform": [1e-4, 1e-2]},
+            "patch_size": 64,
+            "epochs": 2,
+        },
+    }
+    base.update(over)
+    return base
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    (tmp_path / "w.pth").write_bytes(b"")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"engin": "tpe"}, "engin"),
+        ({"space": {"lrr": {"loguniform": [1e-4, 1e-2]}}}, "lrr"),
+        ({"space": {"optimizer": {"choice": ["adamw", "lion"]}}}, "space.optimizer"),
+        ({"space": {"lr": {"loguniform": [0, 1e-2]}}}, "space.lr"),
+        ({"space": {"architecture": {"choice": ["Unet", "Unett"]}}}, "Unett"),
+        ({"space": {"loss.terms.dicee": 1.0}}, "dicee"),
+        ({"space": {"encoder_weights": "/nope/w.pth"}}, "space.encoder_weights"),
+        ({"asha": {"grace_period": 0}}, "asha.grace_period"),
+        ({"resources": {"gpus_per_trial": 1.5}}, "resources"),
+        ({"seed_configs": [{"lr": 5.0}]}, "seed_configs[0].lr"),
+        ({"seed_configs": [{"batch_size": 8}]}, "seed_configs[0].batch_size"),
+        ({"base": {"optim": {"lr": -1}}}, "optim.lr"),
+        ({"data": {"train": "/nope"}}, "data.train"),
+    ],
+)
+def test_errors_name_the_bad_key(data_dir: Path, change: dict, needle: str) -> None:
+    data = spec_dict(data_dir)
+    for key, value in change.items():
+        if key == "space":
+            data["space"].update(value)
+        elif key == "data":
+            data["data"] = value
+        else:
+            data[key] = value
+    with pytest.raises(ConfigError) as err:
+        parse_search_spec(data, source="s.yaml")
+    assert needle in str(err.value)
+
+
+def test_examples_validate(tmp_path: Path) -> None:
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        data["data"] = {"train": str(tmp_path)}
+        data["space"].pop("encoder_weights", None)
+        spec = parse_search_spec(data, source=str(path))
+        assert SearchSpace.from_spec(spec).dims, path.name
+    with pytest.raises(ConfigError, match="not found"):
+        load_search_spec(tmp_path / "missing.yaml")
+
+
+def test_define_by_run_names_encoder_per_arch_and_respects_conditions(data_dir: Path) -> None:
+    spec = parse_search_spec(spec_dict(data_dir))
+    space = SearchSpace.from_spec(spec)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    fn = DefineByRun(space)
+    for _ in range(40):
+        trial = study.ask()
+        params = fn(trial)["params"]
+        study.tell(trial, 0.0)
+        assert f"encoder__{params['architecture']}" in trial.params and "encoder" not in trial.params
+        weights = params["encoder_weights"] != "none"
+        assert ("freeze" in params) == weights
+        assert ("unfreeze_epoch" in params) == (params.get("freeze") == "staged")
+        assert ("focal_gamma" in params) == (params["focal_weight"] > 0)
+        cfg = space.to_train_config(params)
+        assert cfg.model.arch == params["architecture"] and cfg.model.encoder == params["encoder"]
+        assert ("focal" in cfg.loss.terms) == (params["focal_weight"] > 0)  # zero-weight terms dropped
+        assert cfg.model.encoder_weights == (None if not weights else str(data_dir / "w.pth"))
+    assert seed_to_optuna(space, {"architecture": "FPN", "encoder": "resnet34"}) == {
+        "architecture": "FPN", "encoder__FPN": "resnet34"}
+
+
+def test_grid_enumerates_valid_conditional_combinations(data_dir: Path) -> None:
+    data = spec_dict(data_dir, engine="grid")
+    data["space"].pop("unfreeze_epoch")
+    space = SearchSpace.from_spec(parse_search_spec(data))
+    points = space.grid(seed=0)
+    # 2 archs x 2 encoders x (no weights: 1 | weights: 3 freeze) x 2 focal weights
+    assert len(points) == 2 * 2 * (1 + 3) * 2
+    assert len({tuple(sorted((k, str(v)) for k, v in p.items() if k != "lr")) for p in points}) == len(points)
+    assert all("lr" in p for p in points)
+
+
+def test_asha_stopped_trials_are_told_to_optuna_as_pruned() -> None:
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    searcher = PruningAwareOptunaSearch(space=space, metric="val_miou", mode="max", seed=0)
+    for trial_id in ("done", "stopped", "crashed"):
+        searcher.suggest(trial_id)
+        searcher.on_trial_result(trial_id, {"val_miou": 0.3, "training_iteration": 1})
+    searcher.on_trial_complete("done", {"val_miou": 0.5, "training_iteration": 2, "is_last": 1.0})
+    searcher.on_trial_complete("stopped", {"val_miou": 0.4, "training_iteration": 2, "is_last": 0.0})
+    searcher.on_trial_complete("crashed", None, error=True)
+    trials = searcher._ot_study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
+    assert trials[0].value == 0.5
+    assert trials[1].intermediate_values == {1: 0.3, 2: 0.4}  # the stopping result is kept as a step
