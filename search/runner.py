@@ -1,0 +1,171 @@
+"""Run (or resume) a search: Ray, MLflow parent run, Tuner, summary, champion.
+
+``run_search(spec)`` connects to ``RAY_ADDRESS`` (e.g. inside ``ray job submit``) or starts a
+private local Ray, opens the parent MLflow run, writes ``gigaseg_search.json`` next to Tune's
+experiment state and fits the Tuner. ``resume_search(path)`` reads that file back and continues
+with ``Tuner.restore(path, resume_errored=True)``: finished trials are kept, interrupted ones
+resume from their last checkpoint, and the same parent run receives the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from ray import tune
+
+from search.engines import EpochBudget, build_scheduler, build_searcher, num_trials
+from search.mlflow_runs import MlflowTarget, start_parent_run
+from search.pg_guard import LedgerSweeper, get_ledger
+from search.space import SearchSpace
+from search.spec import ResourcesSection, SearchSpec, parse_search_spec
+from search.summary import SearchOutcome, TrialStatusCallback, summarize
+from search.trial import TrialContext, trial_main
+from segcore import tracking
+from segcore.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "gigaseg_search.json"
+DRIVER_CPUS = 0.01  # a multi-worker trial's own actor only drives its TorchTrainer
+
+
+def connect_ray() -> bool:
+    """Use the running Ray (``ray.init`` done, or RAY_ADDRESS); else start a local one. True if started."""
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    log.info("Ray: %s", f"connecting to {address}" if address else "starting a local instance")
+    ray.init(address=address or "local")
+    return not address
+
+
+def experiment_dir(spec: SearchSpec) -> Path:
+    storage = spec.storage_path or tracking.gigaseg_home() / "searches"
+    return Path(storage) / spec.name
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short trial folder names (Tune's default spells out every parameter)."""
+    return f"trial_{trial.trial_id}"
+
+
+def make_trainable(ctx: TrialContext, res: ResourcesSection) -> Any:
+    """``trial_main`` bound to ``ctx`` with the resources of one trial (its driver, for DDP)."""
+    fn = tune.with_parameters(trial_main, ctx=ctx)
+    if res.workers_per_trial > 1:
+        return tune.with_resources(fn, {"CPU": DRIVER_CPUS})
+    return tune.with_resources(fn, {"CPU": res.cpus_per_trial, "GPU": res.gpus_per_trial})
+
+
+def default_concurrency(spec: SearchSpec) -> int | None:
+    """For DDP trials Tune cannot see the workers' needs: cap trials by what the cluster holds."""
+    res = spec.resources
+    if spec.max_concurrent_trials or res.workers_per_trial == 1:
+        return spec.max_concurrent_trials
+    total = ray.cluster_resources()
+    fits = int(total.get("CPU", 0) // (res.cpus_per_trial * res.workers_per_trial))
+    if res.gpus_per_trial:
+        fits = min(fits, int(total.get("GPU", 0) // (res.gpus_per_trial * res.workers_per_trial)))
+    return max(1, fits)
+
+
+def _tuner(spec: SearchSpec, space: SearchSpace, trainable: Any, target: MlflowTarget, exp_dir: Path,
+           ledger_name: str) -> tune.Tuner:
+    searcher, param_space = build_searcher(spec, space)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=build_scheduler(spec, space),
+            num_samples=num_trials(spec, space), max_concurrent_trials=default_concurrency(spec),
+            time_budget_s=spec.time_budget_s, reuse_actors=False, trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=exp_dir.name,
+            storage_path=str(exp_dir.parent),
+            stop=EpochBudget(spec.max_trial_epochs) if spec.max_trial_epochs else None,
+            failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[TrialStatusCallback(target), LedgerSweeper(ledger_name)],
+            verbose=1,
+        ),
+    )
+
+
+def _fit(spec: SearchSpec, target: MlflowTarget, exp_dir: Path, restore: bool) -> SearchOutcome:
+    space = SearchSpace.from_spec(spec, spec.name)
+    ledger_name = f"gigaseg-pg-ledger-{target.parent_run_id}"
+    ledger = get_ledger(ledger_name)  # held here for the whole fit, so it stays alive
+    ctx = TrialContext(
+        space=space, train_dir=str(spec.data.train), val_dir=str(spec.data.val) if spec.data.val else None,
+        mlflow=target, resources=spec.resources, train_storage=str(exp_dir / "_train"),
+        ledger_name=ledger_name, testing=spec.testing,
+    )
+    trainable = make_trainable(ctx, spec.resources)
+    if restore:
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+    else:
+        tuner = _tuner(spec, space, trainable, target, exp_dir, ledger_name)
+    try:
+        results = tuner.fit()
+    finally:
+        ray.get(ledger.sweep.remote())
+    outcome = summarize(results, spec, target, str(exp_dir))
+    log.info("search %s: %s; best %s=%s (trial %s)%s", spec.name, outcome.counts, spec.metric,
+             outcome.best_value, outcome.best_trial_id,
+             f"; champion {outcome.champion_uri}" if outcome.champion_uri else "")
+    return outcome
+
+
+def _announce(uri: str) -> None:
+    log.info("MLflow tracking URI: %s", uri)
+    log.info("open the MLflow UI with: %s", tracking.mlflow_ui_command(uri))
+
+
+def run_search(spec: SearchSpec, spec_yaml: str | None = None) -> SearchOutcome:
+    """Run a validated search to the end; returns the outcome (also on the parent MLflow run)."""
+    exp_dir = experiment_dir(spec)
+    if (exp_dir / STATE_FILE).exists():
+        raise ConfigError(f"search {spec.name!r} already exists at {exp_dir}; continue it with "
+                          f"`gigaseg search --resume {exp_dir}` or choose another name/storage_path.")
+    started = connect_ray()
+    try:
+        uri = spec.mlflow.tracking_uri or tracking.default_tracking_uri()
+        _announce(uri)
+        spec_json = spec.model_dump(mode="json")
+        spec_yaml = spec_yaml or yaml.safe_dump(spec_json, sort_keys=False)
+        target = start_parent_run(uri, spec.experiment, spec.name, spec_yaml, spec_json)
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        state = {"spec": spec_json, "mlflow": {"uri": uri, "experiment_id": target.experiment_id,
+                                               "parent_run_id": target.parent_run_id}}
+        (exp_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+        return _fit(spec, target, exp_dir, restore=False)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def resume_search(path: str | Path) -> SearchOutcome:
+    """Continue a search whose driver stopped (killed, crashed, interrupted) from its folder."""
+    exp_dir = Path(path).resolve()
+    state_file = exp_dir / STATE_FILE
+    if not state_file.is_file() or not tune.Tuner.can_restore(str(exp_dir)):
+        raise ConfigError(f"{exp_dir}: not a resumable gigaseg search (no {STATE_FILE} or Tune state); "
+                          "pass the folder printed when the search started (<storage_path>/<name>).")
+    state = json.loads(state_file.read_text())
+    spec = parse_search_spec(state["spec"], source=str(state_file))
+    target = MlflowTarget(**state["mlflow"])
+    started = connect_ray()
+    try:
+        _announce(target.uri)
+        target.client().update_run(target.parent_run_id, status="RUNNING")
+        return _fit(spec, target, exp_dir, restore=True)
+    finally:
+        if started:
+            ray.shutdown()

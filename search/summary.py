@@ -1,0 +1,123 @@
+"""End of a search: trial statuses in MLflow, the summary on the parent run, the champion model."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlflow.entities import Metric, RunTag
+from ray import tune
+
+from search.engines import IS_LAST
+from search.mlflow_runs import (
+    COMPLETED,
+    FAILED,
+    MODEL_URI_TAG,
+    STOPPED,
+    MlflowTarget,
+    find_trial_run,
+    mark_trial,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchOutcome:
+    """What a finished search produced (also logged on the parent run)."""
+
+    name: str
+    path: str
+    parent_run_id: str
+    counts: dict[str, int]
+    best_trial_id: str | None = None
+    best_value: float | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+    champion_uri: str | None = None
+
+
+class TrialStatusCallback(tune.Callback):
+    """Driver side: tag each finished trial's run completed / stopped early / failed."""
+
+    def __init__(self, target: MlflowTarget) -> None:
+        self.target = target
+
+    def _mark(self, trial: Any, status: str) -> None:
+        try:
+            mark_trial(self.target, trial.trial_id, status)
+        except Exception as exc:  # tracking trouble must not stop the search
+            log.warning("could not tag trial %s as %s in MLflow: %s", trial.trial_id, status, exc)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._mark(trial, COMPLETED if (trial.last_result or {}).get(IS_LAST) else STOPPED)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._mark(trial, FAILED)
+
+
+def trial_status(result: Any) -> str:
+    """completed / stopped early / failed for one ``ray.tune.Result``."""
+    if result.error is not None:
+        return FAILED
+    return COMPLETED if (result.metrics or {}).get(IS_LAST) else STOPPED
+
+
+def _best(results: Any, metric: str, mode: str) -> Any | None:
+    done = [r for r in results if trial_status(r) == COMPLETED and r.metrics.get(metric) is not None]
+    if not done:
+        return None
+    pick = max if mode == "max" else min
+    return pick(done, key=lambda r: r.metrics[metric])
+
+
+def register_champion(target: MlflowTarget, trial_id: str, name: str, alias: str) -> str | None:
+    """Register the trial's logged model under ``name`` and point ``alias`` at the new version."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    client = target.client()
+    run_id = find_trial_run(target, trial_id)
+    model_uri = client.get_run(run_id).data.tags.get(MODEL_URI_TAG) if run_id else None
+    if not model_uri:
+        log.warning("best trial %s has no logged model; nothing registered", trial_id)
+        return None
+    with _use_tracking_uri(target.uri):
+        version = mlflow.register_model(model_uri, name, tags={"gigaseg.trial_id": trial_id})
+    client.set_registered_model_alias(name, alias, version.version)
+    log.info("registered %s version %s as models:/%s@%s", model_uri, version.version, name, alias)
+    return f"models:/{name}@{alias}"
+
+
+def summarize(results: Any, spec: Any, target: MlflowTarget, path: str) -> SearchOutcome:
+    """Counts by status, best completed trial and champion; all logged on the parent run."""
+    counts = dict(Counter(trial_status(r) for r in results))
+    counts = {s: counts.get(s, 0) for s in (COMPLETED, STOPPED, FAILED)}
+    outcome = SearchOutcome(spec.name, path, target.parent_run_id, counts)
+    best = _best(results, spec.metric, spec.mode)
+    if best is not None:
+        outcome.best_trial_id = best.metrics["trial_id"]
+        outcome.best_value = float(best.metrics[spec.metric])
+        outcome.best_params = dict(best.config.get("params", {}))
+        if spec.mlflow.registered_model_name:
+            outcome.champion_uri = register_champion(
+                target, outcome.best_trial_id, spec.mlflow.registered_model_name, spec.mlflow.alias
+            )
+    _log_outcome(target, outcome, spec.metric)
+    return outcome
+
+
+def _log_outcome(target: MlflowTarget, outcome: SearchOutcome, metric: str) -> None:
+    client, run_id = target.client(), target.parent_run_id
+    metrics = {f"n_{k.replace(' ', '_')}": float(v) for k, v in outcome.counts.items()}
+    metrics["n_trials"] = float(sum(outcome.counts.values()))
+    if outcome.best_value is not None:
+        metrics[f"best_{metric}"] = outcome.best_value
+    tags = {"gigaseg.best_trial_id": outcome.best_trial_id or "", "gigaseg.champion": outcome.champion_uri or ""}
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
+    client.set_terminated(run_id, "FINISHED")

@@ -1,0 +1,133 @@
+"""The Tune trial function: one sampled configuration -> ``segcore.train.train`` -> reports.
+
+Single-worker trials train inside the trial actor; ``workers_per_trial > 1`` launches a
+TorchTrainer from here (:mod:`search.ddp`). Either way every epoch is relayed by an
+:class:`EpochRelay`: logged to the trial's MLflow run (rank 0), checkpointed, and reported
+(``tune.report`` or ``ray.train.report``). The final epoch's report is held back until the
+model, preview and confusion matrix are logged, because Tune may stop the trial actor as soon
+as it sees a result (ASHA at ``max_t``), and nothing after the last report is guaranteed to run.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from search.hooks import FailOnce, barrier_arrive, barrier_done
+from search.mlflow_runs import MlflowTarget, TrialRun
+from search.space import SearchSpace
+from search.spec import ResourcesSection, TestingSection
+
+log = logging.getLogger(__name__)
+
+ReportFn = Callable[[dict[str, Any], Any], None]  # (metrics, ray Checkpoint | None)
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Everything a trial needs besides its sampled params; passed explicitly to every trial."""
+
+    space: SearchSpace
+    train_dir: str
+    val_dir: str | None
+    mlflow: MlflowTarget
+    resources: ResourcesSection
+    train_storage: str  # Ray Train run storage for multi-worker trials (shared on a cluster)
+    ledger_name: str
+    testing: TestingSection | None = None
+
+
+class EpochRelay:
+    """EpochCallback: MLflow metrics (rank 0), fail-once hook, checkpoint, report; holds the last one."""
+
+    def __init__(self, report: ReportFn, run: TrialRun | None, fail_once: FailOnce, extra: dict[str, float]) -> None:
+        self.report, self.run, self.fail_once, self.extra = report, run, fail_once, extra
+        self.pending: tuple[dict[str, Any], Path | None] | None = None
+
+    def __call__(self, rep: Any) -> None:
+        self.fail_once(rep.epoch)
+        metrics = {**rep.metrics, "epoch": rep.epoch, "is_last": float(rep.is_last),
+                   "world_size": rep.world_size, **self.extra}
+        if self.run is not None and rep.rank == 0:
+            self.run.log_epoch({k: v for k, v in metrics.items() if k != "is_last"}, rep.epoch)
+        ckpt_dir = None
+        if rep.rank == 0:
+            ckpt_dir = Path(tempfile.mkdtemp(prefix="gigaseg-ckpt-"))
+            rep.save_checkpoint(ckpt_dir)
+        if rep.is_last:
+            self.pending = (metrics, ckpt_dir)
+        else:
+            self._send(metrics, ckpt_dir)
+
+    def flush(self) -> None:
+        """Send the held final report (after the trial logged its model)."""
+        if self.pending is not None:
+            self._send(*self.pending)
+            self.pending = None
+
+    def _send(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        from ray.tune import Checkpoint
+
+        try:
+            self.report(metrics, Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
+        finally:
+            if ckpt_dir is not None:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def run_epochs(ctx: TrialContext, params: dict[str, Any], report: ReportFn, *, trial_id: str, trial_name: str,
+               rank: int, resume: Any, trial_dir: Path | None, out_dir: Path, extra: dict[str, float]) -> EpochRelay:
+    """Train one configuration (one rank of it); rank 0 logs the finished model.
+
+    Returns the relay still holding the final report: the caller sends it with ``flush()`` as
+    its very last action.
+    """
+    from segcore.train import train
+
+    cfg = ctx.space.to_train_config(params, source=f"trial {trial_id}")
+    run = TrialRun(ctx.mlflow, trial_id, trial_name) if rank == 0 else None
+    if run is not None:
+        run.log_params(params, cfg.model_dump(mode="json"))
+    relay = EpochRelay(report, run, FailOnce(ctx.testing, trial_dir), extra)
+    with resume.as_directory() if resume is not None else nullcontext(None) as resume_dir:
+        result = train(cfg, ctx.train_dir, out_dir, callbacks=[relay], resume_from=resume_dir, val_dir=ctx.val_dir)
+    if run is not None:
+        run.log_completed(Path(result.model_dir))
+    return relay
+
+
+def _tune_report(metrics: dict[str, Any], checkpoint: Any) -> None:
+    from ray import tune
+
+    tune.report(metrics, checkpoint=checkpoint)
+
+
+def trial_main(config: dict[str, Any], ctx: TrialContext) -> None:
+    """The Tune function trainable (bound to ``ctx`` with ``tune.with_parameters``)."""
+    from ray import tune
+
+    tctx = tune.get_context()
+    trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
+    params = config["params"]
+    live = barrier_arrive(ctx.testing, trial_id)
+    extra = {"barrier_live": float(live)} if live is not None else {}
+    try:
+        if ctx.resources.workers_per_trial > 1:
+            from search.ddp import run_ddp_trial
+
+            run_ddp_trial(ctx, params, trial_id, trial_name, extra)
+        else:
+            trial_dir = Path(tctx.get_trial_dir())
+            relay = run_epochs(ctx, params, _tune_report, trial_id=trial_id, trial_name=trial_name, rank=0,
+                               resume=tune.get_checkpoint(), trial_dir=trial_dir, out_dir=trial_dir / "model",
+                               extra=extra)
+            barrier_done(ctx.testing, trial_id)
+            relay.flush()
+    finally:
+        barrier_done(ctx.testing, trial_id)
