@@ -123,3 +123,49 @@ def test_param_groups_cover_every_parameter_once() -> None:
 def test_controller_refuses_model_without_encoder() -> None:
     with pytest.raises(ValueError, match="no `.encoder`"):
         FreezeController(torch.nn.Linear(2, 2), FreezeConfig(), base_lr=1e-3)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One DDP rank (gloo, CPU): staged K=1, each rank sees different data."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = tiny_model()
+    ctrl = FreezeController(model, FreezeConfig(strategy="staged", unfreeze_epoch=1), base_lr=1e-2)
+    opt = make_optimizer(ctrl, "adamw")
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    snap = encoder_snapshot(model)
+    gen = torch.Generator().manual_seed(rank)
+    for epoch in range(2):
+        ctrl.on_epoch_start(epoch)
+        ctrl.train_mode()
+        for _ in range(2):
+            x, y = torch.randn(2, 1, SIZE, SIZE, generator=gen), torch.randint(0, 2, (2, SIZE, SIZE), generator=gen)
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+        if epoch == 0:
+            frozen_ok = changed(model, snap) == []
+    torch.save({"frozen_ok": frozen_ok, "conv1": model.encoder.conv1.weight.detach().clone(),
+                "moved": "conv1.weight" in changed(model, snap)}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_staged_under_ddp_keeps_ranks_in_sync_after_unfreezing(tmp_path) -> None:
+    """DDP registers trainable params when it is built; the controller must not freeze before that."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["frozen_ok"] and r1["frozen_ok"]
+    assert r0["moved"] and torch.equal(r0["conv1"], r1["conv1"])

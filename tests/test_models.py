@@ -189,6 +189,9 @@ def test_imagenet_offline_gives_clear_error_without_network(tmp_path, monkeypatc
     with pytest.raises(EncoderWeightsError, match="HF_HUB_OFFLINE") as info:
         build_model(cfg, load_weights=True)
     assert "save_encoder_weights" in str(info.value) and ".safetensors" in str(info.value)
+    model = build_model(cfg)  # random init; loading afterwards takes the same path
+    with pytest.raises(EncoderWeightsError, match="HF_HUB_OFFLINE"):
+        load_encoder_weights(model, "imagenet")
 
 
 # --- model directory round trip --------------------------------------------------------------

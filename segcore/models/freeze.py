@@ -56,8 +56,11 @@ class FreezeController:
                 f"{type(_unwrap(model)).__name__} has no `.encoder`; FreezeController needs a model "
                 "built by segcore.models.build_model."
             )
+        # Nothing is frozen until on_epoch_start(): a DistributedDataParallel wrapper built after
+        # this controller must see the encoder as trainable, or it would never all-reduce the
+        # encoder's gradients once ``staged`` unfreezes it (DDP registers params at construction;
+        # train with find_unused_parameters=True while anything is frozen).
         self.encoder_frozen = False
-        self.on_epoch_start(0)
 
     def encoder_trainable_at(self, epoch: int) -> bool:
         """Whether the strategy trains the encoder in ``epoch`` (0-based)."""
@@ -88,7 +91,7 @@ class FreezeController:
         trainable = self.encoder_trainable_at(epoch)
         for p in self.encoder.parameters():
             p.requires_grad_(trainable)
-        if self.encoder_frozen == trainable:  # state changes (or first call)
+        if self.encoder_frozen == trainable or epoch == 0:
             log.info("epoch %d: encoder %s (%s)", epoch, "trainable" if trainable else "frozen", self.cfg.strategy)
         self.encoder_frozen = not trainable
         if self.encoder_frozen:
