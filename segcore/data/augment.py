@@ -1,7 +1,7 @@
 """Joint image/mask augmentation with one ``strength`` knob in [0, 1] that a search can tune.
 
-At strength 1 the affine part matches the SEM study (rotate +-15 deg, shift 5 %, shear 50 deg,
-zoom 30 %); every range and probability scales linearly with strength, 0 disables augmentation.
+At strength 1 the affine part matches the SEM study (rotate +-15 deg, shift 5 %, Keras shear
+50, zoom 30 %); every range and probability scales linearly with strength, 0 disables augmentation.
 Masks always use nearest-neighbour interpolation and pixels moved in from outside the patch
 get 255 (ignore). Photometric changes are custom transforms that do not clip, because
 normalised data (CCD clusters, percentile-scaled images) is not confined to [0, 1] the way
@@ -17,6 +17,10 @@ import cv2
 import numpy as np
 
 from segcore.data.spec import IGNORE
+
+# Keras' shear_range=50 (the SEM study) maps x -> x - sin(50 deg) y; albumentations uses
+# tan(angle), so the same shear is atan(sin(50 deg)) ~ 37 deg here.
+SHEAR = 37.5
 
 
 class ScaleShift(A.ImageOnlyTransform):
@@ -68,7 +72,8 @@ def _geometric(s: float) -> list[A.BasicTransform]:
         A.VerticalFlip(p=0.5),
         A.RandomRotate90(p=0.5),
         A.Affine(rotate=(-15 * s, 15 * s), translate_percent=(-0.05 * s, 0.05 * s),
-                 shear=(-50 * s, 50 * s), scale=(1 - 0.3 * s, 1 + 0.3 * s), p=0.7 * s, **border),
+                 shear={"x": (-SHEAR * s, SHEAR * s), "y": (0.0, 0.0)},
+                 scale=(1 - 0.3 * s, 1 + 0.3 * s), keep_ratio=True, p=0.7 * s, **border),
         A.OneOf([
             A.OpticalDistortion(distort_limit=0.3 * s, **border),
             A.ElasticTransform(alpha=40 * s, sigma=6.0, **border),
