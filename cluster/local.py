@@ -298,6 +298,8 @@ def _start_command(index: int, info: ClusterInfo, object_store_memory: int) -> l
         f"--num-cpus={info.cpus_per_node:g}",
         f"--num-gpus={info.gpus_per_node:g}",
         f"--object-store-memory={object_store_memory}",
+        "--min-worker-port=0",  # workers bind OS-chosen ports, not the shared 10002-19999 range
+        "--max-worker-port=0",
         "--disable-usage-stats",
         "--log-style=record",
         "--log-color=false",
