@@ -159,7 +159,7 @@ def _belongs(pid: int, info: ClusterInfo) -> bool:
     The session is needed because Ray renames some processes (``ray::DashboardAgent``) and
     setproctitle then blanks their /proc environ; "ray" in the command line guards PID reuse."""
     cmdline = _read_proc(pid, "cmdline")
-    if info.temp_dir.encode() in cmdline:
+    if f"{info.temp_dir}/".encode() in cmdline:
         return True
     if b"ray" in cmdline and _session_id(pid) in info.sessions:
         return True
@@ -400,7 +400,8 @@ def _prepare(state_dir: Path, workers: int, cpus: float, gpus: float) -> Cluster
             )
         (state_dir / STATE_FILE).unlink()
     temp_dir = tempfile.mkdtemp(prefix="gsc-", dir="/tmp")
-    assert len(temp_dir) <= _MAX_TEMP_ROOT, temp_dir
+    if len(temp_dir) > _MAX_TEMP_ROOT:
+        raise RuntimeError(f"{temp_dir}: too long for Ray's unix socket paths (< 107 characters)")
     token_path = _write_token(state_dir)
     ports, env_ports = _allocate_ports(workers)
     address = f"{NODE_IP}:{ports[0]['port']}"
@@ -452,7 +453,10 @@ def start_cluster(
         wait_for_nodes(info, workers + 1, timeout)
     except BaseException:
         log.error("starting the local cluster failed; stopping what was started")
-        stop_cluster(info.state_dir)
+        try:
+            stop_cluster(info.state_dir)
+        except Exception:  # keep the original error; this one is only logged
+            log.exception("cleaning up the failed start failed too")
         raise
     info.pids = find_cluster_pids(info)
     info.save()
