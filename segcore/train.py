@@ -202,7 +202,7 @@ def build_run(cfg: TrainConfig, data_dir: str | Path, val_dir: str | Path | None
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg.freeze.strategy != "full")
     patches = PatchDataset(
         train_s, cfg.data.patch_size, cfg.data.patches_per_epoch, cfg.data.class_balanced,
-        augment=build_augmentation(cfg.augment.strength), seed=cfg.seed,
+        augment=build_augmentation(cfg.augment.strength), seed=cfg.seed, num_classes=len(spec.class_names),
     )
     loader = _make_loader(cfg, patches, rank, world)
     scheduler = _build_scheduler(cfg, optimizer, max(1, len(loader)))
