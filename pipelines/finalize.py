@@ -34,12 +34,13 @@ def value_names(opts: SegmentOptions, info: ModelInfo) -> tuple[list[str], list[
     return list(info.class_names), list(info.class_colors)
 
 
-def _image_summary(plan: ImagePlan, names: list[str], counts: np.ndarray, shapes: list[tuple[int, int]]) -> dict:
+def _image_summary(plan: ImagePlan, names: list[str], counts: np.ndarray, shapes: list[tuple[int, int]],
+                   root: Path) -> dict:
     total = int(counts.sum())
     done = done_units(plan.state).values()
     return {
         "name": plan.name, "hdu": plan.index if plan.index >= 0 else None, "shape": list(plan.shape),
-        "zarr": plan.group, "levels": [list(s) for s in shapes],
+        "zarr": str(Path(plan.group).relative_to(root)), "levels": [list(s) for s in shapes],
         "pixel_counts": {n: int(c) for n, c in zip(names, counts, strict=True)},
         "area_fractions": {n: (float(c) / total if total else 0.0) for n, c in zip(names, counts, strict=True)},
         "normalisation": {"offset": plan.norm_offset, "scale": plan.norm_scale},
@@ -48,14 +49,14 @@ def _image_summary(plan: ImagePlan, names: list[str], counts: np.ndarray, shapes
     }
 
 
-def _finish_image(plan: ImagePlan, opts: SegmentOptions, info: ModelInfo) -> tuple[dict, np.ndarray]:
+def _finish_image(plan: ImagePlan, opts: SegmentOptions, info: ModelInfo, root: Path) -> tuple[dict, np.ndarray]:
     names, colors = value_names(opts, info)
     group = Path(plan.group)
     shapes, counts = omezarr.build_pyramid(group, plan.tile, len(names))
     omezarr.write_metadata(group, plan.name or plan.stem, len(shapes), names, colors, {
         "model": info.ref, "input": plan.file, "hdu": plan.name or None, "class_names": names,
         "tile": plan.tile, "halo": plan.halo, "version": gigaseg_version()})
-    return _image_summary(plan, names, counts, shapes), omezarr.preview_level(group, MAX_SIDE)
+    return _image_summary(plan, names, counts, shapes, root), omezarr.preview_level(group, MAX_SIDE)
 
 
 def _fits_products(layout: Layout, plans: list[ImagePlan], opts: SegmentOptions, info: ModelInfo,
@@ -65,7 +66,7 @@ def _fits_products(layout: Layout, plans: list[ImagePlan], opts: SegmentOptions,
     images = [(p.index, p.name, np.asarray(zarr.open_array(str(Path(p.group) / omezarr.LEVEL0), mode="r")[:]))
               for p in plans]
     write_labels_fits(layout.product(stem, ".labels.fits"), file, images, cards)
-    outputs: dict[str, Any] = {"labels_fits": str(layout.product(stem, ".labels.fits"))}
+    outputs: dict[str, Any] = {"labels_fits": f"{stem}.labels.fits"}
     value = 1 if opts.only_class == CLUSTER_CLASS else (
         names.index(CLUSTER_CLASS) if not opts.only_class and CLUSTER_CLASS in names else None)
     if value is None:
@@ -80,8 +81,7 @@ def _fits_products(layout: Layout, plans: list[ImagePlan], opts: SegmentOptions,
             source.close()
         rows += cluster_rows(name, labels, adu, value)
     write_catalog(layout.product(stem, ".clusters.fits"), layout.product(stem, ".clusters.csv"), rows, cards)
-    outputs.update(clusters_fits=str(layout.product(stem, ".clusters.fits")),
-                   clusters_csv=str(layout.product(stem, ".clusters.csv")), n_clusters=len(rows))
+    outputs.update(clusters_fits=f"{stem}.clusters.fits", clusters_csv=f"{stem}.clusters.csv", n_clusters=len(rows))
     return outputs
 
 
@@ -93,7 +93,7 @@ def finalize_file(states: list[str], opts_json: dict, info_json: dict, out: str,
     names, colors = value_names(opts, info)
     images, panels = [], []
     for plan in plans:
-        summary, level = _finish_image(plan, opts, info)
+        summary, level = _finish_image(plan, opts, info, layout.root)
         images.append(summary)
         panels.append((plan.name, level))
     counts = np.sum([[im["pixel_counts"][n] for n in names] for im in images], axis=0)
@@ -101,7 +101,7 @@ def finalize_file(states: list[str], opts_json: dict, info_json: dict, out: str,
     fractions = [float(c) / total if total else 0.0 for c in counts]
     stem = plans[0].stem
     save_preview(layout.product(stem, ".png"), compose_preview(panels, names, colors, fractions))
-    outputs: dict[str, Any] = {"zarr": str(layout.zarr_root(stem)), "png": str(layout.product(stem, ".png"))}
+    outputs: dict[str, Any] = {"zarr": f"{stem}.zarr", "png": f"{stem}.png"}  # relative to the output directory
     if plans[0].index >= 0:
         outputs.update(_fits_products(layout, plans, opts, info, names))
     summary = _summary(plans, opts, info, names, counts, fractions, images, outputs)

@@ -12,12 +12,17 @@ from segcore.tiling import PredictFn, blended_predictor, flip_tta, pad_to_multip
 
 
 def build_predictor(loaded: LoadedModel, opts: SegmentOptions, stride: int) -> PredictFn:
-    """(N, C, h, w) normalised float32 -> (N, K, h, w) probabilities, with the run's TTA/blending."""
-    predict = pad_to_multiple(loaded.predict_proba, stride)
+    """(N, C, h, w) normalised float32 -> (N, K, h, w) probabilities, with the run's TTA/blending.
+
+    Padding to the stride comes *outside* the flips: a flipped input then keeps its pixels on
+    the same stride phase in every window as in the whole image, so tiled TTA == whole-image TTA.
+    """
+    predict = loaded.predict_proba
     if opts.tta:
         predict = flip_tta(predict)
+    predict = pad_to_multiple(predict, stride)
     if opts.blend_tile:
-        predict = blended_predictor(predict, opts.blend_tile, opts.blend_overlap)
+        predict = pad_to_multiple(blended_predictor(predict, opts.blend_tile, opts.blend_overlap), stride)
     return predict
 
 

@@ -223,3 +223,7 @@ def test_unet_tiled_labels_equal_whole_with_large_halo() -> None:
     assert np.array_equal(tiled, whole)
     seams = predict_tiled(img, predict8, tile=64, halo=0, batch_size=4).argmax(0)
     assert not np.array_equal(seams, predict_whole(img, predict8, 0).argmax(0))
+    # flip TTA inside the stride padding keeps every pixel on the same stride phase: still exact
+    tta8 = pad_to_multiple(flip_tta(predict), 8)
+    whole_tta = predict_whole(img, tta8, 72).argmax(0)
+    assert np.array_equal(predict_tiled(img, tta8, tile=64, halo=72, batch_size=4).argmax(0), whole_tta)

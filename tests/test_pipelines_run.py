@@ -1,0 +1,159 @@
+"""The whole Ray Data job on a 2-CPU local Ray with real files: a tiled 8-bit TIFF, a striped
+16-bit TIFF and a multi-HDU FITS with BZERO next to a corrupt TIFF and a truncated FITS.
+Labels equal whole-image prediction; outputs (OME-Zarr, PNG, JSON, label FITS, catalogue)
+are complete; broken files are recorded as failed while the others finish; a rerun skips."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from astropy.io import fits
+from PIL import Image
+from pipelines_helpers import (
+    CLASSES,
+    HALO,
+    TILE,
+    make_model,
+    reference_labels,
+    write_corrupt_tiff,
+    write_fits_bzero,
+    write_striped_tiff16,
+    write_tiled_tiff8,
+    write_truncated_fits,
+)
+
+from pipelines.plan import ImagePlan
+from pipelines.runner import RunConfig, segment_archive
+from segcore.data.normalize import NormStats, compute_norm_stats
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("archive")
+    (root / "sem").mkdir()
+    (root / "ccd").mkdir()
+    images = {
+        "rock8": write_tiled_tiff8(root / "sem" / "rock8.tif", (150, 200)),
+        "rock16": write_striped_tiff16(root / "sem" / "rock16.tif", (130, 170)),
+    }
+    amps = write_fits_bzero(root / "ccd" / "frame.fits", (100, 140), n_hdus=2)
+    write_corrupt_tiff(root / "sem" / "broken.tif")
+    write_truncated_fits(root / "ccd" / "cut.fits", (100, 140))
+    return {"root": root, "model": make_model(root / "model"), "images": images, "amps": amps}
+
+
+@pytest.fixture(scope="module")
+def run(archive: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    from conftest import ensure_ray
+
+    ensure_ray(num_cpus=2, num_gpus=0)
+    root, out = archive["root"], tmp_path_factory.mktemp("out")
+    report = segment_archive(str(archive["model"]), [f"{root}/sem/*.tif", f"{root}/**/*.fits"], out,
+                             RunConfig(progress_bars=False), tile=TILE, halo=HALO, batch_size=4)
+    return {"out": out, "report": report}
+
+
+def _stats(out: Path, stem: str, image: str = "image") -> NormStats:
+    plan = ImagePlan.load(out / ".gigaseg" / stem / image)
+    return NormStats(plan.norm_offset, plan.norm_scale)
+
+
+def test_broken_files_fail_and_others_finish(archive: dict, run: dict) -> None:
+    report, out = run["report"], run["out"]
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    status = {Path(e["input"]).name: e["status"] for e in manifest}
+    assert status == {"rock8.tif": "done", "rock16.tif": "done", "frame.fits": "done",
+                      "broken.tif": "failed", "cut.fits": "failed"}
+    errors = {Path(e["input"]).name: e["error"] for e in manifest if e["status"] == "failed"}
+    assert "broken.tif" in errors["broken.tif"] and "TIFF" in errors["broken.tif"]
+    assert "cut.fits" in errors["cut.fits"] and "truncated" in errors["cut.fits"]
+    assert len(report.done) == 3 and len(report.failed) == 2
+    assert report.workers and all(w["rss_mb"] > 0 for w in report.workers)
+
+
+@pytest.mark.parametrize("stem", ["rock8", "rock16"])
+def test_tiff_labels_equal_whole_image_prediction(archive: dict, run: dict, stem: str) -> None:
+    out, image = run["out"], archive["images"][stem]
+    labels = zarr.open_array(str(out / f"{stem}.zarr" / "0"), mode="r")[:]  # the README one-liner
+    assert labels.shape == image.shape and labels.dtype == np.uint8
+    assert np.array_equal(labels, reference_labels(archive["model"], image, _stats(out, stem)))
+    assert len(np.unique(labels)) > 1
+
+
+def test_norm_stats_come_from_the_model_config_and_a_sample(archive: dict, run: dict) -> None:
+    from segcore.modeldir import read_card
+
+    cfg = read_card(archive["model"]).train.normalize
+    image = archive["images"]["rock16"]  # small: the sample is the whole image
+    assert _stats(run["out"], "rock16") == compute_norm_stats(image, cfg)
+
+
+def test_striped_tiff_is_read_band_by_band(run: dict) -> None:
+    plan = ImagePlan.load(run["out"] / ".gigaseg" / "rock16" / "image")
+    assert plan.slow and plan.unit_cols == 3  # a whole row of 3 windows per unit = one band read
+    assert any("slow random access" in w for w in plan.warnings)
+    summary = json.loads((run["out"] / "rock16.json").read_text())
+    assert any("slow random access" in w for w in summary["images"][0]["warnings"])
+
+
+def test_fits_hdus_labels_fits_and_catalogue(archive: dict, run: dict) -> None:
+    out = run["out"]
+    labels_fits = out / "frame.labels.fits"
+    with fits.open(labels_fits) as hdul:
+        assert [h.name for h in hdul[1:]] == ["AMP1", "AMP2"]
+        for k, amp in enumerate(archive["amps"]):
+            hdu = hdul[f"AMP{k + 1}"]
+            zarr_labels = zarr.open_array(str(out / "frame.zarr" / f"AMP{k + 1}" / "0"), mode="r")[:]
+            assert np.array_equal(hdu.data, zarr_labels)
+            ref = reference_labels(archive["model"], amp, _stats(out, "frame", f"AMP{k + 1}"))
+            assert np.array_equal(zarr_labels, ref)
+            assert hdu.header["PEDESTAL"] == 1000.0 and hdu.header["GSMODEL"] == str(archive["model"])
+            assert hdu.header["GSCLS3"] == "cluster" and "GSDATE" in hdu.header and "GSVERS" in hdu.header
+    with (out / "frame.clusters.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    with fits.open(out / "frame.clusters.fits") as hdul:
+        assert len(hdul["CLUSTERS"].data) == len(rows) > 0
+    with fits.open(labels_fits) as hdul:
+        for amp in ("AMP1", "AMP2"):
+            n_cluster_px = int((hdul[amp].data == CLASSES.index("cluster")).sum())
+            assert sum(int(r["npix"]) for r in rows if r["hdu"] == amp) == n_cluster_px
+
+
+def test_ome_zarr_pyramid_preview_and_summary(archive: dict, run: dict) -> None:
+    out = run["out"]
+    for group_path, shape in [(out / "rock8.zarr", (150, 200)), (out / "frame.zarr" / "AMP2", (100, 140))]:
+        group = zarr.open_group(str(group_path), mode="r")
+        ms = group.attrs["ome"]["multiscales"][0]
+        levels = [group[d["path"]] for d in ms["datasets"]]
+        assert levels[0].shape == shape and levels[-1].shape[0] <= TILE and levels[0].chunks == (TILE, TILE)
+        assert group.attrs["ome"]["image-label"]["properties"][3]["class"] == "cluster"
+        assert group.attrs["gigaseg"]["status"] == "complete"
+    summary = json.loads((out / "rock8.json").read_text())
+    assert summary["class_names"] == CLASSES and summary["model"] == str(archive["model"])
+    assert sum(summary["pixel_counts"].values()) == 150 * 200
+    assert abs(sum(summary["area_fractions"].values()) - 1) < 1e-9
+    assert summary["timings"]["predict_s"] > 0 and summary["images"][0]["windows"] == 12
+    labels = zarr.open_array(str(out / "rock8.zarr" / "0"), mode="r")[:]
+    assert summary["pixel_counts"]["cluster"] == int((labels == 3).sum())
+    frame = json.loads((out / "frame.json").read_text())
+    assert [im["name"] for im in frame["images"]] == ["AMP1", "AMP2"]
+    assert sum(frame["pixel_counts"].values()) == 2 * 100 * 140
+    for stem in ("rock8", "rock16", "frame"):
+        with Image.open(out / f"{stem}.png") as png:
+            assert max(png.size) <= 2048 and png.mode == "RGB"
+
+
+def test_rerun_skips_done_inputs_and_retries_failed(archive: dict, run: dict) -> None:
+    out, root = run["out"], archive["root"]
+    before = (out / "rock8.zarr" / "0" / "c" / "0" / "0").stat().st_mtime_ns
+    report = segment_archive(str(archive["model"]), [f"{root}/sem/*.tif", f"{root}/**/*.fits"], out,
+                             RunConfig(progress_bars=False), tile=TILE, halo=HALO, batch_size=4)
+    assert len(report.skipped) == 3 and sorted(Path(f).name for f in report.failed) == ["broken.tif", "cut.fits"]
+    assert (out / "rock8.zarr" / "0" / "c" / "0" / "0").stat().st_mtime_ns == before
