@@ -1,9 +1,8 @@
-"""The MLflow UI shows a search: a real ``mlflow server`` (SQLite backend, local artifact store,
-127.0.0.1 on a free port) and a real headless Chromium driven by Selenium.
-
-The runs are logged by :func:`_log_tiny_search` with the MLflow client, shaped like a search
-(a parent run "search" and nested trial runs with params and ``val_miou``); it is meant to be
-replaced by a real tiny search once ``search`` can run one in a test."""
+"""The MLflow UI shows a search: a REAL tiny search (``search.run_search``: Ray Tune + Optuna on
+the shared local Ray, 2 trials of 1 epoch, depth-3 encoders) logs to a real ``mlflow server``
+(SQLite backend, proxied artifacts, 127.0.0.1 on a free port), and a real headless Chromium
+driven by Selenium checks that the trial runs are nested under the search's parent run and
+that the compare page shows each trial's sampled params as MLflow stored them."""
 
 from __future__ import annotations
 
@@ -25,11 +24,9 @@ import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-TRIALS = [
-    {"arch": "Unet", "encoder": "resnet18", "lr": "0.001", "val_miou": 0.61},
-    {"arch": "FPN", "encoder": "resnet34", "lr": "0.0003", "val_miou": 0.72},
-    {"arch": "UnetPlusPlus", "encoder": "efficientnet-b0", "lr": "0.002", "val_miou": 0.55},
-]
+SEARCH = "ui-search"
+PARAMS = ("architecture", "encoder", "lr")  # sampled dimensions, logged under their YAML names
+TINY_ARCH_KWARGS = {"Unet": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}, "Linknet": {"encoder_depth": 3}}
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists() or not CHROMEDRIVER.exists(),
@@ -42,25 +39,61 @@ class TinySearch:
     experiment_id: str
     parent_id: str
     trial_ids: dict[str, str]  # run name -> run id
+    params: dict[str, dict[str, str]]  # run name -> {param: value} as MLflow stored them
+    val_miou: dict[str, float]  # run name -> last val_miou
 
 
-def _log_tiny_search(tracking_uri: str) -> TinySearch:
-    """A search-shaped experiment: parent run "search" with one nested run per TRIALS entry."""
+def _run_tiny_search(tracking_uri: str, data: Path, storage: Path) -> TinySearch:
+    """A real search (as search/examples/shapes-tiny.yaml, smaller): 2 trials, 1 epoch; then
+    what it logged, read back with the MLflow client."""
     from mlflow import MlflowClient
 
+    from search import parse_search_spec, run_search
+
+    spec = parse_search_spec({
+        "name": SEARCH,
+        "data": {"train": str(data)},
+        "base": {"data": {"patches_per_epoch": 16, "batch_size": 8, "val_tile": 64, "val_halo": 16},
+                 "optim": {"schedule": "constant"}},
+        "space": {
+            "architecture": {"choice": ["Unet", "Linknet"]},
+            "encoder": {"choice": ["resnet18"]},
+            "arch_kwargs": TINY_ARCH_KWARGS,
+            "lr": {"loguniform": [1.0e-3, 1.0e-2]},
+            "patch_size": 64,
+            "augment": 0.2,
+            "epochs": 1,
+        },
+        "engine": "tpe",
+        "seed": 5,
+        "num_samples": 2,
+        "max_concurrent_trials": 2,
+        "resources": {"cpus_per_trial": 1},
+        "storage_path": str(storage),
+        "mlflow": {"tracking_uri": tracking_uri},
+    })  # fmt: skip
+    outcome = run_search(spec)
+    assert outcome.counts == {"completed": 2, "stopped early": 0, "failed": 0}, outcome.counts
+
     client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.create_experiment("tiny-search")
-    parent = client.create_run(exp, run_name="search")
-    trial_ids = {}
-    for i, trial in enumerate(TRIALS):
-        run = client.create_run(exp, run_name=f"trial-{i}", tags={"mlflow.parentRunId": parent.info.run_id})
-        for key in ("arch", "encoder", "lr"):
-            client.log_param(run.info.run_id, key, trial[key])
-        client.log_metric(run.info.run_id, "val_miou", trial["val_miou"])
-        client.set_terminated(run.info.run_id)
-        trial_ids[f"trial-{i}"] = run.info.run_id
-    client.set_terminated(parent.info.run_id)
-    return TinySearch(exp, parent.info.run_id, trial_ids)
+    exp = client.get_experiment_by_name(SEARCH)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    assert len(runs) == 2 and client.get_run(outcome.parent_run_id).info.run_name == SEARCH
+    return TinySearch(
+        exp.experiment_id,
+        outcome.parent_run_id,
+        {r.info.run_name: r.info.run_id for r in runs},
+        {r.info.run_name: {k: r.data.params[k] for k in PARAMS} for r in runs},
+        {r.info.run_name: r.data.metrics["val_miou"] for r in runs},
+    )
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``gigaseg simulate shapes``: 4 images of 96 px."""
+    from segcore.simulate import generate_shapes
+
+    return generate_shapes(tmp_path_factory.mktemp("shapes") / "train", n=4, size=96, seed=1)
 
 
 def _free_port() -> int:
@@ -93,6 +126,7 @@ def mlflow_server(tmp_path) -> Iterator[str]:
         "--artifacts-destination", str(tmp_path / "artifacts"),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job runners: ~10 processes less on 2 cores
     with open(tmp_path / "server.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -152,40 +186,49 @@ def _expand_parent(driver, search: TinySearch) -> None:
     driver.execute_script("arguments[0].click();", button)
 
 
-def _param_rows(text: str) -> dict[str, list[str]] | None:
-    """``{"arch": [v1, v2, v3], ...}`` from the compare page's text, once all rows are there."""
+def _param_rows(text: str, n: int) -> dict[str, list[str]] | None:
+    """``{"architecture": [v1, v2], ...}`` from the compare page's text, once all rows are there."""
     rows = {}
     for line in text.splitlines():
         key, _, values = line.partition(" ")
-        if key in ("arch", "encoder", "lr") and len(values.split()) == len(TRIALS):
+        if key in PARAMS and len(values.split()) == n:
             rows[key] = values.split()
-    return rows if len(rows) == 3 else None
+    return rows if len(rows) == len(PARAMS) else None
 
 
 @pytest.mark.slow
-def test_trial_runs_listed_with_params_in_mlflow_ui(mlflow_server, browser, tmp_path):
+@pytest.mark.ray
+def test_trial_runs_listed_with_params_in_mlflow_ui(ray_local, shapes, mlflow_server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    search = _log_tiny_search(mlflow_server)
+    search = _run_tiny_search(mlflow_server, shapes, tmp_path / "tune")
+    for params in search.params.values():  # the sampled values, from the search's space
+        assert params["architecture"] in ("Unet", "Linknet") and params["encoder"] == "resnet18"
+        assert 1e-3 <= float(params["lr"]) <= 1e-2
 
     # Experiment page: the React app renders the runs table with the parent run, collapsed.
     browser.get(f"{mlflow_server}/#/experiments/{search.experiment_id}/runs")
-    _wait(browser, lambda d: _links(d, "search"))
-    assert not _links(browser, "trial-0"), "nested runs should start collapsed under their parent"
+    _wait(browser, lambda d: _links(d, SEARCH))
+    first_trial = next(iter(search.trial_ids))
+    assert not _links(browser, first_trial), "nested runs should start collapsed under their parent"
     _expand_parent(browser, search)
     _wait(browser, lambda d: all(_links(d, name) for name in search.trial_ids))
     browser.save_screenshot(str(tmp_path / "experiment-runs.png"))
 
-    # Compare page: one column per trial, with every param and the metric.
+    # Compare page: one column per trial, with every sampled param and the metric.
     runs = urllib.parse.quote(json.dumps(list(search.trial_ids.values())))
     exps = urllib.parse.quote(json.dumps([search.experiment_id]))
     browser.get(f"{mlflow_server}/#/compare-runs?runs={runs}&experiments={exps}")
-    rows = _wait(browser, lambda d: _param_rows(d.find_element(By.TAG_NAME, "body").text))
-    for key in ("arch", "encoder", "lr"):
-        assert sorted(rows[key]) == sorted(t[key] for t in TRIALS), (key, rows[key])
+    rows = _wait(browser, lambda d: _param_rows(d.find_element(By.TAG_NAME, "body").text, len(search.trial_ids)))
+    for key in PARAMS:
+        assert sorted(rows[key]) == sorted(p[key] for p in search.params.values()), (key, rows[key])
     body = browser.find_element(By.TAG_NAME, "body").text
-    assert all(name in body for name in search.trial_ids) and "val_miou" in body and "0.72" in body
+    assert all(name in body for name in search.trial_ids) and "val_miou" in body
+    for value in search.val_miou.values():  # the metrics table shows 3 decimals, trailing zeros dropped
+        shown = f"{value:.3f}".rstrip("0").rstrip(".") or "0"
+        assert shown in body.splitlines(), (value, shown)
     params = browser.find_element(By.XPATH, "//*[normalize-space()='Parameters']")
     browser.execute_script("arguments[0].scrollIntoView();", params)
     browser.save_screenshot(str(tmp_path / "compare-runs.png"))
+    (tmp_path / "compare-runs.txt").write_text(body)
     assert (tmp_path / "experiment-runs.png").stat().st_size > 10_000
