@@ -85,7 +85,7 @@ def _fits_products(layout: Layout, plans: list[ImagePlan], opts: SegmentOptions,
     return outputs
 
 
-def finalize_file(states: list[str], opts_json: dict, info_json: dict, out: str, wall_s: float) -> dict[str, Any]:
+def finalize_file(states: list[str], opts_json: dict, info_json: dict, out: str, span_s: float) -> dict[str, Any]:
     """Finish every image of one input file; returns its summary (also written as JSON)."""
     t0 = time.perf_counter()
     opts, info, layout = SegmentOptions(**opts_json), ModelInfo(**info_json), Layout(Path(out))
@@ -105,7 +105,7 @@ def finalize_file(states: list[str], opts_json: dict, info_json: dict, out: str,
     if plans[0].index >= 0:
         outputs.update(_fits_products(layout, plans, opts, info, names))
     summary = _summary(plans, opts, info, names, counts, fractions, images, outputs)
-    summary["timings"] = {"segment_wall_s": round(wall_s, 3), "finalize_s": round(time.perf_counter() - t0, 3),
+    summary["timings"] = {"segment_span_s": round(span_s, 3), "finalize_s": round(time.perf_counter() - t0, 3),
                           **{f"{k}_s": round(sum(im["work_s"][k] for im in images), 3)
                              for k in ("read", "predict", "write")}}
     path = layout.product(stem, ".json")

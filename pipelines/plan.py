@@ -5,7 +5,8 @@ windows on files with fast random access, a whole row (one band read) on striped
 row-compressed FITS. Units are fixed by the plan, so a resumed run predicts exactly the same
 batches as an uninterrupted one (byte-identical output).
 
-``plan_file`` is the Ray Data ``flat_map`` stage: it opens the file, computes normalisation
+``plan_batch`` is the Ray Data planning stage (``map_batches``, one file per call; it fuses
+with the repartition into one-unit blocks, so both run under one small CPU request): it opens the file, computes normalisation
 statistics from a strided sample (once per image; reused on resume), creates the output
 store, and emits one small row per unit still to do (paths and grid indices, never pixels).
 A file that cannot be planned yields a single ``failed`` row.
@@ -33,7 +34,12 @@ from segcore.tiling import grid_shape
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
-DONE_FILE = "done.jsonl"
+DONE_GLOB = "done.*.jsonl"  # one file per run: done.<run id>.jsonl
+
+
+def done_file(state: str | Path, run_id: str) -> Path:
+    """Where the driver of run ``run_id`` records the units it saw finish."""
+    return Path(state) / f"done.{run_id}.jsonl"
 
 
 @dataclass
@@ -78,12 +84,16 @@ class ImagePlan:
         return cls(**data)
 
 
-def done_units(state: str | Path) -> dict[int, dict[str, Any]]:
-    """Units recorded as finished (one JSON line each, written by the driver after the
-    worker's writes returned); a torn last line from a killed driver is ignored."""
-    path = Path(state) / DONE_FILE
+def done_units(state: str | Path, exclude_run: str | None = None) -> dict[int, dict[str, Any]]:
+    """Units recorded as finished (one JSON line each, written by a driver after the worker's
+    writes returned), over all runs except ``exclude_run``; torn lines of a killed driver are
+    ignored. Planning excludes the current run, so a planning task re-executed mid-run (Ray
+    lineage reconstruction after a node loss) emits exactly the rows it emitted the first time."""
     done: dict[int, dict[str, Any]] = {}
-    if path.exists():
+    skip = done_file(state, exclude_run).name if exclude_run else None
+    for path in sorted(Path(state).glob(DONE_GLOB)):
+        if path.name == skip:
+            continue
         for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
@@ -153,25 +163,27 @@ def prepare_image(source: ImageSource, stem: str, opts: SegmentOptions, info: Mo
     return plan
 
 
-def unit_rows(plan: ImagePlan, n_images: int) -> list[dict[str, Any]]:
-    """Rows for the units not yet done (one ``noop`` row if all are, so the driver finishes it)."""
-    done = done_units(plan.state)
+def unit_rows(plan: ImagePlan, n_images: int, run_id: str) -> list[dict[str, Any]]:
+    """Rows for the units not yet done (one ``noop`` row if all are, so the driver finishes it).
+    ``n_units`` is the image's total: the driver counts distinct finished units against it, so a
+    retried planning task that emits fewer (or repeated) rows cannot confuse it."""
+    done = done_units(plan.state, exclude_run=run_id)
     todo = [(u, rc) for u, rc in enumerate(plan.units) if u not in done]
     base = {"file": plan.file, "stem": plan.stem, "key": plan.key, "state": plan.state, "n_images": n_images,
-            "remaining": max(len(todo), 1), "error": ""}
+            "n_units": len(plan.units), "error": ""}
     if not todo:
         return [{**base, "status": "noop", "unit": -1, "row": -1, "col0": -1, "col1": -1}]
     return [{**base, "status": "work", "unit": u, "row": r, "col0": c0, "col1": c1} for u, (r, c0, c1) in todo]
 
 
 def failed_row(file: str, stem: str, error: str) -> dict[str, Any]:
-    return {"file": file, "stem": stem, "key": stem, "state": "", "n_images": 1, "remaining": 1, "error": error,
+    return {"file": file, "stem": stem, "key": stem, "state": "", "n_images": 1, "n_units": 1, "error": error,
             "status": "failed", "unit": -1, "row": -1, "col0": -1, "col1": -1}
 
 
 def plan_file(row: dict[str, Any], opts: dict[str, Any], info: dict[str, Any], out: str,
-              signature: str) -> list[dict[str, Any]]:
-    """Ray Data ``flat_map`` stage: an input row ``{file, stem}`` -> unit rows (or one failed row)."""
+              signature: str, run_id: str) -> list[dict[str, Any]]:
+    """One input row ``{file, stem}`` -> unit rows (or one failed row)."""
     file, stem = str(row["file"]), str(row["stem"])
     layout, options, model = Layout(Path(out)), SegmentOptions(**opts), ModelInfo(**info)
     sources: list[ImageSource] = []
@@ -180,7 +192,7 @@ def plan_file(row: dict[str, Any], opts: dict[str, Any], info: dict[str, Any], o
         plans = [prepare_image(s, stem, options, model, layout, signature) for s in sources]
         if sources[0].index >= 0:
             omezarr.ensure_root_group(layout.zarr_root(stem), [p.name for p in plans])
-        rows = [r for p in plans for r in unit_rows(p, len(plans))]
+        rows = [r for p in plans for r in unit_rows(p, len(plans), run_id)]
     except Exception as err:  # one bad file is recorded as failed; the job goes on
         log.error("%s", err)
         message = str(err) if isinstance(err, DataError) else f"{file}: {type(err).__name__}: {err}"
@@ -189,3 +201,10 @@ def plan_file(row: dict[str, Any], opts: dict[str, Any], info: dict[str, Any], o
         for s in sources:
             s.close()
     return rows
+
+
+def plan_batch(batch: dict[str, Any], **kwargs: Any) -> dict[str, list[Any]]:
+    """``map_batches`` form of :func:`plan_file`: a batch of input rows -> columns of unit rows."""
+    rows = [r for i in range(len(batch["file"]))
+            for r in plan_file({"file": str(batch["file"][i]), "stem": str(batch["stem"][i])}, **kwargs)]
+    return {k: [r[k] for r in rows] for k in rows[0]}

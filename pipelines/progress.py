@@ -8,10 +8,9 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from pipelines.plan import DONE_FILE
+from pipelines.plan import done_file, done_units
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +20,9 @@ class FileState:
     file: str
     stem: str
     n_images: int = 1
-    images: dict[str, list[int]] = field(default_factory=dict)  # state -> [received, expected]
+    images: dict[str, set[int]] = field(default_factory=dict)  # state -> finished unit ids
     complete: list[str] = field(default_factory=list)
+    submitted: bool = False
     error: str = ""
     started: float = field(default_factory=time.perf_counter)
     windows: int = 0
@@ -40,7 +40,8 @@ class WorkerStats:
 class Tracker:
     """Consumes the result rows of the segmentation stage."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
         self.files: dict[str, FileState] = {}
         self.workers: dict[tuple[str, int], WorkerStats] = {}
         self.units = 0
@@ -48,30 +49,36 @@ class Tracker:
 
     def on_row(self, row: dict[str, Any]) -> tuple[FileState, bool]:
         """Record one row; returns the file's state and whether the file just became complete
-        (every image's units seen) or just failed (``state.error`` set on this row)."""
+        (every unit of every image finished, in this run or an earlier one) or just failed.
+        Units are counted as a set, so retried tasks that repeat rows change nothing."""
         fs = self.files.setdefault(row["file"], FileState(row["file"], row["stem"]))
         self._worker(row)
-        if fs.error:
+        if fs.error or fs.submitted:
             return fs, False
         if row["status"] == "failed":
             fs.error = str(row["error"])
             return fs, True
         fs.n_images = int(row["n_images"])
-        counter = fs.images.setdefault(row["state"], [0, int(row["remaining"])])
-        counter[0] += 1
-        if row["status"] == "work":
+        state = str(row["state"])
+        if state not in fs.images:
+            fs.images[state] = set(done_units(state))  # progress of earlier runs
+        units = fs.images[state]
+        if row["status"] == "work" and int(row["unit"]) not in units:
+            units.add(int(row["unit"]))
             self._record_done(row)
             fs.windows += int(row["n_windows"])
-        if counter[0] == counter[1]:
-            fs.complete.append(row["state"])
-            return fs, len(fs.complete) == fs.n_images
+        if len(units) >= int(row["n_units"]) and state not in fs.complete:
+            fs.complete.append(state)
+        if len(fs.complete) == fs.n_images:
+            fs.submitted = True
+            return fs, True
         return fs, False
 
     def _record_done(self, row: dict[str, Any]) -> None:
         self.units += 1
         self.windows += int(row["n_windows"])
         line = {k: row[k] for k in ("unit", "n_windows", "t_read", "t_predict", "t_write")}
-        path = Path(row["state"]) / DONE_FILE
+        path = done_file(row["state"], self.run_id)
         with path.open("a") as f:
             f.write(json.dumps(line) + "\n")
 

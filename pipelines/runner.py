@@ -1,15 +1,17 @@
-"""The Ray Data job: input files -> plan (flat_map tasks) -> one block per work unit ->
+"""The Ray Data job: input files -> plan (``map_batches`` tasks, one block per work unit out) ->
 segment (actor pool, model loaded once per actor) -> small result rows consumed by the driver,
 which records progress, starts each file's finishing task and writes the manifest.
 
 Resource guard: actors ask for a fraction of a CPU (0.5 on CPU-only clusters, 0.25 next to a
-GPU) and the pool is sized so that at least one CPU stays free; otherwise the planning and
-repartition tasks upstream could never be scheduled and the job would hang.
+GPU) and the pool is sized so that at least one CPU stays free; the planning and finishing
+tasks ask for 0.25 CPU. Otherwise, with actors holding every CPU, the planning tasks upstream
+could never be scheduled and the job would hang.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -20,11 +22,13 @@ from pipelines.finalize import finalize_file
 from pipelines.layout import STATE_DIR, Layout, Manifest, assign_stems, expand_inputs
 from pipelines.modelref import load_for_run
 from pipelines.options import ModelInfo, SegmentOptions, default_halo
-from pipelines.plan import plan_file
+from pipelines.plan import plan_batch
 from pipelines.progress import FileState, Tracker
 from pipelines.worker import TileSegmenter, peak_rss_mb
 
 log = logging.getLogger(__name__)
+
+TASK_CPUS = 0.25  # planning and finishing tasks: mostly I/O; small so they schedule next to the actors
 
 
 @dataclass
@@ -55,8 +59,6 @@ class RunReport:
 
 def init_ray(address: str | None) -> None:
     """Reuse a running Ray; else connect to ``address`` / ``RAY_ADDRESS``; else start a local one."""
-    import os
-
     import ray
 
     if ray.is_initialized():
@@ -78,7 +80,7 @@ def pool_plan(run: RunConfig, device: str) -> dict[str, Any]:
     use_gpu = gpus > 0 and device != "cpu"
     size = run.workers or (gpus if use_gpu else max(1, int(cpus)))
     per_cpu = run.worker_cpus if run.worker_cpus is not None else (0.25 if use_gpu else 0.5)
-    free = max(1.0, 0.25 * cpus)  # kept for planning, repartition and finishing tasks
+    free = max(1.0, 0.25 * cpus)  # kept for planning and finishing tasks
     if size * per_cpu > cpus - free:
         per_cpu = max(0.01, (cpus - free) / size) if cpus > free else 0.01
         log.info("actors ask for %.2f CPU each so that %.1f CPU stay free for reads", per_cpu, free)
@@ -87,23 +89,40 @@ def pool_plan(run: RunConfig, device: str) -> dict[str, Any]:
             "cluster_cpus": cpus, "cluster_gpus": gpus}
 
 
-def build_dataset(items: list[dict[str, str]], opts: SegmentOptions, info: ModelInfo, out: Path,
-                  signature: str, pool: dict[str, Any], run: RunConfig) -> Any:
-    import ray
-    from ray.data import ActorPoolStrategy
+def _task_resources() -> dict[str, Any]:
+    return {"num_cpus": TASK_CPUS}
 
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 512)))
-    ds = ds.flat_map(plan_file, fn_kwargs={"opts": opts.model_dump(mode="json"), "info": info.model_dump(mode="json"),
-                                           "out": str(out), "signature": signature}, num_cpus=0.5)
-    ds = ds.repartition(target_num_rows_per_block=1)  # one unit per block: spread over all actors
-    compute = ActorPoolStrategy(size=pool["size"], max_concurrent_calls_per_actor=2 if run.overlap else 1,
-                                enable_true_multi_threading=run.overlap)
-    return ds.map_batches(
-        TileSegmenter, batch_size=1, batch_format="numpy", compute=compute,
-        fn_constructor_kwargs={"opts": opts.model_dump(mode="json"), "info": info.model_dump(mode="json"),
-                               "threads": pool["threads"]},
-        num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"] or None,
-    )
+
+def build_dataset(items: list[dict[str, str]], opts: SegmentOptions, info: ModelInfo, out: Path,
+                  signature: str, pool: dict[str, Any], run: RunConfig, run_id: str) -> Any:
+    """input rows -> plan (tasks) -> segment (actor pool) -> result rows; built lazily."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    saved = ctx.target_max_block_size
+    # One work unit per block, so the units of one huge image spread over all actors. The dataset
+    # keeps a copy of the context made here. (A repartition would do the same in a separate task
+    # asking for a whole CPU, which may not fit next to the actors: the hang guarded against.)
+    ctx.target_max_block_size = 1
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 512)))
+        # ray_remote_args_fn keeps planning a separate task (never fused into the actors), so its
+        # one-unit blocks are what gets spread over the actor pool
+        ds = ds.map_batches(plan_batch, batch_size=1, batch_format="numpy",
+                            ray_remote_args_fn=_task_resources,
+                            fn_kwargs={"opts": opts.model_dump(mode="json"), "info": info.model_dump(mode="json"),
+                                       "out": str(out), "signature": signature, "run_id": run_id})
+        compute = ActorPoolStrategy(size=pool["size"], max_concurrent_calls_per_actor=2 if run.overlap else 1,
+                                    enable_true_multi_threading=run.overlap)
+        return ds.map_batches(
+            TileSegmenter, batch_size=1, batch_format="numpy", compute=compute,
+            fn_constructor_kwargs={"opts": opts.model_dump(mode="json"), "info": info.model_dump(mode="json"),
+                                   "threads": pool["threads"]},
+            num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"] or None,
+        )
+    finally:
+        ctx.target_max_block_size = saved
 
 
 def _todo(files: list[Path], stems: dict[Path, str], layout: Layout, signature: str,
@@ -157,9 +176,10 @@ def _execute(items: list[dict[str, str]], opts: SegmentOptions, info: ModelInfo,
     DataContext.get_current().enable_progress_bars = run.progress_bars
     report.pool = pool_plan(run, opts.device)
     log.info("actor pool: %s", report.pool)
-    ds = build_dataset(items, opts, info, layout.root, signature, report.pool, run)
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    ds = build_dataset(items, opts, info, layout.root, signature, report.pool, run, run_id)
     finisher = _Finisher(layout, opts, info, signature, report, total=len(items))
-    tracker = Tracker()
+    tracker = Tracker(run_id)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["unit"])):
             row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
@@ -179,7 +199,7 @@ class _Finisher:
                  report: RunReport, total: int) -> None:
         import ray
 
-        self.remote = ray.remote(num_cpus=0.5, max_retries=3)(finalize_file)
+        self.remote = ray.remote(num_cpus=TASK_CPUS, max_retries=3)(finalize_file)
         self.layout, self.opts, self.info, self.signature = layout, opts, info, signature
         self.manifest, self.report, self.total = Manifest(layout.manifest), report, total
         self.pending: dict[Any, FileState] = {}
@@ -188,9 +208,9 @@ class _Finisher:
         if fs.error:
             self._failed(fs, fs.error)
             return
-        wall = time.perf_counter() - fs.started
+        span = time.perf_counter() - fs.started  # first to last finished unit seen in this run
         ref = self.remote.remote(fs.complete, self.opts.model_dump(mode="json"),
-                                 self.info.model_dump(mode="json"), str(self.layout.root), wall)
+                                 self.info.model_dump(mode="json"), str(self.layout.root), span)
         self.pending[ref] = fs
 
     def poll(self, block: bool) -> None:
@@ -217,8 +237,10 @@ class _Finisher:
         self.manifest.append({"input": fs.file, "stem": fs.stem, "status": "done", "signature": self.signature,
                               "outputs": summary["outputs"]})
         top = sorted(summary["area_fractions"].items(), key=lambda kv: -kv[1])[:4]
-        log.info("%s done %s: %d windows in %.1f s; %s", self._count(), fs.stem, fs.windows,
-                 summary["timings"]["segment_wall_s"], ", ".join(f"{k} {100 * v:.1f}%" for k, v in top))
+        t = summary["timings"]
+        log.info("%s done %s: %d windows this run; worker s read %.1f predict %.1f write %.1f; finish %.1f s; %s",
+                 self._count(), fs.stem, fs.windows, t["read_s"], t["predict_s"], t["write_s"], t["finalize_s"],
+                 ", ".join(f"{k} {100 * v:.1f}%" for k, v in top))
 
     def _failed(self, fs: FileState, error: str) -> None:
         self.report.failed[fs.file] = error

@@ -30,7 +30,7 @@ from segcore.tiling import Window, union_read, window_at, window_from_block
 
 log = logging.getLogger(__name__)
 
-RESULT_KEYS = ("file", "stem", "key", "state", "status", "unit", "remaining", "n_images", "error",
+RESULT_KEYS = ("file", "stem", "key", "state", "status", "unit", "n_units", "n_images", "error",
                "n_windows", "counts", "t_read", "t_predict", "t_write", "pid", "node", "rss_mb")
 
 
@@ -89,7 +89,7 @@ class TileSegmenter:
 
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         out = {k: row.get(k, "") for k in ("file", "stem", "key", "state", "status", "error")}
-        out.update(unit=int(row["unit"]), remaining=int(row["remaining"]), n_images=int(row["n_images"]),
+        out.update(unit=int(row["unit"]), n_units=int(row["n_units"]), n_images=int(row["n_images"]),
                    n_windows=0, counts="[]", t_read=0.0, t_predict=0.0, t_write=0.0)
         if row["status"] == "work":
             try:
