@@ -169,10 +169,12 @@ def _wait(driver, condition, timeout: float = 120):
     return WebDriverWait(driver, timeout, poll_frequency=0.5).until(condition)
 
 
-def _links(driver, text: str) -> list:
+def _links(driver, text: str, row_id: str) -> list:
+    """Links reading ``text`` in the runs table row of run ``row_id`` (not the breadcrumb or the
+    sidebar, which show the experiment's name: here also the parent run's)."""
     from selenium.webdriver.common.by import By
 
-    return driver.find_elements(By.XPATH, f"//a[normalize-space()='{text}']")
+    return driver.find_elements(By.XPATH, f"//div[@role='row' and @row-id='{row_id}']//a[normalize-space()='{text}']")
 
 
 def _expand_parent(driver, search: TinySearch) -> None:
@@ -208,11 +210,11 @@ def test_trial_runs_listed_with_params_in_mlflow_ui(ray_local, shapes, mlflow_se
 
     # Experiment page: the React app renders the runs table with the parent run, collapsed.
     browser.get(f"{mlflow_server}/#/experiments/{search.experiment_id}/runs")
-    _wait(browser, lambda d: _links(d, SEARCH))
-    first_trial = next(iter(search.trial_ids))
-    assert not _links(browser, first_trial), "nested runs should start collapsed under their parent"
+    _wait(browser, lambda d: _links(d, SEARCH, search.parent_id))
+    hidden = [name for name, run_id in search.trial_ids.items() if not _links(browser, name, run_id)]
+    assert hidden == list(search.trial_ids), "nested runs should start collapsed under their parent"
     _expand_parent(browser, search)
-    _wait(browser, lambda d: all(_links(d, name) for name in search.trial_ids))
+    _wait(browser, lambda d: all(_links(d, name, run_id) for name, run_id in search.trial_ids.items()))
     browser.save_screenshot(str(tmp_path / "experiment-runs.png"))
 
     # Compare page: one column per trial, with every sampled param and the metric.
