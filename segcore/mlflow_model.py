@@ -108,12 +108,16 @@ def _model_dir_in(local: Path) -> Path:
 def download_model_dir(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
     """Download ``models:/...`` or ``runs:/...`` and return the local gigaseg model directory.
 
-    ``tracking_uri`` defaults to MLflow's current one (MLFLOW_TRACKING_URI). It is made the
+    ``tracking_uri`` defaults to gigaseg's (MLFLOW_TRACKING_URI, else the SQLite store under
+    GIGASEG_HOME, where searches register their champions). It is made the
     current URI while downloading, because MLflow 3 resolves logged models behind ``runs:/``
     and ``models:/`` URIs with the default client.
     """
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
+    from segcore.tracking import default_tracking_uri
+
+    tracking_uri = tracking_uri or default_tracking_uri()
     dst = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="gigaseg-model-"))
     with _use_tracking_uri(tracking_uri) if tracking_uri else nullcontext():
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri)
