@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
 
 log = logging.getLogger("gigaseg")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gigaseg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="gigaseg",
+        description="Segment huge scientific images: simulate data, train, search, segment archives.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for ep in sorted(entry_points(group="gigaseg.commands"), key=lambda e: e.name):
@@ -37,19 +41,46 @@ def _add_unavailable(sub: argparse._SubParsersAction, name: str, err: ImportErro
     p.set_defaults(func=fail)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a subcommand; user-facing errors (bad config, bad file, unknown name) carry their own
+    fix, so they are logged as one line with exit status 2 instead of a traceback."""
+    setup_logging(getattr(args, "verbose", False))
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        # User-facing errors (bad config, bad file, unknown name) carry their own fix.
+        return int(func(args) or 0)
+    except USER_ERRORS as err:
         log.error("%s", err)
         return 2
+
+
+def module_main(
+    prog: str,
+    description: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    func: Callable[[argparse.Namespace], int | None],
+    argv: list[str] | None = None,
+) -> int:
+    """``python -m <package>``: the same arguments and behaviour as its ``gigaseg`` subcommand."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_arguments(parser)
+    return run_command(func, parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -126,12 +126,14 @@ class ConfigError(ValueError):
     """A config file or dict that does not validate; the message names the file and the bad keys."""
 
 
-def _format_validation_error(source: str, err: ValidationError) -> str:
-    lines = [f"{source}: invalid config"]
+def format_validation_error(source: str, err: ValidationError, what: str = "config",
+                            schema: str = "segcore/config.py") -> str:
+    """One line per bad key (dotted path + pydantic's message), headed by the file and ended by the fix."""
+    lines = [f"{source}: invalid {what}"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         lines.append(f"  {key}: {e['msg']}")
-    lines.append("Fix the keys above (see segcore/config.py for every field and its default).")
+    lines.append(f"Fix the keys above (see {schema} for every field and its default).")
     return "\n".join(lines)
 
 
@@ -140,7 +142,7 @@ def parse_config(data: dict[str, Any], model: type[Strict] = TrainConfig, source
     try:
         return model.model_validate(data or {})
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(source, err)) from None
+        raise ConfigError(format_validation_error(source, err)) from None
 
 
 def load_yaml_config(path: str | Path, model: type[Strict] = TrainConfig) -> Any:

@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from segcore.config import NormalizeConfig
+from segcore.config import NormalizeConfig, format_validation_error
 from segcore.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -183,21 +183,12 @@ def _pack(c: RGB) -> int:
     return (int(c[0]) << 16) | (int(c[1]) << 8) | int(c[2])
 
 
-def _format_error(path: Path, err: ValidationError) -> str:
-    lines = [f"{path}: invalid dataset spec"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {key}: {e['msg']}")
-    lines.append("Fix the keys above (see segcore/data/spec.py for the schema).")
-    return "\n".join(lines)
-
-
 def parse_spec(data: dict[str, Any] | None, source: str | Path = "<dict>") -> DatasetSpec:
     """Validate a dict (e.g. loaded YAML) into a :class:`DatasetSpec`; errors name ``source``."""
     try:
         return DatasetSpec.model_validate(data or {})
     except ValidationError as err:
-        raise DataError(_format_error(Path(source), err)) from None
+        raise DataError(format_validation_error(str(source), err, "dataset spec", "segcore/data/spec.py")) from None
 
 
 def load_spec(data_dir: str | Path) -> DatasetSpec:
