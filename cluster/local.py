@@ -41,6 +41,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 from segcore.cli import setup_logging
 
 log = logging.getLogger(__name__)
