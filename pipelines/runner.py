@@ -29,6 +29,7 @@ from pipelines.worker import TileSegmenter, peak_rss_mb
 log = logging.getLogger(__name__)
 
 TASK_CPUS = 0.25  # planning and finishing tasks: mostly I/O; small so they schedule next to the actors
+PLAN_MEMORY = 256 << 20  # bytes reserved per planning task (file handles + normalisation sample)
 
 
 @dataclass
@@ -52,7 +53,9 @@ class RunReport:
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
     workers: list[dict[str, Any]] = field(default_factory=list)
     driver_rss_mb: float = 0.0
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # the whole call: model check, planning, segmenting, finishing
+    stage_s: float = 0.0  # from starting the dataset to the last finished unit (actor start-up included)
+    first_unit_s: float = 0.0  # from starting the dataset to the first finished unit (start-up latency)
     windows: int = 0
     pool: dict[str, Any] = field(default_factory=dict)
 
@@ -89,10 +92,6 @@ def pool_plan(run: RunConfig, device: str) -> dict[str, Any]:
             "cluster_cpus": cpus, "cluster_gpus": gpus}
 
 
-def _task_resources() -> dict[str, Any]:
-    return {"num_cpus": TASK_CPUS}
-
-
 def build_dataset(items: list[dict[str, str]], opts: SegmentOptions, info: ModelInfo, out: Path,
                   signature: str, pool: dict[str, Any], run: RunConfig, run_id: str) -> Any:
     """input rows -> plan (tasks) -> segment (actor pool) -> result rows; built lazily."""
@@ -107,10 +106,10 @@ def build_dataset(items: list[dict[str, str]], opts: SegmentOptions, info: Model
     ctx.target_max_block_size = 1
     try:
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 512)))
-        # ray_remote_args_fn keeps planning a separate task (never fused into the actors), so its
-        # one-unit blocks are what gets spread over the actor pool
-        ds = ds.map_batches(plan_batch, batch_size=1, batch_format="numpy",
-                            ray_remote_args_fn=_task_resources,
+        # Planning reserves memory for its sample; the different resource request also keeps Ray
+        # Data from fusing it into the actors, so its one-unit blocks spread over the actor pool.
+        ds = ds.map_batches(plan_batch, batch_size=1, batch_format="numpy", num_cpus=TASK_CPUS,
+                            memory=PLAN_MEMORY,
                             fn_kwargs={"opts": opts.model_dump(mode="json"), "info": info.model_dump(mode="json"),
                                        "out": str(out), "signature": signature, "run_id": run_id})
         compute = ActorPoolStrategy(size=pool["size"], max_concurrent_calls_per_actor=2 if run.overlap else 1,
@@ -179,11 +178,14 @@ def _execute(items: list[dict[str, str]], opts: SegmentOptions, info: ModelInfo,
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     ds = build_dataset(items, opts, info, layout.root, signature, report.pool, run, run_id)
     finisher = _Finisher(layout, opts, info, signature, report, total=len(items))
-    tracker = Tracker(run_id)
+    tracker, t0 = Tracker(run_id), time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["unit"])):
             row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
             fs, changed = tracker.on_row(row)
+            if row["status"] == "work":
+                report.stage_s = time.perf_counter() - t0
+                report.first_unit_s = report.first_unit_s or report.stage_s
             if changed:
                 finisher.file_changed(fs)
         finisher.poll(block=False)
