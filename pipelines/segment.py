@@ -15,6 +15,7 @@ import logging
 import sys
 
 from pipelines.runner import RunConfig, segment_archive
+from segcore.cli import module_main
 
 log = logging.getLogger("gigaseg.segment")
 
@@ -58,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
         probabilities=args.probabilities, uncertainty=args.uncertainty, device=args.device)
     log.info("finished in %.1f s: %d done, %d failed, %d skipped (already done); manifest %s/manifest.jsonl",
              report.wall_s, len(report.done), len(report.failed), len(report.skipped), args.output)
-    for file, error in report.failed.items():
-        log.error("failed: %s: %s", file, error)
+    for error in report.failed.values():
+        log.error("failed: %s", error)
     return 1 if report.failed else 0
 
 
@@ -72,18 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.segment", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        log.error("%s", err)
-        return 2
+    """``python -m pipelines.segment``: the same arguments and behaviour as ``gigaseg segment``."""
+    return module_main("python -m pipelines.segment", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
