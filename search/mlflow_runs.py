@@ -29,8 +29,9 @@ STATUS_TAG = "gigaseg.status"
 TRIAL_TAG = "gigaseg.trial_id"
 MODEL_URI_TAG = "gigaseg.model_uri"
 PARENT_TAG = "mlflow.parentRunId"
-COMPLETED, STOPPED, FAILED = "completed", "stopped early", "failed"
-_RUN_STATUS = {COMPLETED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED"}
+COMPLETED, STOPPED, FAILED, INTERRUPTED = "completed", "stopped early", "failed", "interrupted"
+RUNNING = "running"
+_RUN_STATUS = {COMPLETED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED", INTERRUPTED: "KILLED"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,15 @@ def find_trial_run(target: MlflowTarget, trial_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def open_trial_runs(target: MlflowTarget) -> list[str]:
+    """Trial ids of this search's runs still tagged running."""
+    runs = target.client().search_runs(
+        [target.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{target.parent_run_id}' and tags.`{STATUS_TAG}` = '{RUNNING}'",
+    )
+    return [r.data.tags[TRIAL_TAG] for r in runs if TRIAL_TAG in r.data.tags]
+
+
 class TrialRun:
     """The nested MLflow run of one trial, opened (or reopened after a retry) inside the trial."""
 
@@ -94,9 +104,10 @@ class TrialRun:
         self.target, self.trial_id, self.trial_name = target, trial_id, trial_name
         self.client = target.client()
         self.run_id = find_trial_run(target, trial_id) or self._create()
+        self.status = self.client.get_run(self.run_id).data.tags.get(STATUS_TAG, RUNNING)
 
     def _create(self) -> str:
-        tags = {PARENT_TAG: self.target.parent_run_id, TRIAL_TAG: self.trial_id, STATUS_TAG: "running"}
+        tags = {PARENT_TAG: self.target.parent_run_id, TRIAL_TAG: self.trial_id, STATUS_TAG: RUNNING}
         run = self.client.create_run(self.target.experiment_id, run_name=self.trial_name, tags=tags)
         return run.info.run_id
 
@@ -133,5 +144,7 @@ def mark_trial(target: MlflowTarget, trial_id: str, status: str) -> None:
     if run_id is None:
         return
     client = target.client()
+    if client.get_run(run_id).data.tags.get(STATUS_TAG) == status:
+        return  # already recorded (e.g. by the trial itself): keep its end time
     client.set_tag(run_id, STATUS_TAG, status)
     client.set_terminated(run_id, _RUN_STATUS[status])

@@ -63,13 +63,19 @@ def make_trainable(ctx: TrialContext, res: ResourcesSection) -> Any:
     return tune.with_resources(fn, {"CPU": res.cpus_per_trial, "GPU": res.gpus_per_trial})
 
 
+def reuse_actors(spec: SearchSpec) -> bool:
+    """Reuse trial processes (saves a torch/MLflow import per trial) only when no trial is stopped
+    mid-training: a stopped trial's thread is still in ``train()`` and Tune cannot reset the actor."""
+    return not spec.asha.enabled and spec.resources.workers_per_trial == 1
+
+
 def default_concurrency(spec: SearchSpec) -> int | None:
     """For DDP trials Tune cannot see the workers' needs: cap trials by what the cluster holds."""
     res = spec.resources
     if spec.max_concurrent_trials or res.workers_per_trial == 1:
         return spec.max_concurrent_trials
     total = ray.cluster_resources()
-    fits = int(total.get("CPU", 0) // (res.cpus_per_trial * res.workers_per_trial))
+    fits = int(total.get("CPU", 0) // (res.cpus_per_trial * res.workers_per_trial + DRIVER_CPUS))
     if res.gpus_per_trial:
         fits = min(fits, int(total.get("GPU", 0) // (res.gpus_per_trial * res.workers_per_trial)))
     return max(1, fits)
@@ -84,7 +90,7 @@ def _tuner(spec: SearchSpec, space: SearchSpace, trainable: Any, target: MlflowT
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=build_scheduler(spec, space),
             num_samples=num_trials(spec, space), max_concurrent_trials=default_concurrency(spec),
-            time_budget_s=spec.time_budget_s, reuse_actors=False, trial_dirname_creator=trial_dirname,
+            time_budget_s=spec.time_budget_s, reuse_actors=reuse_actors(spec), trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=exp_dir.name,

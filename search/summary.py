@@ -14,11 +14,13 @@ from search.engines import IS_LAST
 from search.mlflow_runs import (
     COMPLETED,
     FAILED,
+    INTERRUPTED,
     MODEL_URI_TAG,
     STOPPED,
     MlflowTarget,
     find_trial_run,
     mark_trial,
+    open_trial_runs,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,15 @@ def _best(results: Any, metric: str, mode: str) -> Any | None:
     return pick(done, key=lambda r: r.metrics[metric])
 
 
+def close_orphans(target: MlflowTarget, known: set[str]) -> int:
+    """Runs of trials Tune no longer knows (started just before a killed driver's last experiment
+    checkpoint, then re-suggested on resume): tag them interrupted; returns how many."""
+    orphans = [t for t in open_trial_runs(target) if t not in known]
+    for trial_id in orphans:
+        mark_trial(target, trial_id, INTERRUPTED)
+    return len(orphans)
+
+
 def register_champion(target: MlflowTarget, trial_id: str, name: str, alias: str) -> str | None:
     """Register the trial's logged model under ``name`` and point ``alias`` at the new version."""
     import mlflow
@@ -94,6 +105,9 @@ def summarize(results: Any, spec: Any, target: MlflowTarget, path: str) -> Searc
     """Counts by status, best completed trial and champion; all logged on the parent run."""
     counts = dict(Counter(trial_status(r) for r in results))
     counts = {s: counts.get(s, 0) for s in (COMPLETED, STOPPED, FAILED)}
+    interrupted = close_orphans(target, {r.metrics.get("trial_id") for r in results})
+    if interrupted:
+        counts[INTERRUPTED] = interrupted
     outcome = SearchOutcome(spec.name, path, target.parent_run_id, counts)
     best = _best(results, spec.metric, spec.mode)
     if best is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from search.hooks import FailOnce, barrier_arrive, barrier_done
-from search.mlflow_runs import MlflowTarget, TrialRun
+from search.mlflow_runs import COMPLETED, MlflowTarget, TrialRun
 from search.space import SearchSpace
 from search.spec import ResourcesSection, TestingSection
 
@@ -97,7 +97,7 @@ def run_epochs(ctx: TrialContext, params: dict[str, Any], report: ReportFn, *, t
     relay = EpochRelay(report, run, FailOnce(ctx.testing, trial_dir), extra)
     with resume.as_directory() if resume is not None else nullcontext(None) as resume_dir:
         result = train(cfg, ctx.train_dir, out_dir, callbacks=[relay], resume_from=resume_dir, val_dir=ctx.val_dir)
-    if run is not None:
+    if run is not None and run.status != COMPLETED:  # a resumed, already logged trial: don't log twice
         run.log_completed(Path(result.model_dir))
     return relay
 
