@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,9 @@ def _requirements() -> list[str]:
 def log_model_dir(model_dir: str | Path, name: str = "model", registered_model_name: str | None = None) -> Any:
     """Log ``model_dir`` as a pyfunc model in the active run; returns MLflow's ``ModelInfo``."""
     model_dir = Path(model_dir)
-    with tempfile.TemporaryDirectory(prefix="gigaseg-pyfunc-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="gigaseg-pyfunc-") as tmp, warnings.catch_warnings():
+        # the signature is explicit; an input example would pin one tile size and cost a prediction
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         entry = Path(tmp) / "gigaseg_pyfunc.py"
         entry.write_text(ENTRY_CODE)
         return mlflow.pyfunc.log_model(

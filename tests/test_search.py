@@ -186,44 +186,6 @@ def test_tiny_search_against_mlflow_server(ray_local, mlflow_server, shapes, tmp
 
 
 @pytest.mark.slow
-def test_fractional_gpus_pack_four_trials(ray_fake_gpus, mlflow_sqlite, shapes, tmp_path) -> None:
-    barrier = tmp_path / "barrier"
-    data = tiny("packing", shapes, tmp_path / "runs", num_samples=5, engine="random", max_concurrent_trials=None,
-                asha={"enabled": False}, resources={"cpus_per_trial": 0.5, "gpus_per_trial": 0.5},
-                testing={"barrier_dir": str(barrier), "barrier_parties": 4, "barrier_timeout_s": 240})
-    data["space"]["epochs"] = 1
-    data["mlflow"]["registered_model_name"] = None
-    outcome = run_search(parse_search_spec(data))
-    assert outcome.counts == {"completed": 5, "stopped early": 0, "failed": 0}
-    live = sorted(int(p.read_text()) for p in barrier.glob("*.live"))
-    assert len(live) == 5
-    assert max(live) == 4  # 4 trials met at the barrier (2 GPUs / 0.5); a 5th never ran alongside
-
-
-@pytest.mark.slow
-def test_two_worker_trials_run_ddp_and_release_placement_groups(ray_fake_gpus, mlflow_sqlite, shapes,
-                                                               tmp_path) -> None:
-    # Each Train run takes all 4 CPUs; ASHA (max_t=1) stops both trials after epoch 0. Without
-    # the placement-group guard the first run's group stays reserved and the second never starts.
-    data = tiny("ddp", shapes, tmp_path / "runs", num_samples=2, max_concurrent_trials=1, time_budget_s=240,
-                asha={"grace_period": 1, "max_t": 1}, resources={"cpus_per_trial": 1.5, "workers_per_trial": 2})
-    data["mlflow"]["registered_model_name"] = None
-    # depth-5 Unet: DDP needs every parameter used (segcore.train sets find_unused_parameters=False)
-    data["space"].update({"architecture": "Unet", "arch_kwargs": {"decoder_channels": [32, 16, 8, 8, 8]}})
-    outcome = run_search(parse_search_spec(data))
-    assert outcome.counts == {"completed": 0, "stopped early": 2, "failed": 0}
-    client = mlflow.MlflowClient(mlflow_sqlite)
-    runs = child_runs(client, "ddp", outcome.parent_run_id)
-    assert len(runs) == 2
-    for run in runs:
-        assert run.data.metrics["world_size"] == 2 and run.data.tags[STATUS_TAG] == STOPPED
-    deadline = time.monotonic() + 30
-    while any(pg["state"] == "CREATED" for pg in ray.util.placement_group_table().values()):
-        assert time.monotonic() < deadline, ray.util.placement_group_table()
-        time.sleep(1)
-
-
-@pytest.mark.slow
 def test_failed_trial_is_retried_from_its_checkpoint(ray_local, mlflow_sqlite, shapes, tmp_path) -> None:
     data = tiny("retry", shapes, tmp_path / "runs", num_samples=1, asha={"enabled": False},
                 testing={"fail_once_at_epoch": 1}, failure={"max_failures": 1})
@@ -315,3 +277,41 @@ def test_ray_job_submit_runs_a_search_on_a_local_head(mlflow_sqlite, shapes, tmp
                                    filter_string="tags.`gigaseg.kind` = 'search'")
     assert parent.data.metrics["n_trials"] == 2 and parent.info.status == "FINISHED"
     assert len(child_runs(client, "job", parent.info.run_id)) == 2
+
+
+@pytest.mark.slow
+def test_fractional_gpus_pack_four_trials(ray_fake_gpus, mlflow_sqlite, shapes, tmp_path) -> None:
+    barrier = tmp_path / "barrier"
+    data = tiny("packing", shapes, tmp_path / "runs", num_samples=5, engine="random", max_concurrent_trials=None,
+                asha={"enabled": False}, resources={"cpus_per_trial": 0.5, "gpus_per_trial": 0.5},
+                testing={"barrier_dir": str(barrier), "barrier_parties": 4, "barrier_timeout_s": 240})
+    data["space"]["epochs"] = 1
+    data["mlflow"]["registered_model_name"] = None
+    outcome = run_search(parse_search_spec(data))
+    assert outcome.counts == {"completed": 5, "stopped early": 0, "failed": 0}
+    live = sorted(int(p.read_text()) for p in barrier.glob("*.live"))
+    assert len(live) == 5
+    assert max(live) == 4  # 4 trials met at the barrier (2 GPUs / 0.5); a 5th never ran alongside
+
+
+@pytest.mark.slow
+def test_two_worker_trials_run_ddp_and_release_placement_groups(ray_fake_gpus, mlflow_sqlite, shapes,
+                                                               tmp_path) -> None:
+    # Each Train run takes all 4 CPUs; ASHA (max_t=1) stops both trials after epoch 0. Without
+    # the placement-group guard the first run's group stays reserved and the second never starts.
+    data = tiny("ddp", shapes, tmp_path / "runs", num_samples=2, max_concurrent_trials=1, time_budget_s=240,
+                asha={"grace_period": 1, "max_t": 1}, resources={"cpus_per_trial": 1.5, "workers_per_trial": 2})
+    data["mlflow"]["registered_model_name"] = None
+    # depth-5 Unet: DDP needs every parameter used (segcore.train sets find_unused_parameters=False)
+    data["space"].update({"architecture": "Unet", "arch_kwargs": {"decoder_channels": [32, 16, 8, 8, 8]}})
+    outcome = run_search(parse_search_spec(data))
+    assert outcome.counts == {"completed": 0, "stopped early": 2, "failed": 0}
+    client = mlflow.MlflowClient(mlflow_sqlite)
+    runs = child_runs(client, "ddp", outcome.parent_run_id)
+    assert len(runs) == 2
+    for run in runs:
+        assert run.data.metrics["world_size"] == 2 and run.data.tags[STATUS_TAG] == STOPPED
+    deadline = time.monotonic() + 30
+    while any(pg["state"] == "CREATED" for pg in ray.util.placement_group_table().values()):
+        assert time.monotonic() < deadline, ray.util.placement_group_table()
+        time.sleep(1)
