@@ -12,6 +12,7 @@ early; :class:`PruningAwareOptunaSearch` tells such trials as PRUNED instead (se
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from typing import Any
@@ -40,13 +41,21 @@ class DefineByRun:
     def __call__(self, trial: Any) -> dict[str, Any]:
         def draw(dim: Dimension, act: Active) -> Any:
             if dim.kind == "choice":
-                return trial.suggest_categorical(act.name, list(act.choices))
+                return _suggest_choice(trial, act.name, act.choices)
             lo, hi = dim.values
             if dim.kind == "int":
                 return trial.suggest_int(act.name, lo, hi)
             return trial.suggest_float(act.name, lo, hi, log=dim.kind == "loguniform")
 
         return {"params": self.space.sample(draw)}
+
+
+def _suggest_choice(trial: Any, name: str, choices: tuple[Any, ...]) -> Any:
+    """Optuna takes only None/bool/int/float/str choices; others (dicts, lists) go by JSON label."""
+    if all(c is None or isinstance(c, (bool, int, float, str)) for c in choices):
+        return trial.suggest_categorical(name, list(choices))
+    labels = {json.dumps(c, sort_keys=True): c for c in choices}
+    return labels[trial.suggest_categorical(name, list(labels))]
 
 
 class PruningAwareOptunaSearch(OptunaSearch):

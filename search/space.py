@@ -30,7 +30,7 @@ RANGE_KINDS = ("loguniform", "uniform", "int")
 ALIASES: dict[str, str] = {
     "architecture": "model.arch",
     "encoder": "model.encoder",
-    "encoder_weights": "model.encoder_weights",
+    "encoder_weights": "model.encoder_weights",  # may map encoder -> weights file
     "freeze": "freeze.strategy",
     "unfreeze_epoch": "freeze.unfreeze_epoch",
     "dice_weight": "loss.terms.dice",
@@ -179,10 +179,18 @@ class SearchSpace:
         """The value ``key`` has in this partial configuration (drawn, else base, else default)."""
         dim = self.dim(key)
         if key in params and dim is not None:
-            return to_config_value(dim, params[key])
+            return self.resolve(dim, params[key], params)
         path = ALIASES.get(key, key)
         default = _default_at(path)
         return self.base_value(path, default)
+
+    def resolve(self, dim: Dimension, value: Any, params: dict[str, Any]) -> Any:
+        """The config value of ``dim``: per-architecture kwargs and per-encoder weights picked."""
+        if dim.path == "model.arch_kwargs" and is_per_arch(value):
+            return value.get(self.current("architecture", params), {})
+        if dim.path == "model.encoder_weights" and isinstance(value, dict):
+            value = value.get(self.current("encoder", params))
+        return to_config_value(dim, value)
 
     def active(self, dim: Dimension, params: dict[str, Any]) -> Active | None:
         """None if ``dim`` does not apply given the values drawn so far."""
@@ -241,10 +249,7 @@ class SearchSpace:
             dim = self.dim(key)
             if dim is None:
                 continue
-            value = to_config_value(dim, value)
-            if dim.path == "model.arch_kwargs" and is_per_arch(value):
-                value = value.get(self.current("architecture", params), {})
-            set_dotted(data, dim.path, value)
+            set_dotted(data, dim.path, self.resolve(dim, value, params))
         terms = data.get("loss", {}).get("terms")
         if isinstance(terms, dict):
             data["loss"]["terms"] = {k: v for k, v in terms.items() if not (_is_number(v) and v == 0)}

@@ -38,7 +38,7 @@ def _check_dimension(space: SearchSpace, dim: Dimension, source: str) -> None:
             set_dotted(data, dim.path, to_config_value(dim, one))
             parse_config(data, TrainConfig, source=f"{where} = {one!r}")
     if dim.path == "model.encoder_weights":
-        for value in dim.values:
+        for value in (v for raw in dim.values for v in _per_arch_values(dim, raw)):
             if value is None or str(value).lower() in (*NONE_WORDS, "imagenet"):
                 continue
             if not Path(str(value)).expanduser().is_file():
@@ -46,7 +46,10 @@ def _check_dimension(space: SearchSpace, dim: Dimension, source: str) -> None:
 
 
 def _per_arch_values(dim: Dimension, value: Any) -> list[Any]:
-    if dim.path == "model.arch_kwargs" and is_per_arch(value):
+    """Per-architecture kwargs / per-encoder weights: each entry is checked on its own."""
+    if (dim.path == "model.arch_kwargs" and is_per_arch(value)) or (
+        dim.path == "model.encoder_weights" and isinstance(value, dict)
+    ):
         return list(value.values())
     return [value]
 

@@ -9,11 +9,11 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from segcore.config import ConfigError
 from search.engines import DefineByRun, PruningAwareOptunaSearch
 from search.space import SearchSpace
 from search.spec import load_search_spec, parse_search_spec
 from search.validate import seed_to_optuna
+from segcore.config import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "search" / "examples"
 
@@ -134,3 +134,27 @@ def test_asha_stopped_trials_are_told_to_optuna_as_pruned() -> None:
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
     assert trials[0].value == 0.5
     assert trials[1].intermediate_values == {1: 0.3, 2: 0.4}  # the stopping result is kept as a step
+
+
+def test_per_encoder_weights_and_per_arch_kwargs_and_dict_choices(data_dir: Path) -> None:
+    data = spec_dict(data_dir)
+    data["space"]["encoder_weights"] = {"choice": ["none", {"resnet18": str(data_dir / "w.pth")}]}
+    data["space"]["arch_kwargs"] = {"Unet": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}}
+    space = SearchSpace.from_spec(parse_search_spec(data))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        params = DefineByRun(space)(trial)["params"]
+        study.tell(trial, 0.0)
+        cfg = space.to_train_config(params)
+        weighted = params["encoder_weights"] != "none" and params["encoder"] == "resnet18"
+        assert (cfg.model.encoder_weights is not None) == weighted
+        assert ("freeze" in params) == weighted  # no weights for resnet34: freezing is meaningless
+        assert cfg.model.arch_kwargs == ({"encoder_depth": 3, "decoder_channels": [32, 16, 8]}
+                                         if params["architecture"] == "Unet" else {})
+        seen.add(weighted)
+    assert seen == {True, False}
+    data["space"]["encoder_weights"] = {"resnet18": "/nope.pth"}
+    with pytest.raises(ConfigError, match="space.encoder_weights"):
+        parse_search_spec(data)
