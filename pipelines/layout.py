@@ -90,11 +90,14 @@ def _inside_zarr(path: Path) -> bool:
 
 
 def expand_inputs(patterns: list[str], exclude: Path | None = None) -> list[Path]:
-    """Files (and ``.zarr`` directories) matched by ``patterns`` (``**`` recurses), sorted,
-    without duplicates, unsupported suffixes, zarr internals, or anything under ``exclude``."""
+    """Files (and ``.zarr`` directories) matched by ``patterns`` (``**`` recurses; a plain
+    directory means everything below it), sorted, without duplicates, unsupported suffixes,
+    zarr internals, or anything under ``exclude``."""
     found: set[Path] = set()
     excluded = exclude.resolve() if exclude else None
     for pattern in patterns:
+        if Path(pattern).is_dir() and Path(pattern).suffix.lower() != ".zarr":
+            pattern = os.path.join(pattern, "**", "*")
         matches = glob.glob(os.path.expanduser(pattern), recursive=True) or (
             [pattern] if Path(pattern).exists() else []
         )

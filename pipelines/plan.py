@@ -157,6 +157,8 @@ def prepare_image(source: ImageSource, stem: str, opts: SegmentOptions, info: Mo
         log.info("%s: settings or model changed since the last run; segmenting it again", key)
     shutil.rmtree(state, ignore_errors=True)
     plan = _new_plan(source, key, stem, opts, info, layout, signature)
+    for warning in plan.warnings:
+        log.warning("%s", warning)
     omezarr.create_image_group(Path(plan.group), plan.shape, opts.tile, len(info.class_names),
                                opts.probabilities, opts.uncertainty)
     plan.save()

@@ -11,13 +11,33 @@ from segcore.modeldir import LoadedModel
 from segcore.tiling import PredictFn, blended_predictor, flip_tta, pad_to_multiple
 
 
+def model_predictor(loaded: LoadedModel) -> PredictFn:
+    """The bare model call: ``loaded.predict_proba`` on CPU; on a GPU always under bf16 autocast,
+    with channels-last inputs copied from pinned memory."""
+    if loaded.device.type != "cuda":
+        return loaded.predict_proba
+    import torch
+
+    from segcore.modeldir import logits_to_proba
+
+    @torch.inference_mode()
+    def predict(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).pin_memory()
+        x = x.to(loaded.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = loaded.model(x)
+        return logits_to_proba(logits.float()).cpu().numpy()
+
+    return predict
+
+
 def build_predictor(loaded: LoadedModel, opts: SegmentOptions, stride: int) -> PredictFn:
     """(N, C, h, w) normalised float32 -> (N, K, h, w) probabilities, with the run's TTA/blending.
 
     Padding to the stride comes *outside* the flips: a flipped input then keeps its pixels on
     the same stride phase in every window as in the whole image, so tiled TTA == whole-image TTA.
     """
-    predict = loaded.predict_proba
+    predict = model_predictor(loaded)
     if opts.tta:
         predict = flip_tta(predict)
     predict = pad_to_multiple(predict, stride)

@@ -29,6 +29,7 @@ from pipelines.worker import TileSegmenter, peak_rss_mb
 log = logging.getLogger(__name__)
 
 TASK_CPUS = 0.25  # planning and finishing tasks: mostly I/O; small so they schedule next to the actors
+MAX_CPU_ACTORS = 32
 PLAN_MEMORY = 256 << 20  # bytes reserved per planning task (file handles + normalisation sample)
 
 
@@ -74,6 +75,12 @@ def init_ray(address: str | None) -> None:
         ray.init(address="local")
 
 
+def _cpu_actors(cpus: float) -> int:
+    """CPU-only pools: one single-threaded actor per CPU scales best on small machines; on big
+    ones two threads each (and at most MAX_CPU_ACTORS) keep the model copies' memory in check."""
+    return max(1, min(int(cpus) if cpus <= 4 else int(cpus) // 2, MAX_CPU_ACTORS))
+
+
 def pool_plan(run: RunConfig, device: str) -> dict[str, Any]:
     """Actor count and per-actor resources that leave room for the upstream tasks."""
     import ray
@@ -81,7 +88,7 @@ def pool_plan(run: RunConfig, device: str) -> dict[str, Any]:
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 1)), int(res.get("GPU", 0))
     use_gpu = gpus > 0 and device != "cpu"
-    size = run.workers or (gpus if use_gpu else max(1, int(cpus)))
+    size = run.workers or (gpus if use_gpu else _cpu_actors(cpus))
     per_cpu = run.worker_cpus if run.worker_cpus is not None else (0.25 if use_gpu else 0.5)
     free = max(1.0, 0.25 * cpus)  # kept for planning and finishing tasks
     if size * per_cpu > cpus - free:

@@ -103,6 +103,8 @@ def test_expand_inputs_stems_and_manifest(tmp_path: Path) -> None:
     (tmp_path / "b" / "z.zarr" / "zarr.json").write_text("{}")
     found = expand_inputs([str(tmp_path / "**" / "*"), str(tmp_path / "a" / "x.tif")], exclude=tmp_path / "b" / "deep")
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/x.tif", "b/x.tif", "b/z.zarr"]
+    assert [p.relative_to(tmp_path).as_posix() for p in expand_inputs([str(tmp_path / "b")])] == [
+        "b/deep/y.fits", "b/x.tif", "b/z.zarr"]  # a plain directory means everything below it
     assert reader_name("frame.fits.fz") == "fits" and reader_name("x.TIFF") == "tiff"
     stems = assign_stems(found)
     assert sorted(stems.values()) == ["a__x", "b__x", "z"]

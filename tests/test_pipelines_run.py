@@ -157,3 +157,17 @@ def test_rerun_skips_done_inputs_and_retries_failed(archive: dict, run: dict) ->
                              RunConfig(progress_bars=False), tile=TILE, halo=HALO, batch_size=4)
     assert len(report.skipped) == 3 and sorted(Path(f).name for f in report.failed) == ["broken.tif", "cut.fits"]
     assert (out / "rock8.zarr" / "0" / "c" / "0" / "0").stat().st_mtime_ns == before
+
+
+def test_ome_zarr_reader_opens_labels(run: dict) -> None:
+    """napari-ome-zarr reads through ome-zarr-py; skipped where that package is not installed."""
+    reader = pytest.importorskip("ome_zarr.reader")
+    from ome_zarr.io import parse_url
+
+    for path in (run["out"] / "rock8.zarr", run["out"] / "frame.zarr" / "AMP1"):
+        location = parse_url(str(path))
+        assert location is not None and location.version == "0.5"
+        (node,) = list(reader.Reader(location)())
+        assert {type(s).__name__ for s in node.specs} >= {"Label", "Multiscales"}
+        level0 = zarr.open_array(str(path / "0"), mode="r")[:]
+        assert np.array_equal(node.data[0].compute(), level0) and len(node.metadata["color"]) == len(CLASSES)
