@@ -121,11 +121,11 @@ class TileSegmenter:
         step = self.opts.batch_size
         for i in range(0, len(windows), step):
             chunk = windows[i : i + step]
-            t0 = time.perf_counter()
             batch = np.stack([window_from_block(block, (rows.start, cols.start), w) for w in chunk])
-            with self._model_lock:
+            with self._model_lock:  # time the forward pass only, not the wait for the other call
+                t0 = time.perf_counter()
                 proba = self.predict(batch)
-            t1 = time.perf_counter()
+                t1 = time.perf_counter()
             for w, p in zip(chunk, proba, strict=True):
                 counts += self._write(arrays, w, p[(slice(None), *w.crop)])
             t_predict, t_write = t_predict + t1 - t0, t_write + time.perf_counter() - t1
