@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,21 @@ def _tuner(spec: SearchSpec, space: SearchSpace, trainable: Any, target: MlflowT
     )
 
 
+def drain_ledger(ledger: Any, timeout_s: float = 60.0) -> None:
+    """After the last trial: wait until every Train run's placement group is gone or released
+    (stopped trials' controllers die a moment after Tune returns)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ray.get(ledger.sweep.remote())
+        left = ray.get(ledger.size.remote())
+        if left == 0:
+            return
+        if time.monotonic() > deadline:
+            log.warning("%d Train placement group(s) still registered after the search", left)
+            return
+        time.sleep(1.0)
+
+
 def _fit(spec: SearchSpec, target: MlflowTarget, exp_dir: Path, restore: bool) -> SearchOutcome:
     space = SearchSpace.from_spec(spec, spec.name)
     ledger_name = f"gigaseg-pg-ledger-{target.parent_run_id}"
@@ -121,7 +137,7 @@ def _fit(spec: SearchSpec, target: MlflowTarget, exp_dir: Path, restore: bool) -
     try:
         results = tuner.fit()
     finally:
-        ray.get(ledger.sweep.remote())
+        drain_ledger(ledger)
     outcome = summarize(results, spec, target, str(exp_dir))
     log.info("search %s: %s; best %s=%s (trial %s)%s", spec.name, outcome.counts, spec.metric,
              outcome.best_value, outcome.best_trial_id,
