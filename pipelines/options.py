@@ -17,7 +17,8 @@ from segcore.config import NormalizeConfig
 from segcore.modeldir import LoadedModel
 
 DEFAULT_TILE = 512
-DEFAULT_HALO = 64  # seams vanish for the U-Nets measured with bench/halo_seams.py; a model card may override
+DEFAULT_HALO = 128  # SegmentOptions default; segment_archive uses default_halo(model) instead
+HALO_STRIDES = 4  # default halo = 4 x the model's total stride (128 px for a depth-5 U-Net), see default_halo
 HALO_CARD_KEY = "halo"  # ModelCard.extra[HALO_CARD_KEY]: the halo measured for this model
 
 
@@ -64,6 +65,10 @@ class ModelInfo(BaseModel):
 
 
 def default_halo(loaded: LoadedModel) -> int:
-    """The halo recorded on the model card (``extra["halo"]``), else :data:`DEFAULT_HALO`."""
+    """The halo recorded on the model card (``extra["halo"]``, measured with bench/halo_seams.py),
+    else 4 x the model's total stride: 128 px for a depth-5 U-Net, where a trained resnet18 U-Net
+    left 0.14 % of labels different from whole-image prediction (0.9 % at 64 px, < 0.01 % at 160 px)."""
     value: Any = loaded.card.extra.get(HALO_CARD_KEY)
-    return int(value) if isinstance(value, int | float) and value >= 0 else DEFAULT_HALO
+    if isinstance(value, int | float) and value >= 0:
+        return int(value)
+    return HALO_STRIDES * 2 ** int(loaded.card.train.model.arch_kwargs.get("encoder_depth", 5))

@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tiling and prediction (change the output)")
     g.add_argument("--tile", type=int, default=512, help="write region edge = output chunk edge (default 512)")
     g.add_argument("--halo", type=int, default=None,
-                   help="context pixels around each tile (default: the model card's 'halo', else 64)")
+                   help="context pixels around each tile (default: the model card's extra.halo, "
+                        "else 4 x the model's stride: 128 for a depth-5 U-Net)")
     g.add_argument("--batch-size", type=int, default=8, help="windows per model call (default 8)")
     g.add_argument("--tta", action="store_true", help="average predictions over flips (4x compute)")
     g.add_argument("--blend-tile", type=int, default=None,
