@@ -126,15 +126,20 @@ def num_trials(spec: SearchSpec, space: SearchSpace) -> int:
 
 
 class EpochBudget(Stopper):
-    """Stops the whole search once ``budget`` epochs (summed over trials) have been reported."""
+    """Stops the whole search once ``budget`` epochs (summed over trials) have been reported.
+
+    Counts distinct (trial, iteration) pairs: Tune passes a trial's last result again when its
+    function returns, and a restored trial may repeat an iteration.
+    """
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self.used = 0
+        self.seen: set[tuple[str, int]] = set()
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        self.used += 1
+        if "training_iteration" in result:
+            self.seen.add((trial_id, int(result["training_iteration"])))
         return False
 
     def stop_all(self) -> bool:
-        return self.used >= self.budget
+        return len(self.seen) >= self.budget

@@ -257,6 +257,7 @@ def test_ray_job_submit_runs_a_search_on_a_local_head(mlflow_sqlite, shapes, tmp
 
     data = tiny("job", shapes, tmp_path / "runs", num_samples=2)
     data["mlflow"]["registered_model_name"] = None
+    data["space"]["epochs"] = 1
     workdir = tmp_path / "job"
     workdir.mkdir()
     (workdir / "search.yaml").write_text(yaml.safe_dump(data))

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from search.engines import DefineByRun, PruningAwareOptunaSearch
+from search.engines import DefineByRun, EpochBudget, PruningAwareOptunaSearch
 from search.space import SearchSpace
 from search.spec import load_search_spec, parse_search_spec
 from search.validate import seed_to_optuna
@@ -158,3 +158,11 @@ def test_per_encoder_weights_and_per_arch_kwargs_and_dict_choices(data_dir: Path
     data["space"]["encoder_weights"] = {"resnet18": "/nope.pth"}
     with pytest.raises(ConfigError, match="space.encoder_weights"):
         parse_search_spec(data)
+
+
+def test_epoch_budget_counts_each_trial_epoch_once() -> None:
+    budget = EpochBudget(3)
+    for trial_id, iteration in [("a", 1), ("a", 2), ("a", 2), ("b", 1)]:  # ("a", 2) again: Tune's final repeat
+        assert not budget.stop_all()
+        budget(trial_id, {"training_iteration": iteration})
+    assert budget.stop_all()
