@@ -166,3 +166,17 @@ def test_epoch_budget_counts_each_trial_epoch_once() -> None:
         assert not budget.stop_all()
         budget(trial_id, {"training_iteration": iteration})
     assert budget.stop_all()
+
+
+def test_cli_dry_run_validates_and_reports_the_bad_key(data_dir: Path, tmp_path: Path, capsys, caplog) -> None:
+    from segcore.cli import main as gigaseg
+
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(spec_dict(data_dir, engine="grid")))
+    assert gigaseg(["search", "--config", str(good), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder__" not in out and "valid encoders for FPN" in out and "grid:" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec_dict(data_dir, asha={"grace_perod": 2})))
+    assert gigaseg(["search", "--config", str(bad)]) == 2
+    assert "asha.grace_perod" in caplog.text
