@@ -125,9 +125,13 @@ def check_champion(uri: str, name: str) -> None:
 
 @pytest.mark.slow
 def test_tiny_search_sqlite(ray_local, mlflow_sqlite, shapes, tmp_path) -> None:
-    spec = parse_search_spec(tiny("tiny-sqlite", shapes, tmp_path / "runs"))
+    seed = {"architecture": "Linknet", "encoder": "resnet18", "lr": 0.005}
+    spec = parse_search_spec(tiny("tiny-sqlite", shapes, tmp_path / "runs", seed_configs=[seed]))
     outcome = run_search(spec)
     assert sum(outcome.counts.values()) == 3 and outcome.counts["completed"] >= 1
+    runs = child_runs(mlflow.MlflowClient(mlflow_sqlite), "tiny-sqlite", outcome.parent_run_id)
+    # the seed configuration was tried (enqueued first; a TPE draw would not hit lr=0.005 exactly)
+    assert ("Linknet", "0.005") in {(r.data.params["architecture"], r.data.params["lr"]) for r in runs}
     assert outcome.champion_uri == "models:/tiny-sqlite-model@champion"
     check_search_in_mlflow(mlflow_sqlite, "tiny-sqlite", outcome, 3)
     check_champion(mlflow_sqlite, "tiny-sqlite-model")
