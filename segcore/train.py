@@ -199,7 +199,8 @@ def build_run(cfg: TrainConfig, data_dir: str | Path, val_dir: str | Path | None
     freeze = FreezeController(model, cfg.freeze, cfg.optim.lr)
     optimizer = _build_optimizer(cfg, freeze.param_groups())
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg.freeze.strategy != "full")
+        # smp keeps encoder stages that encoder_depth < 5 never runs, and frozen encoders get no grads
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     patches = PatchDataset(
         train_s, cfg.data.patch_size, cfg.data.patches_per_epoch, cfg.data.class_balanced,
         augment=build_augmentation(cfg.augment.strength), seed=cfg.seed, num_classes=len(spec.class_names),
@@ -372,6 +373,8 @@ def train(
                              run.rank, run.world_size)
         for callback in callbacks:
             callback(report)
+    if not keep:  # resumed from the final checkpoint: score it once so the outputs are complete
+        metrics, cm, keep = validate(run)
     run.card.metrics = metrics
     out_dir = Path(out_dir)
     if run.rank == 0:
