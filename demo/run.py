@@ -44,7 +44,7 @@ class DemoPlan:
             train_images=max(4, round(8 * s)),
             train_size=256,
             trials=max(3, round(4 * s)),
-            epochs=max(2, round(4 * s)),
+            epochs=max(2, round(6 * s)),
             sem_px=max(1024, int(8192 * s**0.5) // 512 * 512),
             ccd_hdus=4,
             ccd_px=max(256, int(1024 * s**0.5) // 64 * 64),
@@ -74,7 +74,7 @@ COMMON_SPACE = {
 
 def search_spec(task: str, data: Path, plan: DemoPlan, home: Path) -> dict[str, Any]:
     """The search config for one task, as a user would write it in YAML."""
-    base = {"data": {"patches_per_epoch": 96, "batch_size": 8, "val_tile": 256, "val_halo": 32},
+    base = {"data": {"patches_per_epoch": 160, "batch_size": 8, "val_tile": 256, "val_halo": 32},
             "optim": {"name": "adamw", "schedule": "constant"}} | TASKS[task]["base"]
     return {
         "name": f"demo-{task}",
