@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
-from segcore.config import ConfigError, Strict, parse_config
+from segcore.config import ConfigError, Strict, parse_config, read_yaml_mapping
 
 Engine = Literal["tpe", "random", "grid"]
 
@@ -133,12 +132,5 @@ def parse_search_spec(data: dict[str, Any], source: str = "<dict>", root: Path |
 def load_search_spec(path: str | Path) -> SearchSpec:
     """Load and validate ``search.yaml``; nothing starts if this raises."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: search config not found; pass an existing YAML file.")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err}); fix the syntax.") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys (name, data, space, ...).")
+    data = read_yaml_mapping(path, "search config")
     return parse_search_spec(data, source=str(path), root=path.parent.resolve())

@@ -145,16 +145,23 @@ def parse_config(data: dict[str, Any], model: type[Strict] = TrainConfig, source
         raise ConfigError(format_validation_error(source, err)) from None
 
 
-def load_yaml_config(path: str | Path, model: type[Strict] = TrainConfig) -> Any:
-    """Load and validate a YAML config file."""
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML file whose top level is a mapping; errors name the file and the fix."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass an existing YAML file.")
+        raise ConfigError(f"{path}: {what} not found; pass an existing YAML file.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err}); fix the syntax.") from None
-    return parse_config(data, model, source=str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}.")
+    return data
+
+
+def load_yaml_config(path: str | Path, model: type[Strict] = TrainConfig) -> Any:
+    """Load and validate a YAML config file."""
+    return parse_config(read_yaml_mapping(path), model, source=str(path))
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
