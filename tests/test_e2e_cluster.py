@@ -30,6 +30,7 @@ import tifffile
 import yaml
 import zarr
 from PIL import Image
+from tiny_search import tiny_search
 
 from cluster.local import find_cluster_pids, list_nodes, start_cluster, stop_cluster
 
@@ -38,9 +39,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 MODEL = "e2e-shapes"
 SEARCH = "e2e-search"
 CLASSES = ["background", "line", "ellipse"]  # gigaseg simulate shapes
-TINY_ARCH_KWARGS = {"Unet": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}, "Linknet": {"encoder_depth": 3}}
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,32 +107,11 @@ def _simulate(out: Path, n: int, size: int, seed: int) -> Path:
 
 
 def _search_yaml(data: Path, storage: Path) -> dict:
-    """Like search/examples/shapes-tiny.yaml, smaller: 2 trials, 2 epochs, depth-3 encoders.
-    ASHA is off so that both trials train both epochs (each logs val_miou at steps 0 and 1)."""
-    return {
-        "name": SEARCH,
-        "data": {"train": str(data)},
-        "base": {"data": {"patches_per_epoch": 16, "batch_size": 8, "val_tile": 64, "val_halo": 16},
-                 "optim": {"schedule": "constant"}},
-        "space": {
-            "architecture": {"choice": ["Unet", "Linknet"]},
-            "encoder": {"choice": ["resnet18"]},
-            "arch_kwargs": TINY_ARCH_KWARGS,
-            "focal_weight": {"uniform": [0.0, 1.0]},
-            "lr": {"loguniform": [1.0e-3, 1.0e-2]},
-            "patch_size": 64,
-            "augment": 0.2,
-            "epochs": 2,
-        },
-        "engine": "tpe",
-        "seed": 7,
-        "num_samples": 2,
-        "max_concurrent_trials": 2,
-        "asha": {"enabled": False},
-        "resources": {"cpus_per_trial": 1},
-        "storage_path": str(storage),  # every node is this machine: tmp_path is "shared storage"
-        "mlflow": {"registered_model_name": MODEL},  # tracking URI: from the job's environment
-    }  # fmt: skip
+    """The shared tiny search with 2 trials. ASHA is off so that both trials train both epochs
+    (each logs val_miou at steps 0 and 1). Every node is this machine: tmp_path is "shared
+    storage"; the tracking URI comes from the job's environment."""
+    return tiny_search(SEARCH, data, storage, seed=7, num_samples=2, asha={"enabled": False},
+                       mlflow={"registered_model_name": MODEL})
 
 
 def _submit(info, workdir: Path, runtime_env: dict, job_id: str, argv: list[str], log: Path,

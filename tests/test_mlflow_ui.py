@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tiny_search import TINY_SPACE, tiny_search
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SEARCH = "ui-search"
 PARAMS = ("architecture", "encoder", "lr")  # sampled dimensions, logged under their YAML names
-TINY_ARCH_KWARGS = {"Unet": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}, "Linknet": {"encoder_depth": 3}}
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists() or not CHROMEDRIVER.exists(),
@@ -50,28 +50,9 @@ def _run_tiny_search(tracking_uri: str, data: Path, storage: Path) -> TinySearch
 
     from search import parse_search_spec, run_search
 
-    spec = parse_search_spec({
-        "name": SEARCH,
-        "data": {"train": str(data)},
-        "base": {"data": {"patches_per_epoch": 16, "batch_size": 8, "val_tile": 64, "val_halo": 16},
-                 "optim": {"schedule": "constant"}},
-        "space": {
-            "architecture": {"choice": ["Unet", "Linknet"]},
-            "encoder": {"choice": ["resnet18"]},
-            "arch_kwargs": TINY_ARCH_KWARGS,
-            "lr": {"loguniform": [1.0e-3, 1.0e-2]},
-            "patch_size": 64,
-            "augment": 0.2,
-            "epochs": 1,
-        },
-        "engine": "tpe",
-        "seed": 5,
-        "num_samples": 2,
-        "max_concurrent_trials": 2,
-        "resources": {"cpus_per_trial": 1},
-        "storage_path": str(storage),
-        "mlflow": {"tracking_uri": tracking_uri},
-    })  # fmt: skip
+    space = {k: v for k, v in TINY_SPACE.items() if k != "focal_weight"} | {"epochs": 1}
+    spec = parse_search_spec(tiny_search(SEARCH, data, storage, space=space, seed=5, num_samples=2,
+                                         mlflow={"tracking_uri": tracking_uri}))
     outcome = run_search(spec)
     assert outcome.counts == {"completed": 2, "stopped early": 0, "failed": 0}, outcome.counts
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import ray
 import yaml
+from tiny_search import tiny_search as tiny
 
 from search import parse_search_spec, run_search
 from search.mlflow_runs import COMPLETED, STATUS_TAG, STOPPED, TRIAL_TAG
@@ -29,46 +30,9 @@ from segcore.simulate import generate_shapes
 
 pytestmark = pytest.mark.ray
 
-TINY_BASE = {
-    "model": {"arch_kwargs": {"Unet": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]},
-                              "Linknet": {"encoder_depth": 3}}},
-    "data": {"patches_per_epoch": 16, "batch_size": 8, "val_tile": 64, "val_halo": 16},
-    "optim": {"schedule": "constant"},
-}
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_shapes(tmp_path_factory.mktemp("shapes") / "train", n=4, size=96, seed=1)
-
-
-def tiny(name: str, data: Path, storage: Path, **over: object) -> dict:
-    """A tiny search config (as a YAML dict); ``over`` replaces top-level keys."""
-    spec = {
-        "name": name,
-        "data": {"train": str(data)},
-        "base": TINY_BASE,
-        "space": {
-            "architecture": {"choice": ["Unet", "Linknet"]},
-            "encoder": {"choice": ["resnet18"]},
-            "arch_kwargs": TINY_BASE["model"]["arch_kwargs"],
-            "focal_weight": {"uniform": [0.0, 1.0]},
-            "lr": {"loguniform": [1e-3, 1e-2]},
-            "patch_size": 64,
-            "augment": 0.2,
-            "epochs": 2,
-        },
-        "engine": "tpe",
-        "num_samples": 3,
-        "tpe_startup_trials": 2,
-        "max_concurrent_trials": 2,
-        "asha": {"grace_period": 1, "reduction_factor": 2},
-        "resources": {"cpus_per_trial": 1},
-        "storage_path": str(storage),
-        "mlflow": {"experiment": name, "registered_model_name": f"{name}-model"},
-    }
-    spec.update(over)
-    return spec
 
 
 def child_runs(client: mlflow.MlflowClient, experiment: str, parent_run_id: str) -> list:
