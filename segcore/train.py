@@ -360,10 +360,12 @@ def train(
     start = load_checkpoint(run, Path(resume_from)) if resume_from else 0
     metrics: dict[str, float] = run.history[-1] if run.history else {}
     cm, keep = ConfusionMatrix(len(run.card.class_names)), []
+    scored = False  # same on every rank (unlike ``keep``: a rank may hold no validation image)
     for epoch in range(start, run.cfg.epochs):
         t0 = time.perf_counter()
         train_loss = train_one_epoch(run, epoch)
         metrics, cm, keep = validate(run)
+        scored = True
         metrics.update(train_loss=_all_reduce_mean(run, train_loss, 1), lr=run.optimizer.param_groups[-1]["lr"],
                        epoch_time_s=time.perf_counter() - t0)
         run.history.append(metrics)
@@ -373,7 +375,7 @@ def train(
                              run.rank, run.world_size)
         for callback in callbacks:
             callback(report)
-    if not keep:  # resumed from the final checkpoint: score it once so the outputs are complete
+    if not scored:  # resumed from the final checkpoint: score it once so the outputs are complete
         metrics, cm, keep = validate(run)
     run.card.metrics = metrics
     out_dir = Path(out_dir)

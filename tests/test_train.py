@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import mlflow
 import numpy as np
@@ -100,3 +101,42 @@ def test_bad_config_names_the_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_yaml_config(bad)
     assert "optim.lr" in str(err.value) and "model.archh" in str(err.value) and str(bad) in str(err.value)
+
+
+def _train_rank(rank: int, world: int, port: int, data: str, out: str) -> None:
+    """One rank of ``train()`` under a real gloo process group (what a Ray Train worker sees)."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg = parse_config({**TINY, "epochs": 1}, TrainConfig)
+    result = train(cfg, data, f"{out}/rank{rank}")
+    json.dump({"val_miou": result.metrics["val_miou"], "epochs": len(result.history)},
+              open(f"{out}/rank{rank}.json", "w"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_train_finishes_when_a_rank_holds_no_validation_image(shapes_data, tmp_path):
+    """4 images -> 1 validation image: rank 1 scores none, and must still make the same collectives."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_train_rank, args=(2, port, str(shapes_data / "train"), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("DDP train() hung: the ranks disagree on their collectives")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1 and r0["epochs"] == 1  # confusion matrix summed over ranks: both see the same score
+    assert (tmp_path / "rank0" / "model.safetensors").is_file()

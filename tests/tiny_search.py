@@ -5,6 +5,7 @@ Like search/examples/shapes-tiny.yaml, smaller: Unet/Linknet on a depth-3 resnet
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 TINY_ARCH_KWARGS = {"Unet": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}, "Linknet": {"encoder_depth": 3}}
@@ -26,7 +27,10 @@ TINY_SPACE = {
 
 
 def tiny_search(name: str, data: Path, storage: Path, **over: object) -> dict:
-    """A tiny search config (as a YAML dict); ``over`` replaces top-level keys."""
+    """A tiny search config (as a YAML dict); ``over`` replaces top-level keys.
+
+    Returns a deep copy: tests edit the dict freely without changing the next test's config.
+    """
     spec = {
         "name": name,
         "data": {"train": str(data)},
@@ -42,4 +46,4 @@ def tiny_search(name: str, data: Path, storage: Path, **over: object) -> dict:
         "mlflow": {"experiment": name, "registered_model_name": f"{name}-model"},
     }
     spec.update(over)
-    return spec
+    return copy.deepcopy(spec)
