@@ -38,9 +38,12 @@ class SegmentOptions(BaseModel):
     probabilities: bool = False  # also store float16 class probabilities
     uncertainty: bool = False  # also store float16 normalised softmax entropy
     device: str = "auto"
+    # MLflow server the actors download an MLflow model URI from: resolved once on the driver and
+    # passed to every actor, so a worker node never falls back to its own environment.
+    tracking_uri: str | None = None
 
     def signature(self, model_digest: str) -> str:
-        data = self.model_dump(mode="json", exclude={"device"})
+        data = self.model_dump(mode="json", exclude={"device", "tracking_uri"})
         data["model_digest"] = model_digest
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

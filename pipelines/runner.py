@@ -150,11 +150,14 @@ def _todo(files: list[Path], stems: dict[Path, str], layout: Layout, signature: 
 def segment_archive(model: str, inputs: list[str], output: str | Path, run: RunConfig | None = None,
                     **options: Any) -> RunReport:
     """Segment every image matched by ``inputs`` into ``output``; ``options`` are
-    :class:`SegmentOptions` fields (tile, halo, tta, blend_tile, only_class, ...)."""
+    :class:`SegmentOptions` fields (tile, halo, tta, blend_tile, only_class, tracking_uri, ...)."""
+    from segcore.tracking import default_tracking_uri
+
     t0, run, report = time.perf_counter(), run or RunConfig(), RunReport()
     layout = Layout(Path(output).resolve())
     layout.root.mkdir(parents=True, exist_ok=True)
-    loaded, info = load_for_run(model)
+    options["tracking_uri"] = options.get("tracking_uri") or default_tracking_uri()
+    loaded, info = load_for_run(model, options["tracking_uri"])
     if options.get("halo") is None:
         options["halo"] = default_halo(loaded)
     opts = SegmentOptions(model=info.ref, **{k: v for k, v in options.items() if v is not None})

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="files, directories ending .zarr, or globs ('**' recurses; quote them for ray job submit)")
     p.add_argument("--output", required=True, help="output directory (shared by all nodes on a cluster)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow server of a models:/ or runs:/ --model, passed to every actor "
+                        "(default: MLFLOW_TRACKING_URI, else the SQLite store under GIGASEG_HOME)")
     g = p.add_argument_group("tiling and prediction (change the output)")
     g.add_argument("--tile", type=int, default=512, help="write region edge = output chunk edge (default 512)")
     g.add_argument("--halo", type=int, default=None,
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     report = segment_archive(
         args.model, args.input, args.output, cfg, tile=args.tile, halo=args.halo, batch_size=args.batch_size,
         tta=args.tta, blend_tile=args.blend_tile, blend_overlap=args.blend_overlap, only_class=args.only_class,
-        probabilities=args.probabilities, uncertainty=args.uncertainty, device=args.device)
+        probabilities=args.probabilities, uncertainty=args.uncertainty, device=args.device,
+        tracking_uri=args.tracking_uri)
     log.info("finished in %.1f s: %d done, %d failed, %d skipped (already done); manifest %s/manifest.jsonl",
              report.wall_s, len(report.done), len(report.failed), len(report.skipped), args.output)
     for error in report.failed.values():

@@ -68,7 +68,7 @@ class TileSegmenter:
             torch.set_num_threads(threads)
         self.opts = SegmentOptions(**opts)
         self.info = ModelInfo(**info)
-        self.loaded = load_model(self.opts.model, device=self.opts.device)
+        self.loaded = load_model(self.opts.model, device=self.opts.device, tracking_uri=self.opts.tracking_uri)
         if self.loaded.device.type == "cuda":
             self.loaded.model.to(memory_format=torch.channels_last)
         self.predict = build_predictor(self.loaded, self.opts, self.info.stride)

@@ -133,13 +133,17 @@ def load_model_dir(path: str | Path, device: str = "auto") -> LoadedModel:
     return LoadedModel(model=model, card=card, device=dev, source=str(path))
 
 
-def load_model(ref: str | Path, device: str = "auto") -> LoadedModel:
-    """Load a model directory or an MLflow model URI (``models:/name@alias``, ``runs:/id/path``)."""
+def load_model(ref: str | Path, device: str = "auto", tracking_uri: str | None = None) -> LoadedModel:
+    """Load a model directory or an MLflow model URI (``models:/name@alias``, ``runs:/id/path``).
+
+    ``tracking_uri`` names the MLflow server of a URI; default: gigaseg's (``MLFLOW_TRACKING_URI``,
+    else the SQLite store under ``GIGASEG_HOME``).
+    """
     ref_str = str(ref)
     if ":/" in ref_str and not Path(ref_str).exists():
         from segcore.mlflow_model import download_model_dir
 
-        loaded = load_model_dir(download_model_dir(ref_str), device)
+        loaded = load_model_dir(download_model_dir(ref_str, tracking_uri=tracking_uri), device)
         loaded.source = ref_str
         return loaded
     return load_model_dir(ref_str, device)

@@ -73,7 +73,7 @@ def test_halo_default_comes_from_the_model_card(tmp_path: Path) -> None:
     from pipelines.modelref import load_for_run
     from pipelines.options import default_halo
 
-    plain, _ = load_for_run(str(make_model(tmp_path / "a")))
-    measured, info = load_for_run(str(make_model(tmp_path / "b", extra={"halo": 48})))
+    plain, _ = load_for_run(str(make_model(tmp_path / "a")), tracking_uri="unused-for-a-directory")
+    measured, info = load_for_run(str(make_model(tmp_path / "b", extra={"halo": 48})), "unused-for-a-directory")
     assert default_halo(plain) == 4 * STRIDE and default_halo(measured) == 48
     assert info.stride == STRIDE and info.class_names == CLASSES and len(info.class_colors) == 4

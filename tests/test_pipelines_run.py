@@ -171,3 +171,30 @@ def test_ome_zarr_reader_opens_labels(run: dict) -> None:
         assert {type(s).__name__ for s in node.specs} >= {"Label", "Multiscales"}
         level0 = zarr.open_array(str(path / "0"), mode="r")[:]
         assert np.array_equal(node.data[0].compute(), level0) and len(node.metadata["color"]) == len(CLASSES)
+
+
+def test_registered_model_uri_reaches_actors_through_the_explicit_tracking_uri(
+        archive: dict, run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``models:/name@champion`` from a store that neither the driver's nor the actors'
+    environment points at: only the ``tracking_uri`` passed with the options finds it."""
+    import mlflow
+
+    from segcore.mlflow_model import log_model_dir
+    from segcore.tracking import setup_mlflow
+
+    monkeypatch.setenv("GIGASEG_HOME", str(tmp_path / "registry-home"))
+    uri = setup_mlflow("registry", f"sqlite:///{tmp_path / 'registry-home' / 'mlflow.db'}")
+    with mlflow.start_run():
+        log_model_dir(archive["model"], registered_model_name="rock")
+    mlflow.MlflowClient(uri).set_registered_model_alias("rock", "champion", "1")
+    monkeypatch.setenv("GIGASEG_HOME", str(tmp_path / "elsewhere"))  # the default store is now empty
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+
+    out = tmp_path / "out"
+    report = segment_archive("models:/rock@champion", [str(archive["root"] / "sem" / "rock8.tif")], out,
+                             RunConfig(progress_bars=False), tile=TILE, halo=HALO, batch_size=4, tracking_uri=uri)
+    assert len(report.done) == 1, report.failed
+    assert json.loads((out / "rock8.json").read_text())["model"] == "models:/rock/1"  # pinned on the driver
+    labels = zarr.open_array(str(out / "rock8.zarr" / "0"), mode="r")[:]
+    assert np.array_equal(labels, zarr.open_array(str(run["out"] / "rock8.zarr" / "0"), mode="r")[:])
