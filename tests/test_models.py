@@ -110,6 +110,25 @@ def test_build_model_refuses_invalid_pair_before_training() -> None:
         build_model(ModelConfig(arch="Linknet", encoder="mit_b0"))
 
 
+@pytest.mark.parametrize(("arch", "kwargs", "why", "fix"), [
+    ("FPN", {"encoder_depth": 3}, "needs upsampling=1", {"upsampling": 1}),
+    ("FPN", {"encoder_depth": 4}, "needs upsampling=2", {"upsampling": 2}),
+    ("PSPNet", {"encoder_depth": 4, "upsampling": 8}, "needs upsampling=16", {"upsampling": 16}),
+    ("Unet", {"encoder_depth": 3}, "needs decoder_channels with 3 entries", {"decoder_channels": [32, 16, 8]}),
+    ("MAnet", {"encoder_depth": 4}, "needs decoder_channels with 4 entries", {"decoder_channels": [64, 32, 16, 8]}),
+])
+def test_arch_kwargs_that_break_the_output_are_refused_and_the_fix_works(arch: str, kwargs: dict, why: str,
+                                                                         fix: dict) -> None:
+    """smp builds FPN/PSPNet at a non-default depth, but predicts at the wrong scale; the rule says so."""
+    with pytest.raises(InvalidCombinationError, match=why):
+        check_combination(arch, "resnet18", image_size=64, arch_kwargs=kwargs)
+    fixed = {**kwargs, **fix}
+    check_combination(arch, "resnet18", image_size=64, arch_kwargs=fixed)
+    model = build_model(ModelConfig(arch=arch, encoder="resnet18", classes=3, arch_kwargs=fixed)).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+
+
 def test_unknown_arch_and_encoder_suggest_names() -> None:
     with pytest.raises(UnknownNameError, match="Did you mean 'Unet'"):
         build_model(ModelConfig(arch="Unte"))

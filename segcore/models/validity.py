@@ -14,6 +14,9 @@ The rules encode what smp 0.6 does (found by reading its source and probing ever
   least 32 px (several encoders, e.g. mit_b0, efficientnet-b0, vgg, densenet, fail below);
   PAN needs the deepest feature map >= 8 px (its FPA block pools three times): >= 128 px at
   its default output stride 16. DPT needs multiples of lcm(patch stride, 2**(depth+1)).
+* ``arch_kwargs`` that smp accepts but that break the output: FPN and PSPNet at a non-default
+  ``encoder_depth`` need a matching ``upsampling`` (else the output is not the input size), and
+  Unet, UnetPlusPlus and MAnet need one ``decoder_channels`` entry per encoder level.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ DILATING_ARCHS = {"DeepLabV3": 8, "DeepLabV3Plus": 16, "PAN": 16}  # default enc
 DEFAULT_DEPTH = {"PSPNet": 3, "DPT": 4}  # every other arch: 5
 SIZE_FREE_ARCHS = ("Unet", "ResUNet")  # decoders resize to each skip, no divisibility needed
 NO_MIT_ARCHS = ("UnetPlusPlus", "Linknet")
+DECODER_PER_LEVEL_ARCHS = ("Unet", "UnetPlusPlus", "MAnet")  # one decoder_channels entry per encoder level
 PAN_MIN_DEEPEST = 8
 # timm ViTs offered by list_valid_combinations() by default so DPT has candidates.
 DEFAULT_TIMM_ENCODERS = ("tu-vit_tiny_patch16_224", "tu-vit_small_patch16_224")
@@ -111,8 +115,23 @@ def _encoder_reason(arch: str, encoder: str, kw: dict[str, Any]) -> str | None:
             return "FPN with a mix-transformer encoder needs encoder_depth=5"
     if arch in DILATING_ARCHS and encoder.startswith(NOT_DILATABLE):
         return f"{arch} dilates the encoder (output stride 8/16) and {encoder} cannot be dilated"
-    if arch == "PSPNet" and "encoder_depth" in kw and kw.get("upsampling", 8) != 2 ** kw["encoder_depth"]:
-        return f"PSPNet with encoder_depth={kw['encoder_depth']} needs upsampling={2 ** kw['encoder_depth']}"
+    return None
+
+
+def _kwargs_reason(arch: str, kw: dict[str, Any]) -> str | None:
+    """Why ``arch_kwargs`` make ``arch`` fail or predict at the wrong scale (None if they don't)."""
+    if "encoder_depth" not in kw:
+        return None
+    depth = int(kw["encoder_depth"])
+    if arch == "PSPNet" and kw.get("upsampling", 8) != 2**depth:
+        return f"PSPNet with encoder_depth={depth} needs upsampling={2**depth}"
+    if arch == "FPN" and kw.get("upsampling", 4) != 2 ** (depth - 3):
+        return (f"FPN with encoder_depth={depth} needs upsampling={2 ** (depth - 3)} "
+                f"(otherwise its output is {kw.get('upsampling', 4) / 2 ** (depth - 3):g}x the input size)")
+    n_decoder = len(kw.get("decoder_channels", [None] * 5))
+    if arch in DECODER_PER_LEVEL_ARCHS and n_decoder != depth:
+        return (f"{arch} with encoder_depth={depth} needs decoder_channels with {depth} entries "
+                f"(got {n_decoder}), e.g. {[256, 128, 64, 32, 16][:depth]}")
     return None
 
 
@@ -187,6 +206,9 @@ def check_combination(
     reason = _encoder_reason(arch, encoder, kw)
     if reason:
         raise InvalidCombinationError(f"{arch} + {encoder} is not valid: {reason}." + _works_list(arch, encoder, kw))
+    reason = _kwargs_reason(arch, kw)
+    if reason:
+        raise InvalidCombinationError(f"{arch} arch_kwargs {kw} are not valid: {reason}.")
     if image_size is None:
         return
     multiple, minimum = _size_rule(arch, encoder, kw)
