@@ -223,23 +223,41 @@ def choose_binary_threshold(probs: np.ndarray, targets: np.ndarray, candidates: 
     and TP/FP for every threshold follow from cumulative sums of two histograms. Ties go to the
     threshold nearest 0.5. Returns ``(threshold, iou)``; ``(0.5, nan)`` when no pixel is positive.
     """
+    cands = threshold_candidates(candidates)
+    if not np.any(np.asarray(targets) != ignore_index):
+        raise ValueError("choose_binary_threshold: every target pixel is ignored; pass labelled validation data.")
+    return threshold_from_histograms(cands, threshold_histograms(probs, targets, cands, ignore_index))
+
+
+def threshold_candidates(candidates: Sequence[float] | None = None) -> np.ndarray:
+    """The sorted threshold grid (default 0.01, 0.02, ..., 0.99)."""
     cands = np.round(np.arange(1, 100) / 100, 2) if candidates is None else np.asarray(candidates, dtype=np.float64)
     if cands.ndim != 1 or cands.size == 0 or not np.all((cands >= 0) & (cands <= 1)):
         raise ValueError(f"choose_binary_threshold: candidates must be a non-empty list in [0, 1], got {cands}.")
-    cands = np.unique(cands)
+    return np.unique(cands)
+
+
+def threshold_histograms(probs: np.ndarray, targets: np.ndarray, cands: np.ndarray,
+                         ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """(2, len(cands) + 1) counts of negative / positive pixels per candidate bin.
+
+    Histograms of several images (or DDP ranks) add up, so the threshold can be chosen over all.
+    """
     targets = np.asarray(targets)
     probs = _positive_probs(np.asarray(probs), targets)
     valid = targets != ignore_index
     p, t = probs[valid].ravel(), targets[valid].ravel()
-    if t.size == 0:
-        raise ValueError("choose_binary_threshold: every target pixel is ignored; pass labelled validation data.")
     if np.any((t != 0) & (t != 1)):
         raise ValueError(f"choose_binary_threshold: targets hold {np.unique(t[(t != 0) & (t != 1)])[:10].tolist()}; "
                          "a binary task needs 0/1 labels (and the ignore value).")
     bins = np.searchsorted(cands, p, side="right")  # pixel is positive at candidate j iff j < bins
     m = cands.size
-    pos = np.bincount(bins[t == 1], minlength=m + 1)
-    neg = np.bincount(bins[t == 0], minlength=m + 1)
+    return np.stack([np.bincount(bins[t == 0], minlength=m + 1), np.bincount(bins[t == 1], minlength=m + 1)])
+
+
+def threshold_from_histograms(cands: np.ndarray, hist: np.ndarray) -> tuple[float, float]:
+    """``(threshold, foreground IoU)`` from summed :func:`threshold_histograms`; ties go nearest 0.5."""
+    neg, pos = hist
     tp = np.cumsum(pos[::-1])[::-1][1:]
     fp = np.cumsum(neg[::-1])[::-1][1:]
     n_pos = int(pos.sum())

@@ -29,7 +29,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from segcore.config import TrainConfig
 from segcore.data import PatchDataset, Sample, build_augmentation, load_samples, load_spec
 from segcore.losses import build_loss, inverse_frequency_weights
-from segcore.metrics import ConfusionMatrix, choose_binary_threshold, flat_metrics
+from segcore.metrics import (
+    ConfusionMatrix,
+    flat_metrics,
+    threshold_candidates,
+    threshold_from_histograms,
+    threshold_histograms,
+)
 from segcore.modeldir import WEIGHTS_FILE, ModelCard, logits_to_proba, pick_device, save_model_dir
 from segcore.models import build_model, check_combination
 from segcore.models.freeze import FreezeController
@@ -39,6 +45,7 @@ from segcore.visualize import save_prediction_panel
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
+THRESHOLDS = threshold_candidates()  # binary heads: the threshold grid searched after every epoch
 
 
 @dataclass
@@ -190,7 +197,8 @@ def build_run(cfg: TrainConfig, data_dir: str | Path, val_dir: str | Path | None
     samples = load_samples(data_dir, spec)
     train_s, val_s = (samples, load_samples(val_dir)) if val_dir else split_samples(samples, cfg.data.val_fraction, cfg.seed)
     cfg = _fit_config_to_data(cfg, spec, train_s)
-    check_combination(cfg.model.arch, cfg.model.encoder, cfg.model.in_channels, cfg.data.patch_size)
+    check_combination(cfg.model.arch, cfg.model.encoder, cfg.model.in_channels, cfg.data.patch_size,
+                      arch_kwargs=cfg.model.arch_kwargs)
     torch.manual_seed(cfg.seed)
     device = _device_for(cfg, rank, world)
     model = build_model(cfg.model, load_weights=True).to(device)
@@ -263,38 +271,39 @@ def predict_logits(run: _Run, image: np.ndarray) -> np.ndarray:
     return predict_tiled(image, forward, tile=tile, halo=run.cfg.data.val_halo, batch_size=run.cfg.data.batch_size)
 
 
-def labels_from_logits(logits: np.ndarray, threshold: float) -> np.ndarray:
-    """Class ids from (K, H, W) logits; a 1-channel binary head uses ``threshold``."""
-    if logits.shape[0] == 1:
-        return (1 / (1 + np.exp(-logits[0])) >= threshold).astype(np.int64)
-    return logits.argmax(axis=0)
-
-
 def validate(run: _Run) -> tuple[dict[str, float], ConfusionMatrix, list[tuple[Sample, np.ndarray]]]:
-    """Tiled whole-image validation on this rank's share of images; confusion summed over ranks."""
-    num_classes = len(run.card.class_names)
-    cm = ConfusionMatrix(num_classes)
-    losses, probs_pos, targets, keep = [], [], [], []
+    """Tiled whole-image validation on this rank's share of images; confusion summed over ranks.
+
+    A 1-channel binary head first picks its threshold on this epoch's validation pixels (of all
+    ranks), then is scored with it, so the metrics describe the model as it is saved.
+    """
+    binary = run.cfg.model.classes == 1
+    losses, outputs = [], []  # outputs: class ids, or foreground probabilities for a binary head
+    hist = np.zeros((2, THRESHOLDS.size + 1), dtype=np.int64)
     for sample in run.val_samples[run.rank :: run.world_size]:
         logits = predict_logits(run, sample.image)
         with torch.no_grad():
             t_logits = torch.from_numpy(logits)[None].to(run.device)
             t_mask = torch.from_numpy(sample.mask)[None].to(run.device)
             losses.append(float(run.loss_fn(t_logits, t_mask)))
-        if logits.shape[0] == 1:
-            probs_pos.append(logits_to_proba(torch.from_numpy(logits)[None])[0, 1].numpy().ravel())
-            targets.append(sample.mask.ravel())
-        pred = labels_from_logits(logits, run.card.train.binary_threshold)
+        if binary:
+            prob = logits_to_proba(torch.from_numpy(logits)[None])[0, 1].numpy()
+            hist += threshold_histograms(prob, sample.mask, THRESHOLDS)
+            outputs.append(prob)
+        else:
+            outputs.append(logits.argmax(axis=0))
+    if binary:
+        threshold, _ = threshold_from_histograms(THRESHOLDS, _all_reduce_sum(run, hist))
+        run.card.train = run.card.train.model_copy(update={"binary_threshold": threshold})
+        outputs = [(prob >= threshold).astype(np.int64) for prob in outputs]
+    cm = ConfusionMatrix(len(run.card.class_names))
+    for sample, pred in zip(run.val_samples[run.rank :: run.world_size], outputs, strict=True):
         cm.update(pred, sample.mask)
-        keep.append((sample, pred))
-    if probs_pos:
-        threshold, _ = choose_binary_threshold(np.concatenate(probs_pos), np.concatenate(targets))
-        run.card.train = run.card.train.model_copy(update={"binary_threshold": float(threshold)})
     val_loss = _all_reduce_mean(run, sum(losses), len(losses))
     _all_reduce_confusion(run, cm)
     metrics = flat_metrics(cm.compute(), run.card.class_names, prefix="val_")
     metrics["val_loss"] = val_loss
-    return metrics, cm, keep
+    return metrics, cm, list(zip(run.val_samples[run.rank :: run.world_size], outputs, strict=True))
 
 
 def _all_reduce_mean(run: _Run, total: float, count: int) -> float:
@@ -305,11 +314,16 @@ def _all_reduce_mean(run: _Run, total: float, count: int) -> float:
     return float(t[0] / t[1].clamp(min=1))
 
 
+def _all_reduce_sum(run: _Run, counts: np.ndarray) -> np.ndarray:
+    if run.world_size == 1:
+        return counts
+    t = torch.from_numpy(counts).to(run.device)
+    dist.all_reduce(t)
+    return t.cpu().numpy()
+
+
 def _all_reduce_confusion(run: _Run, cm: ConfusionMatrix) -> None:
-    if run.world_size > 1:
-        t = torch.from_numpy(cm.matrix).to(run.device)
-        dist.all_reduce(t)
-        cm.matrix[...] = t.cpu().numpy()
+    cm.matrix[...] = _all_reduce_sum(run, cm.matrix)
 
 
 # ----------------------------------------------------------------------------- checkpoints

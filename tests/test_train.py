@@ -140,3 +140,36 @@ def test_ddp_train_finishes_when_a_rank_holds_no_validation_image(shapes_data, t
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1 and r0["epochs"] == 1  # confusion matrix summed over ranks: both see the same score
     assert (tmp_path / "rank0" / "model.safetensors").is_file()
+
+
+def _binary_copy(src, dst):
+    """The shapes dataset as a 2-class task (background vs any shape), for a 1-channel bce head."""
+    from PIL import Image
+
+    from segcore.data.spec import DatasetSpec
+    from segcore.simulate.common import prepare_dataset_dir, write_spec
+
+    images, masks = prepare_dataset_dir(dst)
+    for path in sorted((src / "images").glob("*.png")):
+        Image.open(path).save(images / path.name)
+        mask = np.asarray(Image.open(src / "masks" / path.name))
+        Image.fromarray((mask != 0).astype(np.uint8)).save(masks / path.name)
+    write_spec(dst, DatasetSpec(class_names=["background", "shape"], normalize={"mode": "dtype_range"}))
+    return dst
+
+
+def test_binary_head_is_scored_with_the_threshold_it_saves(shapes_data, tmp_path):
+    """Validation picks the threshold on this epoch's pixels, then scores with it: the reported
+    val_miou is what ``evaluate`` gets from the saved model and its saved threshold."""
+    from segcore.evaluate import evaluate
+    from segcore.modeldir import read_card
+
+    train_dir = _binary_copy(shapes_data / "train", tmp_path / "train")
+    val_dir = _binary_copy(shapes_data / "test", tmp_path / "val")
+    cfg = parse_config({**TINY, "epochs": 1, "loss": {"terms": {"bce": 1.0}}}, TrainConfig)
+    result = train(cfg, train_dir, tmp_path / "model", val_dir=val_dir)
+    card = read_card(tmp_path / "model")
+    assert card.train.model.classes == 1
+    assert 0 < card.train.binary_threshold < 1
+    scored = evaluate(tmp_path / "model", val_dir, tmp_path / "eval")
+    assert scored.metrics["miou"] == pytest.approx(result.metrics["val_miou"], abs=1e-9)
