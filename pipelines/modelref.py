@@ -18,7 +18,7 @@ DEFAULT_COLORS = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 1
 _ALIAS = re.compile(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)")
 
 
-def pin_model_ref(ref: str, tracking_uri: str) -> str:
+def pin_model_ref(ref: str, tracking_uri: str | None) -> str:
     """A directory becomes absolute; ``models:/name@alias`` becomes ``models:/name/<version>``."""
     if Path(ref).exists():
         return str(Path(ref).resolve())
@@ -71,7 +71,7 @@ def model_info(loaded: LoadedModel, ref: str) -> ModelInfo:
     )
 
 
-def load_for_run(ref: str, tracking_uri: str) -> tuple[LoadedModel, ModelInfo]:
+def load_for_run(ref: str, tracking_uri: str | None) -> tuple[LoadedModel, ModelInfo]:
     """Pin, load on the CPU (validates the reference before any work starts) and summarise."""
     pinned = pin_model_ref(ref, tracking_uri)
     loaded = load_model(pinned, device="cpu", tracking_uri=tracking_uri)

@@ -156,8 +156,9 @@ def segment_archive(model: str, inputs: list[str], output: str | Path, run: RunC
     t0, run, report = time.perf_counter(), run or RunConfig(), RunReport()
     layout = Layout(Path(output).resolve())
     layout.root.mkdir(parents=True, exist_ok=True)
-    options["tracking_uri"] = options.get("tracking_uri") or default_tracking_uri()
-    loaded, info = load_for_run(model, options["tracking_uri"])
+    if options.get("tracking_uri") is None and not Path(model).exists():  # an MLflow URI: fix its server once
+        options["tracking_uri"] = default_tracking_uri()
+    loaded, info = load_for_run(model, options.get("tracking_uri"))
     if options.get("halo") is None:
         options["halo"] = default_halo(loaded)
     opts = SegmentOptions(model=info.ref, **{k: v for k, v in options.items() if v is not None})

@@ -224,9 +224,10 @@ def choose_binary_threshold(probs: np.ndarray, targets: np.ndarray, candidates: 
     threshold nearest 0.5. Returns ``(threshold, iou)``; ``(0.5, nan)`` when no pixel is positive.
     """
     cands = threshold_candidates(candidates)
-    if not np.any(np.asarray(targets) != ignore_index):
+    hist = threshold_histograms(probs, targets, cands, ignore_index)
+    if hist.sum() == 0:
         raise ValueError("choose_binary_threshold: every target pixel is ignored; pass labelled validation data.")
-    return threshold_from_histograms(cands, threshold_histograms(probs, targets, cands, ignore_index))
+    return threshold_from_histograms(cands, hist)
 
 
 def threshold_candidates(candidates: Sequence[float] | None = None) -> np.ndarray:

@@ -278,9 +278,10 @@ def validate(run: _Run) -> tuple[dict[str, float], ConfusionMatrix, list[tuple[S
     ranks), then is scored with it, so the metrics describe the model as it is saved.
     """
     binary = run.cfg.model.classes == 1
+    mine = run.val_samples[run.rank :: run.world_size]
     losses, outputs = [], []  # outputs: class ids, or foreground probabilities for a binary head
     hist = np.zeros((2, THRESHOLDS.size + 1), dtype=np.int64)
-    for sample in run.val_samples[run.rank :: run.world_size]:
+    for sample in mine:
         logits = predict_logits(run, sample.image)
         with torch.no_grad():
             t_logits = torch.from_numpy(logits)[None].to(run.device)
@@ -297,33 +298,27 @@ def validate(run: _Run) -> tuple[dict[str, float], ConfusionMatrix, list[tuple[S
         run.card.train = run.card.train.model_copy(update={"binary_threshold": threshold})
         outputs = [(prob >= threshold).astype(np.int64) for prob in outputs]
     cm = ConfusionMatrix(len(run.card.class_names))
-    for sample, pred in zip(run.val_samples[run.rank :: run.world_size], outputs, strict=True):
+    for sample, pred in zip(mine, outputs, strict=True):
         cm.update(pred, sample.mask)
-    val_loss = _all_reduce_mean(run, sum(losses), len(losses))
-    _all_reduce_confusion(run, cm)
+    cm.matrix[...] = _all_reduce_sum(run, cm.matrix)
     metrics = flat_metrics(cm.compute(), run.card.class_names, prefix="val_")
-    metrics["val_loss"] = val_loss
-    return metrics, cm, list(zip(run.val_samples[run.rank :: run.world_size], outputs, strict=True))
+    metrics["val_loss"] = _all_reduce_mean(run, sum(losses), len(losses))
+    return metrics, cm, list(zip(mine, outputs, strict=True))
 
 
 def _all_reduce_mean(run: _Run, total: float, count: int) -> float:
-    if run.world_size == 1:
-        return total / max(count, 1)
-    t = torch.tensor([total, float(count)], dtype=torch.float64, device=run.device)
-    dist.all_reduce(t)
-    return float(t[0] / t[1].clamp(min=1))
+    """``sum(total) / sum(count)`` over the DDP ranks."""
+    total, count = _all_reduce_sum(run, np.array([total, count], dtype=np.float64))
+    return float(total / max(count, 1))
 
 
-def _all_reduce_sum(run: _Run, counts: np.ndarray) -> np.ndarray:
+def _all_reduce_sum(run: _Run, values: np.ndarray) -> np.ndarray:
+    """``values`` summed over the DDP ranks (itself when there is one rank)."""
     if run.world_size == 1:
-        return counts
-    t = torch.from_numpy(counts).to(run.device)
+        return values
+    t = torch.from_numpy(values).to(run.device)
     dist.all_reduce(t)
     return t.cpu().numpy()
-
-
-def _all_reduce_confusion(run: _Run, cm: ConfusionMatrix) -> None:
-    cm.matrix[...] = _all_reduce_sum(run, cm.matrix)
 
 
 # ----------------------------------------------------------------------------- checkpoints

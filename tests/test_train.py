@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -114,8 +115,8 @@ def _train_rank(rank: int, world: int, port: int, data: str, out: str) -> None:
     torch.set_num_threads(1)
     cfg = parse_config({**TINY, "epochs": 1}, TrainConfig)
     result = train(cfg, data, f"{out}/rank{rank}")
-    json.dump({"val_miou": result.metrics["val_miou"], "epochs": len(result.history)},
-              open(f"{out}/rank{rank}.json", "w"))
+    Path(f"{out}/rank{rank}.json").write_text(
+        json.dumps({"val_miou": result.metrics["val_miou"], "epochs": len(result.history)}))
     dist.destroy_process_group()
 
 
