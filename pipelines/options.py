@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from segcore.config import NormalizeConfig
+from segcore.errors import ConfigError
 from segcore.modeldir import LoadedModel
 
 DEFAULT_TILE = 512
@@ -63,7 +64,7 @@ class ModelInfo(BaseModel):
 
     def class_index(self, name: str) -> int:
         if name not in self.class_names:
-            raise ValueError(f"--only-class {name!r}: the model's classes are {self.class_names}; pick one of them")
+            raise ConfigError(f"--only-class {name!r}: the model's classes are {self.class_names}; pick one of them")
         return self.class_names.index(name)
 
 

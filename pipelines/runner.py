@@ -25,6 +25,7 @@ from pipelines.options import ModelInfo, SegmentOptions, default_halo
 from pipelines.plan import plan_batch
 from pipelines.progress import FileState, Tracker
 from pipelines.worker import TileSegmenter, peak_rss_mb
+from segcore.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def segment_archive(model: str, inputs: list[str], output: str | Path, run: RunC
     signature = opts.signature(info.digest)
     files = expand_inputs(inputs, exclude=layout.root)
     if not files:
-        raise FileNotFoundError(f"--input {' '.join(inputs)}: no image files found; check the paths and globs")
+        raise ConfigError(f"--input {' '.join(inputs)}: no image files found; check the paths and globs")
     items = _todo(files, assign_stems(files), layout, signature, run, report)
     log.info("%d inputs: %d to segment, %d already done (manifest %s)", len(files), len(items),
              len(report.skipped), layout.manifest)

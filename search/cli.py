@@ -68,15 +68,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m search``: the same as ``gigaseg search``."""
-    parser = argparse.ArgumentParser(prog="python -m search", description=DESCRIPTION)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        return run_cli(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        log.error("%s", err)
-        return 2
+    """``python -m search``: the same arguments, logging and errors as ``gigaseg search``."""
+    from segcore.cli import module_main
+
+    return module_main("python -m search", DESCRIPTION, add_arguments, run_cli, argv)

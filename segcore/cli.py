@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
+from segcore.errors import UserError
+
 log = logging.getLogger("gigaseg")
 
 
@@ -41,7 +43,6 @@ def _add_unavailable(sub: argparse._SubParsersAction, name: str, err: ImportErro
     p.set_defaults(func=fail)
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -53,14 +54,19 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """Run a subcommand; user-facing errors (bad config, bad file, unknown name) carry their own
-    fix, so they are logged as one line with exit status 2 instead of a traceback."""
+    """Run a subcommand. The project's user errors (:class:`segcore.errors.UserError`: bad config,
+    bad file, unknown name, unusable model folder) carry their own fix, so they are logged as one
+    line with exit status 2; anything else is a bug and keeps its traceback. Ctrl-C is one line
+    and exit status 130 (commands that can resume say so themselves)."""
     setup_logging(getattr(args, "verbose", False))
     try:
         return int(func(args) or 0)
-    except USER_ERRORS as err:
+    except UserError as err:
         log.error("%s", err)
         return 2
+    except KeyboardInterrupt:
+        log.error("stopped (Ctrl-C)")
+        return 130
 
 
 def module_main(

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from segcore.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
+
 FreezeStrategy = Literal["full", "frozen-encoder", "random-init", "staged"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 ScheduleName = Literal["cosine_restarts", "one_cycle", "constant"]
@@ -122,8 +124,6 @@ class TrainConfig(Strict):
     binary_threshold: float = 0.5
 
 
-class ConfigError(ValueError):
-    """A config file or dict that does not validate; the message names the file and the bad keys."""
 
 
 def format_validation_error(source: str, err: ValidationError, what: str = "config",

@@ -44,6 +44,8 @@ from torch import nn
 
 from segcore.config import LossConfig
 from segcore.registry import Registry
+from segcore.errors import ConfigError
+from segcore.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -302,16 +304,16 @@ def _check_weights(where: str, weights: dict[str, float]) -> None:
     for name, w in weights.items():
         LOSSES.get(name)  # raises the "did you mean" error for a typo
         if not math.isfinite(w) or w < 0:
-            raise ValueError(f"{where}: weight of {name!r} is {w}; use a finite number >= 0.")
+            raise ConfigError(f"{where}: weight of {name!r} is {w}; use a finite number >= 0.")
     if not any(w > 0 for w in weights.values()):
-        raise ValueError(f"{where}: {weights or '{}'} has no term with a weight > 0; add one, e.g. {{dice: 1.0}}.")
+        raise ConfigError(f"{where}: {weights or '{}'} has no term with a weight > 0; add one, e.g. {{dice: 1.0}}.")
 
 
 def _phases(cfg: LossConfig) -> list[tuple[int, dict[str, float]]]:
     """``cfg.terms`` from epoch 0, then each schedule phase; a phase at epoch 0 replaces ``cfg.terms``."""
     starts = [p.start_epoch for p in cfg.schedule]
     if len(set(starts)) != len(starts):
-        raise ValueError(f"loss.schedule: start_epoch values {starts} repeat; give each phase its own epoch.")
+        raise ConfigError(f"loss.schedule: start_epoch values {starts} repeat; give each phase its own epoch.")
     phases = [(p.start_epoch, dict(p.terms)) for p in cfg.schedule]
     if 0 not in starts:
         phases.insert(0, (0, dict(cfg.terms)))
@@ -335,7 +337,7 @@ def _resolve_class_weights(cfg: LossConfig, num_classes: int, class_weights: obj
     w = torch.as_tensor(np.asarray(class_weights), dtype=torch.float32)
     n = max(num_classes, 2)
     if w.shape != (n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError(f"loss: class_weights must be {n} finite values >= 0 (one per label class), "
+        raise ConfigError(f"loss: class_weights must be {n} finite values >= 0 (one per label class), "
                          f"got {w.tolist()}; compute them with inverse_frequency_weights(masks, {num_classes}).")
     return w
 
@@ -345,9 +347,9 @@ def build_loss(cfg: LossConfig, num_classes: int, class_weights: torch.Tensor | 
     if num_classes < 1:
         raise ValueError(f"loss: num_classes must be >= 1, got {num_classes}.")
     if cfg.focal_alpha is not None and not 0.0 <= cfg.focal_alpha <= 1.0:
-        raise ValueError(f"loss.focal_alpha is {cfg.focal_alpha}; use a value in [0, 1] or null.")
+        raise ConfigError(f"loss.focal_alpha is {cfg.focal_alpha}; use a value in [0, 1] or null.")
     if cfg.tversky_alpha < 0 or cfg.tversky_beta < 0:
-        raise ValueError("loss.tversky_alpha and loss.tversky_beta must be >= 0; "
+        raise ConfigError("loss.tversky_alpha and loss.tversky_beta must be >= 0; "
                          f"got {cfg.tversky_alpha}, {cfg.tversky_beta}.")
     phases = _phases(cfg)
     weights = _resolve_class_weights(cfg, num_classes, class_weights)
@@ -378,7 +380,7 @@ def inverse_frequency_weights(masks: Iterable[np.ndarray], num_classes: int,
         counts += np.bincount(labels.ravel(), minlength=n)
     total = counts.sum()
     if total == 0:
-        raise ValueError("inverse_frequency_weights: the masks hold no labelled pixel; "
+        raise DataError("inverse_frequency_weights: the masks hold no labelled pixel; "
                          "check the dataset or set loss.class_weighting to 'none'.")
     present = counts > 0
     weights = np.zeros(n, dtype=np.float64)

@@ -20,6 +20,7 @@ import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
 import yaml
+from segcore.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def _model_dir_in(local: Path) -> Path:
             return local / artifact["path"]
     found = sorted(p.parent for p in local.rglob("config.json") if (p.parent / "model.safetensors").is_file())
     if not found:
-        raise FileNotFoundError(f"{local}: no gigaseg model directory (config.json + model.safetensors) inside.")
+        raise ModelError(f"{local}: no gigaseg model directory (config.json + model.safetensors) inside.")
     return found[0]
 
 

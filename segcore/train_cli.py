@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from segcore.config import TrainConfig, flatten, load_yaml_config, parse_config, set_dotted
+from segcore.errors import ConfigError
 from segcore.tracking import log_flat_params, mlflow_ui_command, setup_mlflow
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for item in args.set or []:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.weight_decay=0.01")
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.weight_decay=0.01")
         set_dotted(data, key, yaml.safe_load(raw))
     return parse_config(data, TrainConfig, source="gigaseg train")
 
@@ -61,7 +62,7 @@ def parse_loss_terms(text: str) -> dict[str, float]:
         try:
             terms[name.strip()] = float(weight) if sep else 1.0
         except ValueError:
-            raise ValueError(f"--loss {text!r}: weight {weight!r} is not a number; use e.g. dice=1,focal=0.5") from None
+            raise ConfigError(f"--loss {text!r}: weight {weight!r} is not a number; use e.g. dice=1,focal=0.5") from None
     return terms
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
+from segcore.errors import ConfigError
 
 from segcore.data.spec import IGNORE
 
@@ -88,7 +89,7 @@ def build_augmentation(strength: float, photometric: bool = True) -> A.Compose |
     ``photometric=False`` keeps only the geometric part (useful to check alignment).
     """
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"augmentation strength must be in [0, 1], got {strength}")
+        raise ConfigError(f"augmentation strength must be in [0, 1], got {strength}")
     if strength == 0:
         return None
     transforms = _geometric(strength)

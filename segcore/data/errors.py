@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from segcore.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad input data. The message reads ``"<file>: <what is wrong>. <fix>"``.
 
     Build it either from a finished message, ``DataError("a.png: ...")``, or from its parts,

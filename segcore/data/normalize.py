@@ -30,6 +30,7 @@ import numpy as np
 
 from segcore.config import NormalizeConfig
 from segcore.data.errors import DataError
+from segcore.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def compute_norm_stats(
         raise DataError(src, "no finite pixel values to compute normalisation from", "check the image")
     if mode == "percentile":
         if not 0 <= cfg.low_percentile < cfg.high_percentile <= 100:
-            raise ValueError(f"normalize: need 0 <= low_percentile < high_percentile <= 100, got "
+            raise ConfigError(f"normalize: need 0 <= low_percentile < high_percentile <= 100, got "
                              f"{cfg.low_percentile}, {cfg.high_percentile}")
         lo, hi = np.percentile(values, [cfg.low_percentile, cfg.high_percentile])
         return NormStats(float(lo), 1.0 / float(hi - lo) if hi > lo else 1.0)

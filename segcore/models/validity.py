@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from segcore.errors import UserError
 from segcore.registry import UnknownNameError
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ PAN_MIN_DEEPEST = 8
 DEFAULT_TIMM_ENCODERS = ("tu-vit_tiny_patch16_224", "tu-vit_small_patch16_224")
 
 
-class InvalidCombinationError(ValueError):
+class InvalidCombinationError(UserError, ValueError):
     """An architecture/encoder/size combination smp cannot build or run; says why and what works."""
 
 

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from segcore.config import ModelConfig
+from segcore.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ _FILE_HINT = (
 )
 
 
-class EncoderWeightsError(ValueError):
+class EncoderWeightsError(UserError, ValueError):
     """Encoder weights that cannot be found, read or loaded; the message says how to fix it."""
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from segcore.errors import ConfigError
 from PIL import Image
 from scipy.special import erf
 
@@ -148,7 +150,7 @@ def write_ccd_fits(path: str | Path, n_hdus: int = 4, height: int = 256, width: 
     from astropy.io import fits
 
     if n_hdus < 1 or height < 8 or width < 8:
-        raise ValueError(f"need n_hdus >= 1 and a size of at least 8x8, got {n_hdus}, {height}x{width}")
+        raise ConfigError(f"need n_hdus >= 1 and a size of at least 8x8, got {n_hdus}, {height}x{width}")
     rng = rng_for(seed, 0)
     glows = rng.random(n_hdus) < 0.6
     glows[int(rng.integers(n_hdus))] = True  # at least one glowing amplifier per file
@@ -170,7 +172,7 @@ def generate_ccd(out: str | Path, n: int, size: int = 256, seed: int = 0, n_hdus
     """Write ``n`` multi-HDU FITS frames with per-HDU PNG masks ``<stem>_AMP<k>.png`` and a
     dataset.yaml that normalises with the header calibration (``fits_header``)."""
     if n < 1 or size < 16:
-        raise ValueError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
+        raise ConfigError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
     images, masks = prepare_dataset_dir(out)
     for i in range(n):
         labels = write_ccd_fits(images / f"ccd_{i:04d}.fits", n_hdus, size, size,

@@ -23,6 +23,8 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+
+from segcore.errors import ConfigError
 from PIL import Image
 
 from segcore.data.spec import DatasetSpec
@@ -160,7 +162,7 @@ def generate_sem(out: str | Path, n: int, size: int = 256, seed: int = 0) -> Pat
     import tifffile
 
     if n < 1 or size < 16:
-        raise ValueError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
+        raise ConfigError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
     images, masks = prepare_dataset_dir(out)
     for i in range(n):
         image_seed = int(rng_for(seed, i).integers(2**31))
@@ -245,7 +247,7 @@ def write_sem_bigtiff(path: str | Path, height: int, width: int, tile: int = 512
     import tifffile
 
     if tile % 16 or tile < 16 or height < 1 or width < 1:
-        raise ValueError(f"need tile a positive multiple of 16 and a positive size, got tile={tile}, "
+        raise ConfigError(f"need tile a positive multiple of 16 and a positive size, got tile={tile}, "
                          f"{height}x{width}")
     path = Path(path)
     workers = workers or max(1, min(8, os.cpu_count() or 1))

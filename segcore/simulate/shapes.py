@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
+
+from segcore.errors import ConfigError
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -64,7 +66,7 @@ def render_shapes(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.n
 def generate_shapes(out: str | Path, n: int, size: int = 128, seed: int = 0) -> Path:
     """Write ``n`` 8-bit PNG images + class-id PNG masks + dataset.yaml into ``out``."""
     if n < 1 or size < 16:
-        raise ValueError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
+        raise ConfigError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
     images, masks = prepare_dataset_dir(out)
     for i in range(n):
         image, mask = render_shapes(size, rng_for(seed, i))
