@@ -25,7 +25,7 @@ import torch
 
 from segcore.config import ModelConfig
 from segcore.data.normalize import apply_norm, compute_norm_stats
-from segcore.modeldir import load_model
+from segcore.modelref import load_model
 from segcore.models import build_model
 from segcore.simulate.sem import render_sem
 from segcore.tiling import forward_pixels_per_output, pad_to_multiple, predict_tiled, predict_whole

@@ -35,7 +35,8 @@ from pipelines.runner import RunConfig, segment_archive
 from pipelines.worker import peak_rss_mb
 from segcore.config import ModelConfig, TrainConfig
 from segcore.data.normalize import apply_norm, compute_norm_stats
-from segcore.modeldir import ModelCard, load_model, save_model_dir
+from segcore.modeldir import ModelCard, save_model_dir
+from segcore.modelref import load_model
 from segcore.models import build_model
 from segcore.tiling import grid_shape, pad_to_multiple, union_read, window_at, window_from_block
 

@@ -36,6 +36,7 @@ def value_names(opts: SegmentOptions, info: ModelInfo) -> tuple[list[str], list[
 
 def _image_summary(plan: ImagePlan, names: list[str], counts: np.ndarray, shapes: list[tuple[int, int]],
                    root: Path) -> dict:
+    counts, nodata = counts[:-1], int(counts[-1])
     total = int(counts.sum())
     done = done_units(plan.state).values()
     return {
@@ -43,6 +44,7 @@ def _image_summary(plan: ImagePlan, names: list[str], counts: np.ndarray, shapes
         "zarr": str(Path(plan.group).relative_to(root)), "levels": [list(s) for s in shapes],
         "pixel_counts": {n: int(c) for n, c in zip(names, counts, strict=True)},
         "area_fractions": {n: (float(c) / total if total else 0.0) for n, c in zip(names, counts, strict=True)},
+        "nodata_pixels": nodata, "nodata_value": omezarr.NODATA,
         "normalisation": {"offset": plan.norm_offset, "scale": plan.norm_scale},
         "work_s": {k: round(sum(float(d.get(f"t_{k}", 0.0)) for d in done), 3) for k in ("read", "predict", "write")},
         "windows": sum(int(d.get("n_windows", 0)) for d in done), "warnings": plan.warnings,
@@ -97,6 +99,7 @@ def finalize_file(states: list[str], opts_json: dict, info_json: dict, out: str,
         images.append(summary)
         panels.append((plan.name, level))
     counts = np.sum([[im["pixel_counts"][n] for n in names] for im in images], axis=0)
+    nodata = sum(im["nodata_pixels"] for im in images)
     total = int(counts.sum())
     fractions = [float(c) / total if total else 0.0 for c in counts]
     stem = plans[0].stem
@@ -105,6 +108,11 @@ def finalize_file(states: list[str], opts_json: dict, info_json: dict, out: str,
     if plans[0].index >= 0:
         outputs.update(_fits_products(layout, plans, opts, info, names))
     summary = _summary(plans, opts, info, names, counts, fractions, images, outputs)
+    summary.update(nodata_pixels=nodata, nodata_value=omezarr.NODATA,
+                   warnings=[w for im in images for w in im["warnings"]])
+    if nodata:
+        log.warning("%s: %d NaN/inf pixels written as no-data (label %d), not as a class; area fractions "
+                    "are of the other pixels", plans[0].file, nodata, omezarr.NODATA)
     summary["timings"] = {"segment_span_s": round(span_s, 3), "finalize_s": round(time.perf_counter() - t0, 3),
                           **{f"{k}_s": round(sum(im["work_s"][k] for im in images), 3)
                              for k in ("read", "predict", "write")}}

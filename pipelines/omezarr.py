@@ -29,6 +29,7 @@ import numpy as np
 import zarr
 
 OME_VERSION = "0.5"
+NODATA = 255  # label value of pixels whose input was NaN/inf (see pipelines.predictor)
 LEVEL0 = "0"
 PROBABILITIES = "probabilities"
 UNCERTAINTY = "uncertainty"
@@ -108,24 +109,25 @@ def _chunks(shape: tuple[int, int], tile: int) -> Iterator[tuple[slice, slice]]:
 
 def build_pyramid(path: Path, tile: int, n_values: int) -> tuple[list[tuple[int, int]], np.ndarray]:
     """Write levels 1..L chunk by chunk from the level below; return level shapes and the
-    per-value pixel counts of level 0 (counted while it is read for level 1)."""
+    pixel counts of level 0 (counted while it is read for level 1): one per value 0..n_values-1,
+    then the no-data count (value :data:`NODATA`) last."""
     group = zarr.open_group(str(path), mode="r+")
     src = group[LEVEL0]
     shapes = level_shapes(tuple(src.shape), tile)
-    counts = np.zeros(max(n_values, 1), dtype=np.int64)
+    counts = np.zeros(256, dtype=np.int64)
     if len(shapes) == 1:
         for rows, cols in _chunks(shapes[0], tile):
-            counts += np.bincount(src[rows, cols].ravel(), minlength=len(counts))[: len(counts)]
+            counts += np.bincount(src[rows, cols].ravel(), minlength=256)
     for level, shape in enumerate(shapes[1:], 1):
         dst = group.create_array(str(level), shape=shape, chunks=(tile, tile), dtype="uint8", fill_value=0,
                                  dimension_names=["y", "x"], overwrite=True)
         for rows, cols in _chunks(shape, tile):
             block = src[2 * rows.start : 2 * rows.stop, 2 * cols.start : 2 * cols.stop]
             if level == 1:
-                counts += np.bincount(block.ravel(), minlength=len(counts))[: len(counts)]
+                counts += np.bincount(block.ravel(), minlength=256)
             dst[rows, cols] = mode_downsample(block)[: rows.stop - rows.start, : cols.stop - cols.start]
         src = dst
-    return shapes, counts
+    return shapes, np.append(counts[: max(n_values, 1)], counts[NODATA])
 
 
 def write_metadata(path: Path, name: str, n_levels: int, labels: list[str],
@@ -147,7 +149,8 @@ def write_metadata(path: Path, name: str, n_levels: int, labels: list[str],
         }],
         "image-label": {
             "colors": [{"label-value": i, "rgba": [*map(int, c), 255]} for i, c in enumerate(colors)],
-            "properties": [{"label-value": i, "class": n} for i, n in enumerate(labels)],
+            "properties": [{"label-value": i, "class": n} for i, n in enumerate(labels)]
+            + [{"label-value": NODATA, "class": "no data (NaN/inf input)"}],
         },
     }
     group = zarr.open_group(str(path), mode="r+")

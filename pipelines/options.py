@@ -13,10 +13,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from segcore import modelref
 from segcore.config import NormalizeConfig
 from segcore.errors import ConfigError
 from segcore.modeldir import LoadedModel
 
+DEFAULT_COLORS = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                  (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
 DEFAULT_TILE = 512
 DEFAULT_HALO = 128  # SegmentOptions default; segment_archive uses default_halo(model) instead
 HALO_STRIDES = 4  # default halo = 4 x the model's total stride (128 px for a depth-5 U-Net), see default_halo
@@ -60,7 +63,20 @@ class ModelInfo(BaseModel):
     class_colors: list[tuple[int, int, int]]
     normalize: NormalizeConfig
     in_channels: int
-    stride: int  # inputs are padded to a multiple of this
+    stride: int  # inputs are padded to a multiple of this (LoadedModel.size_multiple)
+    input_range: tuple[float, float] | None = None  # normalised range seen in training (card)
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, ref: str) -> ModelInfo:
+        """The card facts the planning and finishing stages need, from a loaded pinned ``ref``."""
+        card = loaded.card
+        k = len(card.class_names)
+        colors = [tuple(int(v) for v in c) for c in (card.class_colors or [])]
+        colors += [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(len(colors), k)]
+        return cls(ref=ref, digest=modelref.digest(ref), class_names=list(card.class_names),
+                   class_colors=colors[:k], normalize=card.train.normalize,
+                   in_channels=card.train.model.in_channels, stride=loaded.size_multiple,
+                   input_range=loaded.input_range)
 
     def class_index(self, name: str) -> int:
         if name not in self.class_names:
@@ -76,3 +92,10 @@ def default_halo(loaded: LoadedModel) -> int:
     if isinstance(value, int | float) and value >= 0:
         return int(value)
     return HALO_STRIDES * 2 ** int(loaded.card.train.model.arch_kwargs.get("encoder_depth", 5))
+
+
+def load_for_run(ref: str, tracking_uri: str | None) -> tuple[LoadedModel, ModelInfo]:
+    """Pin, load on the CPU (validates the reference before any work starts) and summarise."""
+    pinned = modelref.pin(ref, tracking_uri)
+    loaded = modelref.load_model(pinned, device="cpu", tracking_uri=tracking_uri)
+    return loaded, ModelInfo.from_loaded(loaded, pinned)

@@ -20,6 +20,7 @@ from astropy.io import fits
 
 from pipelines.readers import ImageSource, register_reader, safe_name
 from segcore.data.errors import DataError
+from segcore.data.fitsheader import inherited_header
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class FitsSource(ImageSource):
     def __init__(self, path: Path, hdul: fits.HDUList, index: int, name: str) -> None:
         hdu = hdul[index]
         header = hdu.header
-        super().__init__(path, name=name, index=index, header=_plain_header(header))
+        super().__init__(path, name=name, index=index, header=inherited_header(header, hdul[0].header))
         self._hdul = hdul
         self._compressed = isinstance(hdu, fits.CompImageHDU)
         self._raw = hdu.section if self._compressed else hdu.data
@@ -84,15 +85,6 @@ class FitsSource(ImageSource):
 
     def close(self) -> None:
         self._hdul.close()
-
-
-def _plain_header(header: fits.Header) -> dict[str, Any]:
-    """Header cards as a JSON-friendly dict (commentary cards dropped)."""
-    out: dict[str, Any] = {}
-    for key, value in header.items():
-        if key and key not in ("COMMENT", "HISTORY", ""):
-            out[key] = value if isinstance(value, bool | int | float | str) else str(value)
-    return out
 
 
 def _is_image(hdu: Any) -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 from pipelines import omezarr
 from pipelines.options import ModelInfo, SegmentOptions
 from pipelines.plan import ImagePlan, to_model_channels
-from pipelines.predictor import build_predictor, entropy_from, labels_from
+from pipelines.predictor import PostProcessor, Products, build_predictor
 from pipelines.readers import ImageSource, open_source
 from segcore.data.normalize import NormStats, apply_norm
 from segcore.tiling import Window, union_read, window_at, window_from_block
@@ -31,7 +31,7 @@ from segcore.tiling import Window, union_read, window_at, window_from_block
 log = logging.getLogger(__name__)
 
 RESULT_KEYS = ("file", "stem", "key", "state", "status", "unit", "n_units", "n_images", "error",
-               "n_windows", "counts", "t_read", "t_predict", "t_write", "pid", "node", "rss_mb")
+               "n_windows", "counts", "nodata", "t_read", "t_predict", "t_write", "pid", "node", "rss_mb")
 
 
 class _Cache(OrderedDict):
@@ -62,7 +62,7 @@ class TileSegmenter:
     def __init__(self, opts: dict[str, Any], info: dict[str, Any], threads: int | None = None) -> None:
         import torch
 
-        from segcore.modeldir import load_model
+        from segcore.modelref import load_model
 
         if threads:
             torch.set_num_threads(threads)
@@ -72,8 +72,8 @@ class TileSegmenter:
         if self.loaded.device.type == "cuda":
             self.loaded.model.to(memory_format=torch.channels_last)
         self.predict = build_predictor(self.loaded, self.opts, self.info.stride)
-        self.only = self.info.class_index(self.opts.only_class) if self.opts.only_class else None
-        self.n_values = 2 if self.only is not None else len(self.info.class_names)
+        only = self.info.class_index(self.opts.only_class) if self.opts.only_class else None
+        self.post = PostProcessor.for_run(self.loaded, self.opts, only)
         self._model_lock = threading.Lock()  # one forward pass at a time (GPU memory)
         self._cache_lock = threading.Lock()
         self._plans: _Cache = _Cache(1024)
@@ -90,7 +90,7 @@ class TileSegmenter:
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         out = {k: row.get(k, "") for k in ("file", "stem", "key", "state", "status", "error")}
         out.update(unit=int(row["unit"]), n_units=int(row["n_units"]), n_images=int(row["n_images"]),
-                   n_windows=0, counts="[]", t_read=0.0, t_predict=0.0, t_write=0.0)
+                   n_windows=0, counts="[]", nodata=0, t_read=0.0, t_predict=0.0, t_write=0.0)
         if row["status"] == "work":
             try:
                 out.update(self._segment_unit(row))
@@ -114,10 +114,9 @@ class TileSegmenter:
                    for j in range(int(row["col0"]), int(row["col1"]))]
         t0 = time.perf_counter()
         rows, cols = union_read(windows)
-        block = to_model_channels(source.read(rows, cols), plan.channels, self.info.in_channels)
-        block = apply_norm(block, NormStats(plan.norm_offset, plan.norm_scale))
+        block, nodata = read_normalised(source, rows, cols, plan, self.info.in_channels)
         t_read, t_predict, t_write = time.perf_counter() - t0, 0.0, 0.0
-        counts = np.zeros(self.n_values, dtype=np.int64)
+        counts, n_nodata = np.zeros(self.post.n_values, dtype=np.int64), 0
         step = self.opts.batch_size
         for i in range(0, len(windows), step):
             chunk = windows[i : i + step]
@@ -125,22 +124,50 @@ class TileSegmenter:
             with self._model_lock:  # time the forward pass only, not the wait for the other call
                 t0 = time.perf_counter()
                 proba = self.predict(batch)
+                products = [self.post(p[(slice(None), *w.crop)], _window_mask(nodata, (rows.start, cols.start), w))
+                            for w, p in zip(chunk, proba, strict=True)]
                 t1 = time.perf_counter()
-            for w, p in zip(chunk, proba, strict=True):
-                counts += self._write(arrays, w, p[(slice(None), *w.crop)])
+            for w, prod in zip(chunk, products, strict=True):
+                self._write(arrays, w, prod)
+                counts, n_nodata = counts + prod.counts, n_nodata + prod.nodata
             t_predict, t_write = t_predict + t1 - t0, t_write + time.perf_counter() - t1
-        return {"n_windows": len(windows), "counts": json.dumps(counts.tolist()),
+        return {"n_windows": len(windows), "counts": json.dumps(counts.tolist()), "nodata": n_nodata,
                 "t_read": t_read, "t_predict": t_predict, "t_write": t_write}
 
-    def _write(self, arrays: dict[str, Any], window: Window, proba: np.ndarray) -> np.ndarray:
-        """Write one window's products (labels last) and return its value counts."""
-        labels = labels_from(proba, self.only)
-        if omezarr.PROBABILITIES in arrays:
-            arrays[omezarr.PROBABILITIES][(slice(None), *window.write)] = proba.astype(np.float16)
-        if omezarr.UNCERTAINTY in arrays:
-            arrays[omezarr.UNCERTAINTY][window.write] = entropy_from(proba)
-        arrays[omezarr.LEVEL0][window.write] = labels
-        return np.bincount(labels.ravel(), minlength=self.n_values)[: self.n_values]
+    @staticmethod
+    def _write(arrays: dict[str, Any], window: Window, prod: Products) -> None:
+        """Write one window's products (labels last, so a unit is done when its labels are)."""
+        if prod.proba is not None and omezarr.PROBABILITIES in arrays:
+            arrays[omezarr.PROBABILITIES][(slice(None), *window.write)] = prod.proba
+        if prod.entropy is not None and omezarr.UNCERTAINTY in arrays:
+            arrays[omezarr.UNCERTAINTY][window.write] = prod.entropy
+        arrays[omezarr.LEVEL0][window.write] = prod.labels
+
+
+def read_normalised(source: ImageSource, rows: slice, cols: slice, plan: ImagePlan,
+                    in_channels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Model-ready (C, h, w) float32 pixels of a region, and its no-data mask (NaN/inf in any
+    channel; None when there is none). No-data pixels are fed to the model as 0 and labelled
+    :data:`pipelines.predictor.NODATA` afterwards."""
+    block = to_model_channels(source.read(rows, cols), plan.channels, in_channels)
+    nodata = None
+    if np.issubdtype(block.dtype, np.floating):
+        bad = ~np.isfinite(block).all(axis=0)
+        if bad.any():
+            nodata = bad
+    block = apply_norm(block, NormStats(plan.norm_offset, plan.norm_scale))
+    if nodata is not None:
+        block[:, nodata] = 0.0
+    return block, nodata
+
+
+def _window_mask(nodata: np.ndarray | None, origin: tuple[int, int], window: Window) -> np.ndarray | None:
+    """The part of a block's no-data mask under ``window``'s write region."""
+    if nodata is None:
+        return None
+    r, c = window.write[0].start - origin[0], window.write[1].start - origin[1]
+    return nodata[r : r + window.write[0].stop - window.write[0].start,
+                  c : c + window.write[1].stop - window.write[1].start]
 
 
 def _scalar(value: Any) -> Any:

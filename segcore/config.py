@@ -20,6 +20,7 @@ OptimizerName = Literal["adam", "adamw", "sgd"]
 ScheduleName = Literal["cosine_restarts", "one_cycle", "constant"]
 NormalizeMode = Literal["dtype_range", "percentile", "zscore", "fits_header", "none"]
 ClassWeighting = Literal["none", "inverse_frequency"]
+AdversarialMode = Literal["lsgan", "bce"]
 
 
 class Strict(BaseModel):
@@ -58,6 +59,23 @@ class LossPhase(Strict):
     terms: dict[str, float]
 
 
+class AdversarialConfig(Strict):
+    """pix2pix's conditional GAN term: the segmentation loss plays pix2pix's L1 role, plus
+    ``weight`` x the adversarial loss of a PatchGAN judging (image, label map) pairs.
+
+    ``weight: 0`` (the default) builds no discriminator and leaves training unchanged.
+    ``depth`` stride-2 layers plus two stride-1 layers (4x4 kernels): 3 gives pix2pix's 70x70
+    receptive field. ``lr`` and ``betas`` are the discriminator's own Adam (pix2pix: 2e-4, 0.5).
+    """
+
+    weight: float = Field(0.0, ge=0.0)
+    mode: AdversarialMode = "lsgan"
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    depth: int = Field(3, ge=1, le=6)
+    base_channels: int = Field(64, ge=1)
+
+
 class LossConfig(Strict):
     """A weighted sum of registered losses, e.g. ``{dice: 1.0, focal: 0.5}``, optionally scheduled."""
 
@@ -68,6 +86,7 @@ class LossConfig(Strict):
     focal_alpha: float | None = None
     tversky_alpha: float = 0.5
     tversky_beta: float = 0.5
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
 
 
 class FreezeConfig(Strict):

@@ -11,8 +11,9 @@ import numpy as np
 
 from segcore.data import load_samples, load_spec
 from segcore.metrics import ConfusionMatrix, format_report
-from segcore.modeldir import LoadedModel, load_model
-from segcore.tiling import predict_tiled
+from segcore.modeldir import LoadedModel
+from segcore.modelref import load_model
+from segcore.tiling import pad_to_multiple, predict_tiled
 from segcore.visualize import save_prediction_panel
 
 log = logging.getLogger(__name__)
@@ -26,11 +27,11 @@ class EvalResult:
 
 
 def predict_labels(loaded: LoadedModel, image: np.ndarray, tile: int, halo: int, batch_size: int = 8) -> np.ndarray:
-    """Whole-image class ids for a normalised (C, H, W) image, tiled like the pipeline."""
-    proba = predict_tiled(image, loaded.predict_proba, tile=tile, halo=halo, batch_size=batch_size)
-    if loaded.card.train.model.classes == 1:
-        return (proba[1] >= loaded.card.train.binary_threshold).astype(np.int64)
-    return proba.argmax(axis=0)
+    """Whole-image class ids for a normalised (C, H, W) image, tiled like the pipeline (inputs
+    padded to the model's size multiple; a binary head thresholded at its saved threshold)."""
+    predict = pad_to_multiple(loaded.predict_proba, loaded.size_multiple)
+    proba = predict_tiled(image, predict, tile=tile, halo=halo, batch_size=batch_size)
+    return loaded.labels_from_proba(proba)
 
 
 def evaluate(model_ref: str | Path, data_dir: str | Path, out_dir: str | Path, n_overlays: int = 4,

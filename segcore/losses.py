@@ -43,9 +43,9 @@ from segmentation_models_pytorch.losses import FocalLoss, LovaszLoss, SoftBCEWit
 from torch import nn
 
 from segcore.config import LossConfig
-from segcore.registry import Registry
-from segcore.errors import ConfigError
 from segcore.data.errors import DataError
+from segcore.errors import ConfigError
+from segcore.registry import Registry
 
 log = logging.getLogger(__name__)
 

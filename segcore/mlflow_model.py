@@ -20,6 +20,7 @@ import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
 import yaml
+
 from segcore.errors import ModelError
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
 """A model directory: ``config.json`` (everything to rebuild) + ``model.safetensors`` (weights).
 
-Loading never unpickles: weights are safetensors, config is JSON. A model reference is
-either such a directory or an MLflow URI (``models:/<name>@champion``, ``runs:/...``),
-resolved to a local directory by :mod:`segcore.mlflow_model`.
+Loading never unpickles: weights are safetensors, config is JSON, and the card is checked
+against the weights (class names and colours per output channel, every tensor present and of
+the right shape), so a folder that disagrees with itself is refused with one line naming the file.
+References (a directory or an MLflow URI) are resolved by :mod:`segcore.modelref`.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model as st_load_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_model as st_save_model
 
 from segcore.config import TrainConfig, parse_config
+from segcore.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "gigaseg-model/1"
+INPUT_RANGE_KEY = "input_range"  # ModelCard.extra: (0.5, 99.5) percentiles of the normalised training input
 
 
 @dataclass
@@ -50,7 +54,7 @@ class ModelCard:
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str) -> ModelCard:
         if data.get("format") != FORMAT:
-            raise ValueError(f"{source}: not a gigaseg model config (format {data.get('format')!r}, want {FORMAT!r}).")
+            raise ModelError(f"{source}: not a gigaseg model config (format {data.get('format')!r}, want {FORMAT!r}).")
         colors = data.get("class_colors")
         return cls(
             train=parse_config(data["train"], TrainConfig, source=source),
@@ -74,14 +78,52 @@ class LoadedModel:
     def num_classes(self) -> int:
         return len(self.card.class_names)
 
+    @property
+    def size_multiple(self) -> int:
+        """Every input side is padded to this multiple (see ``segcore.models.validity.input_multiple``)."""
+        from segcore.models.validity import input_multiple
+
+        m = self.card.train.model
+        return input_multiple(m.arch, m.encoder, m.arch_kwargs)
+
+    @property
+    def input_range(self) -> tuple[float, float] | None:
+        """The normalised range the model was trained on, if the card records it."""
+        value = self.card.extra.get(INPUT_RANGE_KEY)
+        return (float(value[0]), float(value[1])) if isinstance(value, list | tuple) and len(value) == 2 else None
+
+    @property
+    def binary(self) -> bool:
+        """A 1-channel head: labels are ``p >= card.train.binary_threshold``, not an argmax."""
+        return self.card.train.model.classes == 1
+
+    def labels_from_proba(self, proba: np.ndarray) -> np.ndarray:
+        """(K, H, W) probabilities -> int64 class ids, with the saved threshold for a binary head."""
+        if self.binary:
+            return (proba[1] >= self.card.train.binary_threshold).astype(np.int64)
+        return proba.argmax(axis=0)
+
     @torch.inference_mode()
-    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
-        """(N, C, h, w) normalised float32 -> (N, K, h, w) class probabilities (K >= 2)."""
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+    def predict_tensor(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) normalised float32 -> (N, K, h, w) class probabilities (K >= 2) as a float32
+        tensor on the model's device. On a GPU: bf16 autocast, channels-last, pinned host copies."""
+        if isinstance(batch, np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+            if self.device.type == "cuda":
+                x = x.pin_memory()
+        else:
+            x = batch.float()
+        x = x.to(self.device, non_blocking=True)
         use_amp = self.device.type == "cuda" and self.card.train.amp
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = self.model(x)
-        return logits_to_proba(logits.float()).cpu().numpy()
+        return logits_to_proba(logits.float())
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, h, w) normalised float32 -> (N, K, h, w) class probabilities (K >= 2), on the host."""
+        return self.predict_tensor(batch).cpu().numpy()
 
 
 def logits_to_proba(logits: torch.Tensor) -> torch.Tensor:
@@ -106,11 +148,32 @@ def read_card(path: str | Path) -> ModelCard:
     path = Path(path)
     cfg = path / CONFIG_FILE
     if not cfg.is_file():
-        raise FileNotFoundError(
+        raise ModelError(
             f"{path}: no {CONFIG_FILE}; a model reference must be a gigaseg model directory "
             "(written by `gigaseg train` or a search) or an MLflow URI such as models:/<name>@champion."
         )
-    return ModelCard.from_json(json.loads(cfg.read_text()), source=str(cfg))
+    try:
+        data = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{cfg}: not valid JSON ({err}). Restore the model folder from its source") from None
+    try:
+        card = ModelCard.from_json(data, source=str(cfg))
+    except (ConfigError, KeyError, TypeError) as err:
+        raise ModelError(f"{cfg}: not a valid model card ({err}). Restore the model folder from its source") from None
+    check_card(card, str(cfg))
+    return card
+
+
+def check_card(card: ModelCard, source: str) -> None:
+    """One class name (and colour, if given) per output class: a 1-channel head has 2 classes."""
+    channels = card.train.model.classes
+    want = 2 if channels == 1 else channels
+    fix = "Restore config.json from the training run (class_names must list one name per class)"
+    if len(card.class_names) != want:
+        raise ModelError(f"{source}: {len(card.class_names)} class_names {card.class_names} for a model with "
+                         f"{want} classes ({channels} output channel{'s' if channels > 1 else ''}). {fix}")
+    if card.class_colors is not None and len(card.class_colors) != want:
+        raise ModelError(f"{source}: {len(card.class_colors)} class_colors for {want} classes. {fix}")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -127,23 +190,29 @@ def load_model_dir(path: str | Path, device: str = "auto") -> LoadedModel:
     card = read_card(path)
     model_cfg = card.train.model.model_copy(update={"encoder_weights": None})  # weights come from the file
     model = build_model(model_cfg)
-    missing, unexpected = st_load_model(model, str(path / WEIGHTS_FILE), strict=True)
+    load_weights_strict(model, path / WEIGHTS_FILE)
     dev = pick_device(device)
     model.to(dev).eval()
     return LoadedModel(model=model, card=card, device=dev, source=str(path))
 
 
-def load_model(ref: str | Path, device: str = "auto", tracking_uri: str | None = None) -> LoadedModel:
-    """Load a model directory or an MLflow model URI (``models:/name@alias``, ``runs:/id/path``).
-
-    ``tracking_uri`` names the MLflow server of a URI; default: gigaseg's (``MLFLOW_TRACKING_URI``,
-    else the SQLite store under ``GIGASEG_HOME``).
-    """
-    ref_str = str(ref)
-    if ":/" in ref_str and not Path(ref_str).exists():
-        from segcore.mlflow_model import download_model_dir
-
-        loaded = load_model_dir(download_model_dir(ref_str, tracking_uri=tracking_uri), device)
-        loaded.source = ref_str
-        return loaded
-    return load_model_dir(ref_str, device)
+def load_weights_strict(model: torch.nn.Module, weights: Path) -> None:
+    """Load ``weights`` into ``model``: every tensor present, none extra, every shape equal."""
+    fix = "Restore model.safetensors from the training run, or retrain"
+    if not weights.is_file():
+        raise ModelError(f"{weights}: missing. {fix}")
+    try:
+        state = st_load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelError(f"{weights}: unreadable or truncated safetensors file ({err}). {fix}") from None
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or wrong:
+        what = "; ".join(part for part in (
+            f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+            f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
+            f"{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} in the file, "
+            f"{tuple(own[wrong[0]].shape)} by config.json)" if wrong else "") if part)
+        raise ModelError(f"{weights}: does not match config.json: {what}. {fix}, or restore the matching config.json")
+    model.load_state_dict(state, strict=True)

@@ -12,7 +12,8 @@ The predictor sees ``reflect_pad(image[read], pad)``, and only ``crop`` of its o
 receptive-field reach, tiled prediction equals whole-image prediction on the image
 reflect-padded by ``halo`` (:func:`predict_whole`); bit for bit for a purely local predictor.
 
-Predictor wrappers (each takes and returns a ``PredictFn``):
+Predictor wrappers (each takes and returns a ``PredictFn``; they work on numpy arrays and on
+torch tensors alike, so a GPU predictor keeps its probabilities on the device):
 
 * :func:`pad_to_multiple`: reflect-pad a batch up to a multiple of the model's stride, crop back.
 * :func:`flip_tta`: average the probabilities over horizontal/vertical flips.
@@ -32,7 +33,20 @@ import numpy as np
 
 Slice2D = tuple[slice, slice]
 Pad2D = tuple[tuple[int, int], tuple[int, int]]
-PredictFn = Callable[[np.ndarray], np.ndarray]  # (N, C, h, w) float32 -> (N, K, h, w) float32
+PredictFn = Callable[[np.ndarray], np.ndarray]  # (N, C, h, w) float32 -> (N, K, h, w) float32 (or tensors)
+
+
+def _is_tensor(x: object) -> bool:
+    return not isinstance(x, np.ndarray) and type(x).__module__.startswith("torch")
+
+
+def _flip(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """A contiguous flipped copy (numpy or torch)."""
+    if _is_tensor(x):
+        import torch
+
+        return torch.flip(x, axes)
+    return np.ascontiguousarray(np.flip(x, axes))
 
 
 @dataclass(frozen=True)
@@ -120,10 +134,27 @@ def reflect_pad(block: np.ndarray, pad: Pad2D) -> np.ndarray:
     axis is repeated instead."""
     if pad == ((0, 0), (0, 0)):
         return block
+    if _is_tensor(block):
+        return _reflect_pad_tensor(block, pad)
     full = [(0, 0)] * (block.ndim - 2) + list(pad)
     if min(block.shape[-2:]) > 1:
         return np.pad(block, full, mode="reflect")
     return np.pad(block, full, mode="edge")
+
+
+def _reflect_pad_tensor(block, pad: Pad2D):  # noqa: ANN001, ANN202 (torch is optional here)
+    """:func:`reflect_pad` for a (N, C, h, w) or (C, h, w) tensor; torch's reflect mode needs pads
+    smaller than the block, so larger ones (tiny images) go through numpy, with the same result."""
+    import torch
+    import torch.nn.functional as F
+
+    (top, bottom), (left, right) = pad
+    h, w = block.shape[-2:]
+    if max(top, bottom) < h and max(left, right) < w and min(h, w) > 1 and block.dtype.is_floating_point:
+        x = block if block.ndim == 4 else block[None]
+        out = F.pad(x, (left, right, top, bottom), mode="reflect")
+        return out if block.ndim == 4 else out[0]
+    return torch.from_numpy(reflect_pad(block.cpu().numpy(), pad)).to(block.device)
 
 
 def read_window(image: np.ndarray, window: Window) -> np.ndarray:
@@ -202,13 +233,14 @@ def flip_tta(predict: PredictFn, flips: Sequence[str] = ("none", "h", "v", "hv")
     def one(batch: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
         if not axes:
             return predict(batch)
-        return np.flip(predict(np.ascontiguousarray(np.flip(batch, axes))), axes)
+        return _flip(predict(_flip(batch, axes)), axes)
 
     def wrapped(batch: np.ndarray) -> np.ndarray:
-        total = one(batch, FLIPS[flips[0]]).astype(np.float32, copy=True)
+        total = one(batch, FLIPS[flips[0]])
+        total = total.float().clone() if _is_tensor(total) else total.astype(np.float32, copy=True)
         for name in flips[1:]:
             total += one(batch, FLIPS[name])
-        return total / np.float32(len(flips))
+        return total / len(flips)
 
     return wrapped
 
@@ -247,14 +279,17 @@ def blended_predictor(predict: PredictFn, sub_tile: int, overlap: float = 0.5) -
         weight = gaussian_weights(sh, sw)
         positions = [(r, c) for r in _starts(h, sh, step) for c in _starts(w, sw, step)]
         norm = np.zeros((h, w), dtype=np.float32)
-        acc = np.zeros(0, dtype=np.float32)
+        acc = None
         for r, c in positions:
-            p = predict(np.ascontiguousarray(batch[..., r : r + sh, c : c + sw]))
-            if acc.size == 0:
-                acc = np.zeros((batch.shape[0], p.shape[1], h, w), dtype=np.float32)
-            acc[..., r : r + sh, c : c + sw] += p * weight
+            sub = batch[..., r : r + sh, c : c + sw]
+            p = predict(sub.contiguous() if _is_tensor(sub) else np.ascontiguousarray(sub))
+            if acc is None:
+                acc = p.new_zeros((batch.shape[0], p.shape[1], h, w)) if _is_tensor(p) else \
+                    np.zeros((batch.shape[0], p.shape[1], h, w), dtype=np.float32)
+                wt = p.new_tensor(weight) if _is_tensor(p) else weight
+            acc[..., r : r + sh, c : c + sw] += p * wt
             norm[r : r + sh, c : c + sw] += weight
-        return acc / norm
+        return acc / (acc.new_tensor(norm) if _is_tensor(acc) else norm)
 
     return wrapped
 

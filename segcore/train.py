@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+from segcore.adversarial import AdversarialTerm, build_adversarial
 from segcore.config import TrainConfig
 from segcore.data import PatchDataset, Sample, build_augmentation, load_samples, load_spec
 from segcore.losses import build_loss, inverse_frequency_weights
@@ -90,6 +91,7 @@ class _Run:
     rank: int = 0
     world_size: int = 1
     history: list[dict[str, float]] = field(default_factory=list)
+    adversarial: AdversarialTerm | None = None  # pix2pix discriminator; None when loss.adversarial.weight is 0
 
     @property
     def bare_model(self) -> torch.nn.Module:
@@ -217,7 +219,9 @@ def build_run(cfg: TrainConfig, data_dir: str | Path, val_dir: str | Path | None
     scheduler = _build_scheduler(cfg, optimizer, max(1, len(loader)))
     loss_fn = build_loss(cfg.loss, len(spec.class_names), _class_weights(cfg, train_s, len(spec.class_names)))
     card = ModelCard(train=cfg, class_names=list(spec.class_names), class_colors=_spec_colors(spec))
-    return _Run(cfg, card, model, freeze, optimizer, scheduler, loss_fn.to(device), loader, patches, val_s, device, rank, world)
+    adversarial = build_adversarial(cfg, len(spec.class_names), device, world)  # last: weight 0 draws no RNG
+    return _Run(cfg, card, model, freeze, optimizer, scheduler, loss_fn.to(device), loader, patches, val_s, device, rank, world,
+                adversarial=adversarial)
 
 
 def _spec_colors(spec) -> list[tuple[int, int, int]] | None:
@@ -247,7 +251,11 @@ def train_one_epoch(run: _Run, epoch: int) -> float:
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = run.model(images)
         loss = run.loss_fn(logits.float(), masks)
-        loss.backward()
+        if run.adversarial is None:
+            loss.backward()
+        else:  # pix2pix: discriminator step on detached predictions; generator gets + weight x adversarial
+            run.adversarial.discriminator_step(images, masks, logits)
+            (loss + run.adversarial.generator_loss(images, logits)).backward()  # train_loss stays the seg loss
         run.optimizer.step()
         if run.scheduler is not None:
             run.scheduler.step()
@@ -334,6 +342,8 @@ def save_checkpoint(run: _Run, epoch: int, directory: Path) -> None:
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
         "history": json.dumps(run.history),
     }
+    if run.adversarial is not None:  # the discriminator lives in checkpoints, never in the model directory
+        state["adversarial"] = run.adversarial.state_dict()
     torch.save(state, directory / STATE_FILE)
 
 
@@ -348,6 +358,10 @@ def load_checkpoint(run: _Run, directory: Path) -> int:
     if run.scheduler is not None and state["scheduler"] is not None:
         run.scheduler.load_state_dict(state["scheduler"])
     run.history = json.loads(state["history"])
+    if run.adversarial is not None and state.get("adversarial") is not None:
+        run.adversarial.load_state_dict(state["adversarial"])
+    elif run.adversarial is not None:
+        log.warning("%s holds no discriminator state: the discriminator starts from scratch", directory)
     log.info("resumed from %s after epoch %d", directory, state["epoch"])
     return int(state["epoch"]) + 1
 
@@ -377,6 +391,7 @@ def train(
         scored = True
         metrics.update(train_loss=_all_reduce_mean(run, train_loss, 1), lr=run.optimizer.param_groups[-1]["lr"],
                        epoch_time_s=time.perf_counter() - t0)
+        metrics.update(run.adversarial.epoch_metrics() if run.adversarial is not None else {})
         run.history.append(metrics)
         log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_miou %.4f (%.1fs)", epoch + 1, run.cfg.epochs,
                  metrics["train_loss"], metrics["val_loss"], metrics["val_miou"], metrics["epoch_time_s"])

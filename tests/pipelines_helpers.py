@@ -13,7 +13,8 @@ from astropy.io import fits
 
 from segcore.config import ModelConfig, NormalizeConfig, TrainConfig
 from segcore.data.normalize import NormStats, apply_norm
-from segcore.modeldir import ModelCard, load_model, save_model_dir
+from segcore.modeldir import ModelCard, save_model_dir
+from segcore.modelref import load_model
 from segcore.models import build_model
 from segcore.tiling import flip_tta, pad_to_multiple, predict_whole
 

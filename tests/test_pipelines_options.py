@@ -16,7 +16,7 @@ from pipelines.plan import ImagePlan
 from pipelines.predictor import build_predictor
 from pipelines.runner import RunConfig, segment_archive
 from segcore.data.normalize import NormStats, apply_norm
-from segcore.modeldir import load_model
+from segcore.modelref import load_model
 from segcore.tiling import predict_tiled
 
 
@@ -70,8 +70,7 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
 
 
 def test_halo_default_comes_from_the_model_card(tmp_path: Path) -> None:
-    from pipelines.modelref import load_for_run
-    from pipelines.options import default_halo
+    from pipelines.options import default_halo, load_for_run
 
     plain, _ = load_for_run(str(make_model(tmp_path / "a")), tracking_uri="unused-for-a-directory")
     measured, info = load_for_run(str(make_model(tmp_path / "b", extra={"halo": 48})), "unused-for-a-directory")

@@ -25,7 +25,7 @@ from search import parse_search_spec, run_search
 from search.mlflow_runs import COMPLETED, STATUS_TAG, STOPPED, TRIAL_TAG
 from segcore.cli import main as gigaseg
 from segcore.mlflow_model import download_model_dir
-from segcore.modeldir import load_model
+from segcore.modelref import load_model
 from segcore.simulate import generate_shapes
 
 pytestmark = pytest.mark.ray

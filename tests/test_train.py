@@ -13,7 +13,7 @@ import torch
 
 from segcore.cli import main as gigaseg
 from segcore.config import TrainConfig, parse_config
-from segcore.modeldir import load_model
+from segcore.modelref import load_model
 from segcore.train import EpochReport, train
 
 TINY = {

@@ -15,9 +15,9 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
-from segcore.errors import ConfigError
 
 from segcore.data.spec import IGNORE
+from segcore.errors import ConfigError
 
 # Keras' shear_range=50 (the SEM study) maps x -> x - sin(50 deg) y; albumentations uses
 # tan(angle), so the same shear is atan(sin(50 deg)) ~ 37 deg here.

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from segcore.data.errors import DataError
+from segcore.data.fitsheader import inherited_header
 from segcore.data.spec import IGNORE, DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,6 @@ log = logging.getLogger(__name__)
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
 TIFF_SUFFIXES = (".tif", ".tiff")
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fits.fz")
-_SKIP_CARDS = {"COMMENT", "HISTORY", ""}
 
 
 @dataclass
@@ -123,10 +123,6 @@ def _read_tiff(path: Path) -> np.ndarray:
                     "save one 2-D image (with up to 4 channels) per file")
 
 
-def _header_dict(header: Any) -> dict[str, Any]:
-    return {k: v for k, v in header.items() if k not in _SKIP_CARDS}
-
-
 def _native(arr: np.ndarray) -> np.ndarray:
     arr = np.asarray(arr)
     return arr.astype(arr.dtype.newbyteorder("="), copy=False) if not arr.dtype.isnative else arr
@@ -140,7 +136,7 @@ def _read_fits(path: Path) -> list[RawImage]:
         for i, hdu in enumerate(hdul):
             if not hdu.is_image:
                 continue
-            header = _header_dict(hdu.header)  # before .data: astropy drops BZERO once scaled
+            header = inherited_header(hdu.header, hdul[0].header)  # before .data: astropy drops BZERO once scaled
             data = hdu.data
             if data is None:
                 continue

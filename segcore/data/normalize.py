@@ -78,12 +78,13 @@ def _finite(array: np.ndarray) -> np.ndarray:
 
 
 def _fits_header(header: dict[str, Any] | None, source: str) -> NormStats:
-    fix = (f"add {PEDESTAL_KEY} (ADU) and optionally {GAIN_KEY} (electrons per ADU) to every image HDU "
-           "header, or set normalize.mode: percentile in dataset.yaml")
+    fix = (f"add {PEDESTAL_KEY} (ADU) and optionally {GAIN_KEY} (electrons per ADU) to the image HDU "
+           "or the primary header (read through the INHERIT convention), or set normalize.mode: percentile")
     if header is None:
         raise DataError(source, "normalize.mode fits_header needs a FITS header, and this image has none", fix)
     if PEDESTAL_KEY not in header:
-        raise DataError(source, f"normalize.mode fits_header needs header key {PEDESTAL_KEY}, which is missing", fix)
+        raise DataError(source, f"normalize.mode fits_header needs header key {PEDESTAL_KEY}, which is in neither "
+                        "this HDU's header nor the primary header", fix)
     try:
         pedestal = float(header[PEDESTAL_KEY])
         gain = float(header.get(GAIN_KEY, 1.0))
@@ -135,3 +136,33 @@ def apply_norm(block: np.ndarray, stats: NormStats) -> np.ndarray:
     out -= np.float32(stats.offset)
     out *= np.float32(stats.scale)
     return out
+
+
+INPUT_RANGE_PERCENTILES = (0.5, 99.5)
+RANGE_TOLERANCE = 0.5  # of the training range's span, on each side
+RANGE_WARN_FRACTION = 0.05  # warn when more than this share of a sample falls outside
+
+
+def input_range(normalised: list[np.ndarray], max_pixels: int = 1 << 20) -> tuple[float, float]:
+    """The (0.5, 99.5) percentiles of normalised training pixels (saved on the model card)."""
+    per_image = max(1, max_pixels // max(len(normalised), 1))
+    values = np.concatenate([_finite(strided_sample(a, per_image, channels_last=False)) for a in normalised])
+    lo, hi = np.percentile(values, INPUT_RANGE_PERCENTILES) if values.size else (0.0, 1.0)
+    return float(lo), float(hi)
+
+
+def range_warning(sample: np.ndarray, trained: tuple[float, float] | None, source: str) -> str | None:
+    """A warning when a normalised ``sample`` of an input falls far outside the range the model
+    was trained on (e.g. float data taken as pre-scaled, or another detector's units); else None."""
+    values = _finite(sample)
+    if trained is None or values.size == 0:
+        return None
+    lo, hi = trained
+    margin = RANGE_TOLERANCE * max(hi - lo, 1e-6)
+    outside = float(np.mean((values < lo - margin) | (values > hi + margin)))
+    if outside <= RANGE_WARN_FRACTION:
+        return None
+    p_lo, p_hi = np.percentile(values, INPUT_RANGE_PERCENTILES)
+    return (f"{source}: {100 * outside:.0f}% of its normalised pixels lie far outside the range the model was "
+            f"trained on ([{lo:.3g}, {hi:.3g}]; this input spans [{p_lo:.3g}, {p_hi:.3g}]). The labels may be "
+            "meaningless: check the input's units and the model's normalize setting")

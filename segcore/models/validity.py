@@ -153,6 +153,22 @@ def _size_rule(arch: str, encoder: str, kw: dict[str, Any]) -> tuple[int, int]:
     return stride, minimum
 
 
+def input_multiple(arch: str, encoder: str, arch_kwargs: dict[str, Any] | None = None) -> int:
+    """The multiple every model input side is padded to, by training's validation and by ``segment``
+    alike: the model's size rule, and for size-free decoders (Unet, ResUNet) their total stride
+    2**depth all the same, so a tile and the whole image meet the encoder at the same stride phase."""
+    kw = dict(arch_kwargs or {})
+    multiple, _ = _size_rule(arch, encoder, kw)
+    if arch in SIZE_FREE_ARCHS:
+        multiple = 2 ** int(kw.get("encoder_depth", DEFAULT_DEPTH.get(arch, 5)))
+    return max(multiple, 1)
+
+
+def min_input_size(arch: str, encoder: str, arch_kwargs: dict[str, Any] | None = None) -> int:
+    """The smallest input side the model accepts (inputs below it are padded up to it)."""
+    return _size_rule(arch, encoder, dict(arch_kwargs or {}))[1]
+
+
 def valid_sizes(arch: str, encoder: str, arch_kwargs: dict[str, Any] | None = None, n: int = 4) -> list[int]:
     """The ``n`` smallest input sizes (>= 32) ``arch`` + ``encoder`` accepts."""
     multiple, minimum = _size_rule(arch, encoder, dict(arch_kwargs or {}))

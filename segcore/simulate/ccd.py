@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-
-from segcore.errors import ConfigError
 from PIL import Image
 from scipy.special import erf
 
 from segcore.data.spec import DatasetSpec
+from segcore.errors import ConfigError
 from segcore.simulate.common import prepare_dataset_dir, rng_for, write_spec
 
 log = logging.getLogger(__name__)

@@ -23,11 +23,10 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-
-from segcore.errors import ConfigError
 from PIL import Image
 
 from segcore.data.spec import DatasetSpec
+from segcore.errors import ConfigError
 from segcore.simulate.common import gauss, hash2d, prepare_dataset_dir, rng_for, unit, write_spec
 
 log = logging.getLogger(__name__)

@@ -10,12 +10,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-
-from segcore.errors import ConfigError
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from segcore.data.spec import DatasetSpec
+from segcore.errors import ConfigError
 from segcore.simulate.common import prepare_dataset_dir, rng_for, write_spec
 
 log = logging.getLogger(__name__)
