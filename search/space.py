@@ -18,14 +18,26 @@ from __future__ import annotations
 import copy
 import math
 import random
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from segcore.config import ConfigError, Strict, TrainConfig, parse_config, set_dotted
+from pydantic import BaseModel
+
+from segcore.config import (
+    ConfigError,
+    Strict,
+    TrainConfig,
+    did_you_mean,
+    parse_config,
+    set_dotted,
+    unknown_key_message,
+)
 
 Kind = Literal["fixed", "choice", "loguniform", "uniform", "int"]
 RANGE_KINDS = ("loguniform", "uniform", "int")
+OPERATORS = ("choice", *RANGE_KINDS)
 
 ALIASES: dict[str, str] = {
     "architecture": "model.arch",
@@ -68,12 +80,13 @@ class Dimension:
         return self.kind == "fixed"
 
 
-def parse_dimension(key: str, raw: Any) -> Dimension:
+def parse_dimension(key: str, raw: Any, source: str = "") -> Dimension:
     """``{choice: [...]}``, ``{loguniform|uniform|int: [lo, hi]}`` or a plain (fixed) value."""
     path = ALIASES.get(key, key)
     key = _ALIAS_OF_PATH.get(path, key)
-    where = f"space.{key}"
-    if not (isinstance(raw, dict) and len(raw) == 1 and next(iter(raw)) in ("choice", *RANGE_KINDS)):
+    where = f"{source}: space.{key}" if source else f"space.{key}"
+    if not (isinstance(raw, dict) and len(raw) == 1 and next(iter(raw)) in OPERATORS):
+        _check_operator_typo(where, path, raw)
         return Dimension(key, path, "fixed", (raw,))
     kind, args = next(iter(raw.items()))
     if kind == "choice":
@@ -90,6 +103,44 @@ def parse_dimension(key: str, raw: Any) -> Dimension:
     if kind == "int" and not (float(lo).is_integer() and float(hi).is_integer()):
         raise ConfigError(f"{where}: int needs whole numbers, got [{lo}, {hi}]")
     return Dimension(key, path, kind, (int(lo), int(hi)) if kind == "int" else (float(lo), float(hi)))
+
+
+def _check_operator_typo(where: str, path: str, raw: Any) -> None:
+    """Refuse a dict that looks like a mistyped operator (``{choise: [...]}``), naming the bad key.
+
+    A fixed dict is legitimate only where a mapping is a value (a config section, ``arch_kwargs``,
+    per-encoder ``encoder_weights``); even there a lone key very close to an operator, holding a
+    list, is taken as a typo.
+    """
+    if not isinstance(raw, dict) or not raw:
+        return
+    ops = [k for k in raw if k in OPERATORS]
+    if ops:
+        raise ConfigError(f"{where}: {ops[0]!r} must be the only key, found {sorted(map(str, raw))}; "
+                          f"write e.g. {{{ops[0]}: [...]}} alone.")
+    mapping_ok = _accepts_mapping(path)
+    for op, args in raw.items():
+        if mapping_ok and not (len(raw) == 1 and isinstance(args, list)):
+            continue
+        hint = did_you_mean(str(op), OPERATORS, cutoff=0.75 if mapping_ok else 0.6)
+        if hint or not mapping_ok:
+            raise ConfigError(f"{where}.{op}: unknown operator {str(op)!r}{';' + hint if hint else ''} "
+                              f"(valid: {', '.join(OPERATORS)}, or a plain value).")
+
+
+def _accepts_mapping(path: str) -> bool:
+    """Whether a plain dict is a sensible fixed value at ``path`` (a section, a dict field, per-encoder weights)."""
+    node: Any = TrainConfig
+    for part in path.split("."):
+        if not (isinstance(node, type) and issubclass(node, BaseModel)):
+            return True  # below a free dict (arch_kwargs, loss.terms): any value
+        field = node.model_fields.get(part)
+        if field is None:
+            return True  # an unknown key: check_path reports it
+        node = field.annotation
+    if path == "model.encoder_weights":
+        return True  # encoder -> weights file
+    return (isinstance(node, type) and issubclass(node, BaseModel)) or node is dict or typing.get_origin(node) is dict
 
 
 def is_per_arch(value: Any) -> bool:
@@ -112,9 +163,12 @@ def check_path(path: str) -> str | None:
             return None
         fields = model.model_fields
         if part not in fields:
-            prefix = ".".join(parts[:i])
-            names = ", ".join(sorted(fields))
-            return f"unknown key {part!r}{' in ' + prefix if prefix else ''} (valid: {names})"
+            if i == 0:  # a space key: shorthand names first, then TrainConfig sections
+                hint = did_you_mean(part, [*ALIASES, *fields])
+                return (f"unknown key {part!r}{';' + hint if hint else ''} (valid: the shorthands "
+                        f"{', '.join(sorted(ALIASES))}; or a dotted TrainConfig path, e.g. optim.lr, under "
+                        f"{', '.join(sorted(fields))})")
+            return unknown_key_message(part, fields, ".".join(parts[:i]))
         ann = fields[part].annotation
         if isinstance(ann, type) and issubclass(ann, Strict):
             model = ann
@@ -157,7 +211,7 @@ class SearchSpace:
         """Parse and validate ``spec.base``, ``spec.space`` and ``spec.seed_configs``."""
         from search.validate import validate_space
 
-        dims = [parse_dimension(k, v) for k, v in spec.space.items()]
+        dims = [parse_dimension(k, v, source) for k, v in spec.space.items()]
         space = cls(copy.deepcopy(spec.base), _ordered(dims, source))
         validate_space(space, spec, source)
         return space

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from search.space import NONE_WORDS, Dimension, SearchSpace, check_path, is_per_arch, to_config_value
-from segcore.config import ConfigError, TrainConfig, parse_config, set_dotted
+from segcore.config import ConfigError, TrainConfig, did_you_mean, parse_config, set_dotted
 
 
 def validate_space(space: SearchSpace, spec: Any, source: str) -> None:
@@ -100,7 +100,9 @@ def _check_seeds(space: SearchSpace, spec: Any, source: str) -> None:
         for key, value in seed.items():
             dim = searched.get(key)
             if dim is None:
-                raise ConfigError(f"{where}.{key}: not a searched dimension (searched: {', '.join(searched)}).")
+                hint = did_you_mean(str(key), searched)
+                raise ConfigError(f"{where}.{key}: not a searched dimension{';' + hint if hint else ''} "
+                                  f"(searched: {', '.join(searched)}).")
             if key == "encoder" and "architecture" in searched and "architecture" not in seed:
                 raise ConfigError(f"{where}.encoder: also give architecture (encoders depend on it).")
             act = space.active(dim, seed)

@@ -7,6 +7,8 @@ Unknown keys are refused (``extra="forbid"``) so a typo names itself instead of 
 
 from __future__ import annotations
 
+import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -145,13 +147,60 @@ class TrainConfig(Strict):
 
 
 
+def did_you_mean(name: str, valid: typing.Iterable[str], cutoff: float = 0.6) -> str:
+    """`` did you mean 'x'?`` for the closest valid name (difflib), or ``""`` if none is close."""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=cutoff)
+    return f" did you mean {close[0]!r}?" if close else ""
+
+
+def unknown_key_message(name: str, valid: typing.Iterable[str], where: str = "") -> str:
+    """``unknown key 'lrr' in optim; did you mean 'lr'? (valid: ...)``: one wording for every config."""
+    names = sorted(valid)
+    message = f"unknown key {name!r}" + (f" in {where}" if where else "")
+    hint = did_you_mean(name, names)
+    if hint:
+        message += f";{hint}"
+    return f"{message} (valid: {', '.join(names)})"
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside ``Model``, ``Model | None`` or ``list[Model]`` annotations."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = [m for arg in typing.get_args(annotation) if (m := _model_of(arg)) is not None]
+    return models[0] if len(models) == 1 else None
+
+
+def fields_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names of the (nested) model that ``loc`` points into, or None below a free dict."""
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):  # a list index: stay on the list's item model
+            continue
+        field = model.model_fields.get(str(part))
+        model = _model_of(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else None
+
+
+def _error_line(e: Any, model: type[BaseModel] | None) -> str:
+    key = ".".join(str(p) for p in e["loc"]) or "<root>"
+    if e["type"] == "extra_forbidden" and e["loc"]:
+        valid = fields_at(model, tuple(e["loc"][:-1]))
+        if valid is not None:
+            return f"  {key}: {unknown_key_message(str(e['loc'][-1]), valid)}"
+    return f"  {key}: {e['msg']}"
+
+
 def format_validation_error(source: str, err: ValidationError, what: str = "config",
-                            schema: str = "segcore/config.py") -> str:
-    """One line per bad key (dotted path + pydantic's message), headed by the file and ended by the fix."""
+                            schema: str = "segcore/config.py", model: type[BaseModel] | None = None) -> str:
+    """One line per bad key (dotted path + pydantic's message), headed by the file and ended by the fix.
+
+    With ``model`` (the class validated), an unknown key also names the nearest valid key
+    (``optim.lrr: unknown key 'lrr'; did you mean 'lr'?``), because typos are the usual cause.
+    """
     lines = [f"{source}: invalid {what}"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {key}: {e['msg']}")
+    lines.extend(_error_line(e, model) for e in err.errors())
     lines.append(f"Fix the keys above (see {schema} for every field and its default).")
     return "\n".join(lines)
 
@@ -161,7 +210,7 @@ def parse_config(data: dict[str, Any], model: type[Strict] = TrainConfig, source
     try:
         return model.model_validate(data or {})
     except ValidationError as err:
-        raise ConfigError(format_validation_error(source, err)) from None
+        raise ConfigError(format_validation_error(source, err, model=model)) from None
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
