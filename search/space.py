@@ -49,6 +49,7 @@ ALIASES: dict[str, str] = {
     "focal_weight": "loss.terms.focal",
     "focal_gamma": "loss.focal_gamma",
     "ce_weight": "loss.terms.ce",
+    "adversarial_weight": "loss.adversarial.weight",  # pix2pix GAN term; 0 builds no discriminator
     "class_weighting": "loss.class_weighting",
     "lr": "optim.lr",
     "optimizer": "optim.name",

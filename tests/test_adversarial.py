@@ -177,3 +177,13 @@ def test_ddp_two_ranks_train_one_shared_discriminator(shapes_data, tmp_path):
     d0, d1 = (torch.load(tmp_path / f"ckpt{r}" / STATE_FILE, weights_only=True)["adversarial"]["discriminator"]
               for r in (0, 1))
     assert _same(d0, d1)  # gradients all-reduced: both ranks hold the same discriminator
+
+
+def test_adversarial_weight_is_a_search_dimension():
+    from search.space import SearchSpace, parse_dimension
+
+    dim = parse_dimension("adversarial_weight", {"uniform": [0.0, 0.5]})
+    assert dim.path == "loss.adversarial.weight"
+    space = SearchSpace(base={"loss": {"terms": {"dice": 1.0}}}, dims=[dim])
+    cfg = space.to_train_config({"adversarial_weight": 0.25})
+    assert cfg.loss.adversarial.weight == 0.25 and cfg.loss.terms == {"dice": 1.0}
