@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.lock import LOCK_NAME, TAKEOVER_NAME
 from pipelines.readers import reader_name, safe_name
+from segcore.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +66,72 @@ def _stem(path: Path) -> str:
     return safe_name(path.stem if path.suffix else name)
 
 
+RESERVED_STEMS = frozenset({LOCK_NAME, TAKEOVER_NAME})  # files of pipelines.lock next to the state folders
+
+
+def _name(path: Path, suffix: bool, depth: int) -> str:
+    """The stem (or the file name, suffix kept) with ``depth`` parent folders prefixed."""
+    parents = [safe_name(q.name) for q in list(path.parents)[:depth]][::-1]
+    return "__".join([*parents, safe_name(path.name) if suffix else _stem(path)])
+
+
+def _suffix_helps(group: list[Path], suffix: dict[Path, bool]) -> bool:
+    """Whether keeping the suffix may resolve this clash (a reserved name, or differing file names)."""
+    if all(suffix[p] for p in group):
+        return False
+    return len(group) == 1 or len({safe_name(p.name).casefold() for p in group}) > 1
+
+
 def assign_stems(paths: list[Path]) -> dict[Path, str]:
-    """Output stems: the file name without suffix; clashing names get parent folders prefixed
-    (``a/x.tif`` and ``b/x.tif`` -> ``a__x``, ``b__x``). Deterministic for a given input list."""
-    depth = {p: 0 for p in paths}
+    """A unique, readable output name per input; deterministic for a given input list.
 
-    def name(p: Path) -> str:
-        parents = [safe_name(q.name) for q in list(p.parents)[: depth[p]]][::-1]
-        return "__".join([*parents, _stem(p)])
-
-    for _ in range(64):
-        names: dict[str, list[Path]] = {}
+    The name is the file's stem; only names that clash (ignoring case, so outputs survive a
+    case-insensitive filesystem) grow: first the suffix is kept when it tells them apart
+    (``scan.tif``, ``scan.png``), then parent folders are prefixed until they differ
+    (``a__scan``, ``b__scan``), never up to the filesystem root. Raises :class:`ConfigError`
+    listing the inputs whose names cannot be made unique (``X.tif`` and ``x.tif`` in one
+    folder), so the run stops before any work."""
+    suffix, depth = dict.fromkeys(paths, False), dict.fromkeys(paths, 0)
+    while True:
+        groups: dict[str, list[Path]] = {}
         for p in paths:
-            names.setdefault(name(p), []).append(p)
-        clashes = [ps for ps in names.values() if len(ps) > 1]
+            groups.setdefault(_name(p, suffix[p], depth[p]).casefold(), []).append(p)
+        clashes = [ps for key, ps in groups.items() if len(ps) > 1 or key in RESERVED_STEMS]
         if not clashes:
-            break
+            return {p: _name(p, suffix[p], depth[p]) for p in paths}
         for ps in clashes:
-            for p in ps:
-                depth[p] += 1
-    return {p: name(p) for p in paths}
+            if _suffix_helps(ps, suffix):
+                suffix.update(dict.fromkeys(ps, True))
+                continue
+            stuck = [p for p in ps if depth[p] + 1 >= len(p.parents)]
+            if stuck:
+                raise ConfigError(
+                    "--input: these inputs would write to the same output name "
+                    f"({', '.join(sorted(str(p) for p in ps))}). Rename one of them, or segment them "
+                    "into different --output folders")
+            depth.update({p: depth[p] + 1 for p in ps})
+
+
+IDENTITY_BYTES = 64 << 10  # bytes hashed at the start of each input
+
+
+def _zarr_metadata(path: Path) -> list[Path]:
+    return [path / n for n in ("zarr.json", ".zarray", ".zgroup", ".zattrs") if (path / n).is_file()]
+
+
+def input_identity(path: str | Path) -> dict[str, Any]:
+    """What ties an output to one input: resolved path, size, mtime and the SHA-256 of the first
+    64 KiB (a zarr directory: of its top-level metadata). Recorded in each plan and manifest line,
+    so a reused output folder is never mistaken for the labels of another file of the same name."""
+    path = Path(path).resolve()
+    files = _zarr_metadata(path) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            digest.update(fh.read(IDENTITY_BYTES))
+    st = path.stat()
+    return {"path": str(path), "size": sum(f.stat().st_size for f in files), "mtime_ns": st.st_mtime_ns,
+            "head_sha256": digest.hexdigest()}
 
 
 def _inside_zarr(path: Path) -> bool:

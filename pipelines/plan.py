@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 
 from pipelines import omezarr
-from pipelines.layout import Layout
+from pipelines.layout import Layout, input_identity
 from pipelines.options import ModelInfo, SegmentOptions
 from pipelines.readers import ImageSource, open_sources
 from segcore.data.errors import DataError
 from segcore.data.normalize import compute_norm_stats
+from segcore.errors import OutputError, UserError
 from segcore.tiling import grid_shape
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class ImagePlan:
     signature: str
     slow: bool = False
     warnings: list[str] = field(default_factory=list)
+    identity: dict[str, Any] = field(default_factory=dict)  # layout.input_identity of the file segmented
 
     @property
     def units(self) -> list[tuple[int, int, int]]:
@@ -144,19 +146,45 @@ def _new_plan(source: ImageSource, key: str, stem: str, opts: SegmentOptions, in
     )
 
 
+OWNER_FIX = "pass --overwrite to replace them, or use another --output"
+
+
+def owner_problem(old_file: str, old_identity: dict[str, Any], identity: dict[str, Any],
+                  product: Path) -> str:
+    """Why the outputs at ``product`` (written for ``old_file``) are not this input's, or ""."""
+    if old_file != identity["path"]:
+        return f"{product} holds the labels of {old_file}, not {identity['path']}"
+    changed = [k for k in ("size", "mtime_ns", "head_sha256") if old_identity and old_identity.get(k) != identity[k]]
+    if changed:  # plans written before identities were recorded have none: their path must do
+        return (f"{product} holds the labels of an earlier version of {old_file} "
+                f"(changed since: {', '.join(changed)})")
+    return ""
+
+
+def check_owner(old_file: str, old_identity: dict[str, Any], identity: dict[str, Any], product: Path) -> None:
+    """Refuse (OutputError) to resume into outputs that belong to another file or version."""
+    problem = owner_problem(old_file, old_identity, identity, product)
+    if problem:
+        raise OutputError(f"{problem}: {OWNER_FIX}.")
+
+
 def prepare_image(source: ImageSource, stem: str, opts: SegmentOptions, info: ModelInfo,
-                  layout: Layout, signature: str) -> ImagePlan:
-    """Reuse the saved plan and output when the signature matches (resume); else start afresh."""
+                  layout: Layout, signature: str, identity: dict[str, Any]) -> ImagePlan:
+    """Reuse the saved plan and output when they are this input's (same identity) and the
+    signature matches (resume); re-plan when only settings or model changed; refuse with
+    :class:`OutputError` when they hold another file's labels (never overwrite them silently)."""
     state = layout.state(stem, source.name)
     key = f"{stem}/{source.name}" if source.name else stem
     if (state / PLAN_FILE).exists():
         old = ImagePlan.load(state)
+        check_owner(old.file, old.identity, identity, layout.zarr_root(stem))
         if old.signature == signature and Path(old.group, omezarr.LEVEL0).exists():
             omezarr.remove_partial_files(Path(old.group))
             return old
         log.info("%s: settings or model changed since the last run; segmenting it again", key)
     shutil.rmtree(state, ignore_errors=True)
     plan = _new_plan(source, key, stem, opts, info, layout, signature)
+    plan.identity = identity
     for warning in plan.warnings:
         log.warning("%s", warning)
     omezarr.create_image_group(Path(plan.group), plan.shape, opts.tile, len(info.class_names),
@@ -190,14 +218,15 @@ def plan_file(row: dict[str, Any], opts: dict[str, Any], info: dict[str, Any], o
     layout, options, model = Layout(Path(out)), SegmentOptions(**opts), ModelInfo(**info)
     sources: list[ImageSource] = []
     try:
+        identity = input_identity(file)
         sources = open_sources(file)
-        plans = [prepare_image(s, stem, options, model, layout, signature) for s in sources]
+        plans = [prepare_image(s, stem, options, model, layout, signature, identity) for s in sources]
         if sources[0].index >= 0:
             omezarr.ensure_root_group(layout.zarr_root(stem), [p.name for p in plans])
         rows = [r for p in plans for r in unit_rows(p, len(plans), run_id)]
     except Exception as err:  # one bad file is recorded as failed; the job goes on
         log.error("%s", err)
-        message = str(err) if isinstance(err, DataError) else f"{file}: {type(err).__name__}: {err}"
+        message = str(err) if isinstance(err, UserError) else f"{file}: {type(err).__name__}: {err}"
         return [failed_row(file, stem, message)]
     finally:
         for s in sources:

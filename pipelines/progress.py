@@ -46,6 +46,7 @@ class Tracker:
         self.workers: dict[tuple[str, int], WorkerStats] = {}
         self.units = 0
         self.windows = 0
+        self.planned: dict[str, int] = {}  # image state -> its number of units
 
     def on_row(self, row: dict[str, Any]) -> tuple[FileState, bool]:
         """Record one row; returns the file's state and whether the file just became complete
@@ -60,6 +61,7 @@ class Tracker:
             return fs, True
         fs.n_images = int(row["n_images"])
         state = str(row["state"])
+        self.planned[state] = int(row["n_units"])
         if state not in fs.images:
             fs.images[state] = set(done_units(state))  # progress of earlier runs
         units = fs.images[state]
@@ -73,6 +75,15 @@ class Tracker:
             fs.submitted = True
             return fs, True
         return fs, False
+
+    def progress_line(self, n_files: int) -> str:
+        """One line for the driver's log (Ray Data's own progress bars need a terminal)."""
+        written = sum(len(units) for fs in self.files.values() for units in fs.images.values())
+        planned = sum(self.planned.values())
+        ended = sum(1 for fs in self.files.values() if fs.submitted or fs.error)
+        pct = 100.0 * written / planned if planned else 0.0
+        return (f"progress: {written} of {planned} units written ({pct:.0f}%) in the "
+                f"{len(self.planned)} images planned so far; {ended} of {n_files} files segmented or failed")
 
     def _record_done(self, row: dict[str, Any]) -> None:
         self.units += 1

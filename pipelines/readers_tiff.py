@@ -19,6 +19,28 @@ log = logging.getLogger(__name__)
 FIX = "re-export or re-copy the file (it may be truncated or corrupt)"
 
 
+def check_chunks(page: tifffile.TiffPage, file_size: int, path: Path) -> None:
+    """The header's image size must agree with the tiles/strips actually listed, and every one
+    of them must lie inside the file. Else a patched or truncated header would be believed:
+    missing tiles read as zeros, and a 64 KB file planned as gigapixels of work."""
+    offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+    counts = np.asarray(page.databytecounts, dtype=np.int64)
+    expected = int(np.prod(page.chunked))
+    kind = "tiles" if page.is_tiled else "strips"
+    if len(offsets) != expected or len(counts) != expected:
+        raise DataError(path,
+                        f"header declares a {page.imagelength} x {page.imagewidth} image, which needs "
+                        f"{expected} {kind} of {page.chunks[0]} x {page.chunks[1]} px, but the file lists "
+                        f"{len(offsets)}", FIX)
+    ends = offsets + counts
+    outside = np.flatnonzero((counts > 0) & ((offsets < 0) | (ends > file_size)))
+    if outside.size:
+        i = int(outside[0])
+        raise DataError(path,
+                        f"{outside.size} of {expected} {kind} lie beyond the end of the file ({file_size} bytes; "
+                        f"{kind[:-1]} {i} spans bytes {offsets[i]}-{ends[i]})", FIX)
+
+
 class TiffSource(ImageSource):
     """Level 0 of the first series of a TIFF file."""
 
@@ -32,6 +54,10 @@ class TiffSource(ImageSource):
             page = series.pages[0]
             axes = series.axes
             self._array = zarr.open_array(self._tif.aszarr(series=0, level=0), mode="r")
+            check_chunks(page, self._tif.filehandle.size, path)
+        except DataError:
+            self.close()
+            raise
         except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError) as err:
             self.close()
             raise DataError(path, f"not a readable TIFF ({type(err).__name__}: {err})", FIX) from None

@@ -10,27 +10,32 @@ could never be scheduled and the job would hang.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipelines.finalize import finalize_file
-from pipelines.layout import STATE_DIR, Layout, Manifest, assign_stems, expand_inputs
-from pipelines.modelref import load_for_run
-from pipelines.options import ModelInfo, SegmentOptions, default_halo
-from pipelines.plan import plan_batch
+from pipelines.layout import STATE_DIR, Layout, Manifest, assign_stems, expand_inputs, input_identity
+from pipelines.lock import OutputLock
+from pipelines.options import ModelInfo, SegmentOptions, default_halo, load_for_run
+from pipelines.plan import OWNER_FIX, PLAN_FILE, ImagePlan, done_units, owner_problem, plan_batch
 from pipelines.progress import FileState, Tracker
 from pipelines.worker import TileSegmenter, peak_rss_mb
-from segcore.errors import ConfigError
+from segcore import modelref
+from segcore.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
 TASK_CPUS = 0.25  # planning and finishing tasks: mostly I/O; small so they schedule next to the actors
 MAX_CPU_ACTORS = 32
+RAY_RETRY_S = 5.0  # pause before the one retry of a failed local Ray start
+PROGRESS_S = 10.0  # seconds between progress lines in the driver
 PLAN_MEMORY = 256 << 20  # bytes reserved per planning task (file handles + normalisation sample)
 
 
@@ -62,18 +67,49 @@ class RunReport:
     pool: dict[str, Any] = field(default_factory=dict)
 
 
-def init_ray(address: str | None) -> None:
-    """Reuse a running Ray; else connect to ``address`` / ``RAY_ADDRESS``; else start a local one."""
+class RayStartError(UserError):
+    """The local Ray could not be started (twice)."""
+
+
+def init_ray(address: str | None) -> bool:
+    """Reuse a running Ray; else connect to ``address`` / ``RAY_ADDRESS``; else start a local one.
+    Returns whether this call initialised Ray (the caller then shuts it down). A local start
+    that fails (a slow, overloaded machine times out) is retried once after a pause; then it
+    is one :class:`RayStartError` line (the traceback is logged at debug level, ``-v``)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if address:
         ray.init(address=address)
     elif os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(address="local")
+        _start_local_ray()
+    return True
+
+
+def _start_local_ray() -> None:
+    import ray
+
+    for attempt in range(2):
+        try:
+            ray.init(address="local")
+            return
+        except Exception as err:  # Ray raises bare Exception/RuntimeError/TimeoutError/OSError on start-up
+            ray.shutdown()  # stop whatever half-started, so no raylet or dashboard is left behind
+            log.debug("local Ray start %d failed", attempt + 1, exc_info=True)
+            cause = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+            if attempt == 0:
+                log.warning("local Ray did not start (%s); retrying in %.0f s", cause, RAY_RETRY_S)
+                time.sleep(RAY_RETRY_S)
+                continue
+            tmp = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
+            raise RayStartError(
+                f"local Ray: did not start, twice ({cause}). The machine is probably overloaded, or {tmp} "
+                f"holds stale sessions: stop old Ray processes of yours (ray stop), delete old "
+                f"{tmp}/session_* folders, free CPU and memory and rerun, or pass --address of a running "
+                "Ray cluster") from None
 
 
 def _cpu_actors(cpus: float) -> int:
@@ -132,33 +168,69 @@ def build_dataset(items: list[dict[str, str]], opts: SegmentOptions, info: Model
         ctx.target_max_block_size = saved
 
 
+def _owner(layout: Layout, stem: str, identity: dict[str, Any]) -> str:
+    """Why ``stem``'s outputs belong to another input (from its saved plans or, without them, its
+    summary), or "". Checked on the driver before any work; planning checks again (a guard)."""
+    for plan_json in sorted((layout.root / STATE_DIR / stem).glob(f"*/{PLAN_FILE}")):
+        saved = json.loads(plan_json.read_text())
+        problem = owner_problem(saved["file"], saved.get("identity", {}), identity, layout.zarr_root(stem))
+        if problem:
+            return problem
+    summary = layout.product(stem, ".json")
+    if summary.exists():
+        return owner_problem(json.loads(summary.read_text()).get("input", ""), {}, identity, layout.zarr_root(stem))
+    return ""
+
+
 def _todo(files: list[Path], stems: dict[Path, str], layout: Layout, signature: str,
-          run: RunConfig, report: RunReport) -> list[dict[str, str]]:
-    entries = Manifest(layout.manifest).load()
+          run: RunConfig, report: RunReport) -> list[dict[str, Any]]:
+    """Inputs still to segment. Skipped: those the manifest lists as done for this very file
+    (same identity), output name and signature. Failed at once: those whose output name holds
+    another file's labels (see :func:`pipelines.plan.check_owner`), unless ``--overwrite``."""
+    entries, manifest = Manifest(layout.manifest).load(), Manifest(layout.manifest)
     items = []
     for f in files:
-        entry = entries.get(str(f), {})
-        done = entry.get("status") == "done" and entry.get("signature") == signature
-        if done and not run.overwrite and layout.product(stems[f], ".json").exists():
+        entry, identity, stem = entries.get(str(f), {}), input_identity(f), stems[f]
+        done = entry.get("status") == "done" and entry.get("signature") == signature \
+            and entry.get("stem") == stem and entry.get("identity") == identity
+        if done and not run.overwrite and layout.product(stem, ".json").exists():
             report.skipped.append(str(f))
             continue
         if run.overwrite:
-            shutil.rmtree(layout.root / STATE_DIR / stems[f], ignore_errors=True)
-        items.append({"file": str(f), "stem": stems[f]})
+            shutil.rmtree(layout.root / STATE_DIR / stem, ignore_errors=True)
+        problem = "" if run.overwrite else _owner(layout, stem, identity)
+        if problem:
+            report.failed[str(f)] = f"{problem}: {OWNER_FIX}."
+            manifest.append({"input": str(f), "stem": stem, "status": "failed", "signature": signature,
+                             "identity": identity, "error": report.failed[str(f)]})
+            log.error("FAILED %s: %s", stem, report.failed[str(f)])
+            continue
+        items.append({"file": str(f), "stem": stem, "identity": identity})
     return items
 
 
 def segment_archive(model: str, inputs: list[str], output: str | Path, run: RunConfig | None = None,
                     **options: Any) -> RunReport:
     """Segment every image matched by ``inputs`` into ``output``; ``options`` are
-    :class:`SegmentOptions` fields (tile, halo, tta, blend_tile, only_class, tracking_uri, ...)."""
-    from segcore.tracking import default_tracking_uri
+    :class:`SegmentOptions` fields (tile, halo, tta, blend_tile, only_class, tracking_uri, ...).
 
-    t0, run, report = time.perf_counter(), run or RunConfig(), RunReport()
+    Holds ``OUT/.gigaseg/lock`` throughout (one run per output folder, see :mod:`pipelines.lock`).
+    Ctrl-C raises :class:`Interrupted` (a KeyboardInterrupt) saying how many units were written;
+    a Ray started here is shut down on every exit."""
     layout = Layout(Path(output).resolve())
     layout.root.mkdir(parents=True, exist_ok=True)
-    if options.get("tracking_uri") is None and not Path(model).exists():  # an MLflow URI: fix its server once
-        options["tracking_uri"] = default_tracking_uri()
+    with OutputLock(layout.root):
+        return _segment_locked(model, inputs, layout, run or RunConfig(), options)
+
+
+def _segment_locked(model: str, inputs: list[str], layout: Layout, run: RunConfig,
+                    options: dict[str, Any]) -> RunReport:
+    t0, report = time.perf_counter(), RunReport()
+    files = expand_inputs(inputs, exclude=layout.root)
+    if not files:
+        raise ConfigError(f"--input {' '.join(inputs)}: no image files found; check the paths and globs")
+    stems = assign_stems(files)  # refuses clashing names before any work
+    options["tracking_uri"] = modelref.tracking_uri_for(model, options.get("tracking_uri"))  # fixed once
     loaded, info = load_for_run(model, options.get("tracking_uri"))
     if options.get("halo") is None:
         options["halo"] = default_halo(loaded)
@@ -167,10 +239,7 @@ def segment_archive(model: str, inputs: list[str], output: str | Path, run: RunC
         info.class_index(opts.only_class)
     del loaded
     signature = opts.signature(info.digest)
-    files = expand_inputs(inputs, exclude=layout.root)
-    if not files:
-        raise ConfigError(f"--input {' '.join(inputs)}: no image files found; check the paths and globs")
-    items = _todo(files, assign_stems(files), layout, signature, run, report)
+    items = _todo(files, stems, layout, signature, run, report)
     log.info("%d inputs: %d to segment, %d already done (manifest %s)", len(files), len(items),
              len(report.skipped), layout.manifest)
     if items:
@@ -179,18 +248,51 @@ def segment_archive(model: str, inputs: list[str], output: str | Path, run: RunC
     return report
 
 
-def _execute(items: list[dict[str, str]], opts: SegmentOptions, info: ModelInfo, layout: Layout,
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: says how many work units are safely written (the rerun resumes)."""
+
+    def __init__(self, written: int, total: int) -> None:
+        super().__init__(f"stopped: {written} of {total} units written; rerun the same command to resume")
+        self.written, self.total = written, total
+
+
+def unit_counts(layout: Layout, stems: list[str]) -> tuple[int, int]:
+    """(units recorded as written, units planned) over the images of these outputs, from disk."""
+    written = total = 0
+    for stem in stems:
+        for plan_json in (layout.root / STATE_DIR / stem).glob(f"*/{PLAN_FILE}"):
+            plan = ImagePlan.load(plan_json.parent)
+            total += len(plan.units)
+            written += len(done_units(plan_json.parent))
+    return written, total
+
+
+def _execute(items: list[dict[str, Any]], opts: SegmentOptions, info: ModelInfo, layout: Layout,
              signature: str, run: RunConfig, report: RunReport) -> None:
+    import ray
     from ray.data import DataContext
 
-    init_ray(run.address)
-    DataContext.get_current().enable_progress_bars = run.progress_bars
-    report.pool = pool_plan(run, opts.device)
-    log.info("actor pool: %s", report.pool)
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    ds = build_dataset(items, opts, info, layout.root, signature, report.pool, run, run_id)
-    finisher = _Finisher(layout, opts, info, signature, report, total=len(items))
-    tracker, t0 = Tracker(run_id), time.perf_counter()
+    started = init_ray(run.address)
+    try:
+        DataContext.get_current().enable_progress_bars = run.progress_bars
+        report.pool = pool_plan(run, opts.device)
+        log.info("actor pool: %s", report.pool)
+        run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        ds = build_dataset([{"file": i["file"], "stem": i["stem"]} for i in items], opts, info, layout.root,
+                           signature, report.pool, run, run_id)
+        finisher = _Finisher(layout, opts, info, signature, report, total=len(items),
+                             identities={i["file"]: i["identity"] for i in items})
+        _consume(ds, Tracker(run_id), finisher, report)
+    except KeyboardInterrupt:
+        raise Interrupted(*unit_counts(layout, [i["stem"] for i in items])) from None
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _consume(ds: Any, tracker: Tracker, finisher: _Finisher, report: RunReport) -> None:
+    """Drive the dataset: record finished units, finish complete files, log progress."""
+    t0 = last_log = time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["unit"])):
             row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
@@ -201,6 +303,9 @@ def _execute(items: list[dict[str, str]], opts: SegmentOptions, info: ModelInfo,
             if changed:
                 finisher.file_changed(fs)
         finisher.poll(block=False)
+        if time.perf_counter() - last_log > PROGRESS_S:
+            log.info("%s", tracker.progress_line(finisher.total))
+            last_log = time.perf_counter()
     finisher.poll(block=True)
     report.windows = tracker.windows
     report.workers = [vars(w) for w in tracker.workers.values()]
@@ -210,13 +315,14 @@ class _Finisher:
     """Starts a finishing task per complete file and writes manifest lines as they end."""
 
     def __init__(self, layout: Layout, opts: SegmentOptions, info: ModelInfo, signature: str,
-                 report: RunReport, total: int) -> None:
+                 report: RunReport, total: int, identities: dict[str, dict[str, Any]]) -> None:
         import ray
 
         self.remote = ray.remote(num_cpus=TASK_CPUS, max_retries=3)(finalize_file)
         self.layout, self.opts, self.info, self.signature = layout, opts, info, signature
         self.manifest, self.report, self.total = Manifest(layout.manifest), report, total
         self.pending: dict[Any, FileState] = {}
+        self.identities = identities  # input -> layout.input_identity, recorded in the manifest
 
     def file_changed(self, fs: FileState) -> None:
         if fs.error:
@@ -249,7 +355,7 @@ class _Finisher:
         self.report.done.append(fs.file)
         self.report.summaries[fs.file] = summary
         self.manifest.append({"input": fs.file, "stem": fs.stem, "status": "done", "signature": self.signature,
-                              "outputs": summary["outputs"]})
+                              "identity": self.identities.get(fs.file, {}), "outputs": summary["outputs"]})
         top = sorted(summary["area_fractions"].items(), key=lambda kv: -kv[1])[:4]
         t = summary["timings"]
         log.info("%s done %s: %d windows this run; worker s read %.1f predict %.1f write %.1f; finish %.1f s; %s",
@@ -259,5 +365,5 @@ class _Finisher:
     def _failed(self, fs: FileState, error: str) -> None:
         self.report.failed[fs.file] = error
         self.manifest.append({"input": fs.file, "stem": fs.stem, "status": "failed", "signature": self.signature,
-                              "error": error})
+                              "identity": self.identities.get(fs.file, {}), "error": error})
         log.error("%s FAILED %s: %s", self._count(), fs.stem, error)

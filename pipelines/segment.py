@@ -3,9 +3,13 @@
     gigaseg segment --model models:/sem@champion --input '/archive/**/*.tif' /archive/ccd/*.fits --output OUT/
 
 Runs on the Ray cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it) or on a new local Ray.
-Stop it any time; rerunning the same command resumes: inputs the manifest lists as done are
-skipped and unfinished images redo only their missing work units.
-Exit status: 0 all done, 1 some inputs failed (see OUT/manifest.jsonl), 2 bad arguments.
+Stop it any time (Ctrl-C prints how many work units are written); rerunning the same command
+resumes: inputs the manifest lists as done are skipped and unfinished images redo only their
+missing work units. One run at a time per output folder (OUT/.gigaseg/lock). An output name
+that holds another file's labels (same name, other folder or file) is refused for that input:
+pass --overwrite or use another --output.
+Exit status: 0 all done, 1 some inputs failed (see OUT/manifest.jsonl), 2 bad arguments or a
+locked/unusable output folder, 130 stopped by Ctrl-C.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import argparse
 import logging
 import sys
 
-from pipelines.runner import RunConfig, segment_archive
+from pipelines.runner import Interrupted, RunConfig, segment_archive
 from segcore.cli import module_main
 
 log = logging.getLogger("gigaseg.segment")
@@ -57,11 +61,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = RunConfig(workers=args.workers, worker_cpus=args.worker_cpus, threads=args.threads,
                     overlap=not args.no_overlap, address=args.address, overwrite=args.overwrite,
                     progress_bars=not args.no_progress)
-    report = segment_archive(
-        args.model, args.input, args.output, cfg, tile=args.tile, halo=args.halo, batch_size=args.batch_size,
-        tta=args.tta, blend_tile=args.blend_tile, blend_overlap=args.blend_overlap, only_class=args.only_class,
-        probabilities=args.probabilities, uncertainty=args.uncertainty, device=args.device,
-        tracking_uri=args.tracking_uri)
+    try:
+        report = segment_archive(
+            args.model, args.input, args.output, cfg, tile=args.tile, halo=args.halo, batch_size=args.batch_size,
+            tta=args.tta, blend_tile=args.blend_tile, blend_overlap=args.blend_overlap, only_class=args.only_class,
+            probabilities=args.probabilities, uncertainty=args.uncertainty, device=args.device,
+            tracking_uri=args.tracking_uri)
+    except Interrupted as stop:  # Ctrl-C: one line with the progress kept, no traceback
+        log.error("%s", stop)
+        return 130
     log.info("finished in %.1f s: %d done, %d failed, %d skipped (already done); manifest %s/manifest.jsonl",
              report.wall_s, len(report.done), len(report.failed), len(report.skipped), args.output)
     for error in report.failed.values():
