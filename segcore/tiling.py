@@ -5,12 +5,20 @@ A :class:`Window` keeps three regions apart (after MONAI's inferers and StarDist
 * ``write``: the output pixels this window owns. Write regions tile the image exactly once
   and line up with output chunks, so parallel workers write without locks.
 * ``read``: ``write`` grown by ``halo`` on every side and clipped to the image; the pixels read.
-* ``pad``: how far the grown region sticks out of the image on each side; filled by reflection.
+  A side at the image border gets no halo: the model sees the image border there, as it does
+  when the whole image is predicted at once, so an image that fits in one tile is one window
+  holding exactly the image (x1.0 forward pixels).
+* ``pad``: extra reflected pixels around ``read`` (zero for every window :func:`window_at` makes;
+  kept for callers that build windows by hand).
 
-The predictor sees ``reflect_pad(image[read], pad)``, and only ``crop`` of its output
-(the write region in window coordinates) is kept. With a halo at least the model's
-receptive-field reach, tiled prediction equals whole-image prediction on the image
-reflect-padded by ``halo`` (:func:`predict_whole`); bit for bit for a purely local predictor.
+The predictor sees ``reflect_pad(image[read], pad)``, padded by :func:`pad_to_multiple` to the
+model's size multiple ``m`` at the bottom/right, and only ``crop`` of its output (the write
+region in window coordinates) is kept. When ``tile`` and ``halo`` are multiples of ``m`` (every
+read origin is then a multiple of ``m``: the same stride phase as the whole image) and the halo
+covers the model's receptive-field reach, tiled prediction equals :func:`predict_whole`: the
+whole image padded only to ``m`` and predicted in one call; bit for bit for a purely local
+predictor. Border windows are smaller than interior ones; :func:`shape_batches` groups
+consecutive windows of one shape so every batch stacks.
 
 Predictor wrappers (each takes and returns a ``PredictFn``; they work on numpy arrays and on
 torch tensors alike, so a GPU predictor keeps its probabilities on the device):
@@ -82,12 +90,15 @@ def _check(tile: int, halo: int) -> None:
         raise ValueError(f"tile must be >= 1 and halo >= 0, got tile={tile}, halo={halo}")
 
 
-def _axis(start: int, stop: int, halo: int, size: int, tile: int) -> tuple[slice, tuple[int, int]]:
-    """Read slice and (before, after) padding along one axis; the far pad also fills the
-    window up to ``tile + 2 * halo`` so every window of an image has the same padded shape."""
-    lo, hi = start - halo, stop + halo
-    fill = tile - (stop - start)
-    return slice(max(lo, 0), min(hi, size)), (max(-lo, 0), max(hi - size, 0) + fill)
+def _axis(start: int, stop: int, halo: int, size: int) -> slice:
+    """Read slice along one axis: ``halo`` more on each side, none beyond the image border."""
+    return slice(max(start - halo, 0), min(stop + halo, size))
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` (>= 1) that is >= ``value``."""
+    multiple = max(int(multiple), 1)
+    return -(-int(value) // multiple) * multiple
 
 
 def grid_shape(shape: tuple[int, int], tile: int) -> tuple[int, int]:
@@ -102,16 +113,16 @@ def window_at(shape: tuple[int, int], tile: int, halo: int, row: int, col: int) 
     r, c = row * tile, col * tile
     if not (0 <= r < height and 0 <= c < width):
         raise IndexError(f"window ({row}, {col}) is outside the {grid_shape(shape, tile)} grid of {shape}")
-    rs, rp = _axis(r, min(r + tile, height), halo, height, tile)
-    cs, cp = _axis(c, min(c + tile, width), halo, width, tile)
-    return Window(read=(rs, cs), pad=(rp, cp), write=(slice(r, min(r + tile, height)), slice(c, min(c + tile, width))))
+    write = (slice(r, min(r + tile, height)), slice(c, min(c + tile, width)))
+    read = (_axis(r, write[0].stop, halo, height), _axis(c, write[1].stop, halo, width))
+    return Window(read=read, pad=((0, 0), (0, 0)), write=write)
 
 
 def split_windows(shape: tuple[int, int], tile: int, halo: int) -> Iterator[Window]:
     """Yield windows whose write regions are the ``tile`` x ``tile`` grid over ``shape``, row by row.
 
-    Edge windows own smaller write regions; every window is padded to a common
-    ``tile + 2 * halo`` square so batches stack (padding beyond the image is reflected).
+    Edge windows own smaller write regions and read no halo beyond the image border, so they
+    are smaller than the ``tile + 2 * halo`` interior windows (see :func:`shape_batches`).
     """
     _check(tile, halo)
     rows, cols = grid_shape(shape, tile)
@@ -126,6 +137,19 @@ def union_read(windows: Sequence[Window]) -> Slice2D:
         slice(min(w.read[0].start for w in windows), max(w.read[0].stop for w in windows)),
         slice(min(w.read[1].start for w in windows), max(w.read[1].stop for w in windows)),
     )
+
+
+def shape_batches(windows: Sequence[Window], batch_size: int) -> Iterator[list[Window]]:
+    """Runs of consecutive windows with one padded shape, at most ``batch_size`` each, in order:
+    each run stacks into one model call (a row of windows has at most three shapes)."""
+    run: list[Window] = []
+    for w in windows:
+        if run and (len(run) == batch_size or w.padded_shape != run[0].padded_shape):
+            yield run
+            run = []
+        run.append(w)
+    if run:
+        yield run
 
 
 def reflect_pad(block: np.ndarray, pad: Pad2D) -> np.ndarray:
@@ -183,9 +207,7 @@ def predict_tiled(
     ``out`` may be any array-like supporting slice assignment (numpy, zarr); by default a
     float32 numpy array of shape (K, H, W) is created from the first batch.
     """
-    windows = list(split_windows(image.shape[-2:], tile, halo))
-    for i in range(0, len(windows), batch_size):
-        chunk = windows[i : i + batch_size]
+    for chunk in shape_batches(list(split_windows(image.shape[-2:], tile, halo)), batch_size):
         batch = np.stack([read_window(image, w) for w in chunk]).astype(np.float32, copy=False)
         pred = predict(batch)
         if out is None:
@@ -197,12 +219,10 @@ def predict_tiled(
     return out
 
 
-def predict_whole(image: np.ndarray, predict: PredictFn, halo: int) -> np.ndarray:
-    """The reference tiling must reproduce: the whole (C, H, W) image reflect-padded by ``halo``,
-    predicted in one call, cropped back to (K, H, W)."""
-    h, w = image.shape[-2:]
-    padded = reflect_pad(np.asarray(image, dtype=np.float32), ((halo, halo), (halo, halo)))
-    return predict(padded[None])[0][:, halo : halo + h, halo : halo + w]
+def predict_whole(image: np.ndarray, predict: PredictFn, multiple: int = 1) -> np.ndarray:
+    """The reference tiling must reproduce: the whole (C, H, W) image in one call, reflect-padded
+    (bottom/right) only to ``multiple`` (a no-op when ``predict`` already pads), cropped back to (K, H, W)."""
+    return pad_to_multiple(predict, multiple)(np.asarray(image, dtype=np.float32)[None])[0]
 
 
 def pad_to_multiple(predict: PredictFn, multiple: int) -> PredictFn:
@@ -297,3 +317,14 @@ def blended_predictor(predict: PredictFn, sub_tile: int, overlap: float = 0.5) -
 def forward_pixels_per_output(tile: int, halo: int, tta: int = 1, blend_factor: float = 1.0) -> float:
     """How many pixels the model evaluates per output pixel (halo, flips and blending overhead)."""
     return ((tile + 2 * halo) / tile) ** 2 * tta * blend_factor
+
+
+def forward_pixels(shape: tuple[int, int], tile: int, halo: int, multiple: int = 1) -> float:
+    """Model pixels evaluated per output pixel when tiling an image of ``shape`` (border windows
+    read no outer halo; every window is padded to ``multiple``): the real cost, unlike the
+    interior-window bound :func:`forward_pixels_per_output`."""
+    total = 0
+    for w in split_windows(shape, tile, halo):
+        h, wd = w.padded_shape
+        total += round_up(h, multiple) * round_up(wd, multiple)
+    return total / (shape[0] * shape[1])

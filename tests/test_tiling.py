@@ -1,6 +1,7 @@
-"""Tiling: tiled prediction equals whole-image prediction (bit for bit for local predictors),
-every output pixel is written exactly once, and the predictor wrappers (stride padding, flip
-TTA, Gaussian-blended sub-tiles) do what they claim."""
+"""Tiling: tiled prediction equals the whole image predicted in one call, padded only to the
+model's size multiple (bit for bit for local predictors); border windows read no outer halo,
+an image that fits in one tile is one window, every output pixel is written exactly once, and
+the predictor wrappers (stride padding, flip TTA, Gaussian-blended sub-tiles) do what they claim."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from segcore.models import build_model
 from segcore.tiling import (
     blended_predictor,
     flip_tta,
+    forward_pixels,
     forward_pixels_per_output,
     gaussian_weights,
     grid_shape,
@@ -21,6 +23,8 @@ from segcore.tiling import (
     predict_whole,
     read_window,
     reflect_pad,
+    round_up,
+    shape_batches,
     split_windows,
     union_read,
     window_at,
@@ -66,7 +70,7 @@ CASES = [  # (height, width, tile, halo)
 def test_tiled_equals_whole_bit_for_bit(height: int, width: int, tile: int, halo: int) -> None:
     img = np.random.default_rng(height * width).random((1, height, width), dtype=np.float32)
     tiled = predict_tiled(img, box5, tile=tile, halo=halo, batch_size=3)
-    whole = predict_whole(img, box5, halo)
+    whole = predict_whole(img, box5)
     assert tiled.shape == (2, height, width)
     if halo >= REACH:
         assert np.array_equal(tiled, whole)
@@ -76,7 +80,7 @@ def test_halo_smaller_than_reach_shows_seams() -> None:
     """The negative control: with halo < reach the tiles' zero borders leak into the output."""
     img = np.random.default_rng(1).random((1, 48, 48), dtype=np.float32)
     tiled = predict_tiled(img, box5, tile=16, halo=1)
-    assert not np.array_equal(tiled, predict_whole(img, box5, 1))
+    assert not np.array_equal(tiled, predict_whole(img, box5))
 
 
 @pytest.mark.parametrize(("height", "width", "tile", "halo"), [(37, 53, 16, 2), (33, 47, 8, 4), (64, 40, 32, 3)])
@@ -89,7 +93,7 @@ def test_tiled_equals_whole_tiny_convnet(height: int, width: int, tile: int, hal
 
     img = np.random.default_rng(2).random((1, height, width), dtype=np.float32)
     tiled = predict_tiled(img, predict, tile=tile, halo=halo, batch_size=4)
-    whole = predict_whole(img, predict, halo)
+    whole = predict_whole(img, predict)
     np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-6)
     assert np.array_equal(tiled.argmax(0), whole.argmax(0))
 
@@ -114,9 +118,13 @@ def test_every_pixel_written_exactly_once(height: int, width: int, tile: int, ha
     assert (out.writes == 1).all()
     windows = list(split_windows((height, width), tile, halo))
     assert len(windows) == np.prod(grid_shape((height, width), tile))
-    for w in windows:  # write regions start on the chunk grid; windows stack into batches
+    for w in windows:  # write regions start on the chunk grid; halo only where there is image
         assert w.write[0].start % tile == 0 and w.write[1].start % tile == 0
-        assert w.padded_shape == (tile + 2 * halo, tile + 2 * halo)
+        assert w.pad == ((0, 0), (0, 0))
+        for ax, size in enumerate((height, width)):
+            assert w.read[ax] == slice(max(w.write[ax].start - halo, 0), min(w.write[ax].stop + halo, size))
+    for batch in shape_batches(windows, 3):  # every batch stacks
+        assert len(batch) <= 3 and len({w.padded_shape for w in batch}) == 1
 
 
 def test_window_at_and_band_reads_match_split_windows() -> None:
@@ -217,13 +225,65 @@ def test_unet_tiled_labels_equal_whole_with_large_halo() -> None:
     predict8 = pad_to_multiple(predict, 8)
     img = np.random.default_rng(8).random((1, 100, 130), dtype=np.float32)
     img = (img + np.roll(img, 1, -1) + np.roll(img, 1, -2)) / 3  # a little spatial structure
-    whole = predict_whole(img, predict8, 72).argmax(0)
+    whole = predict_whole(img, predict8).argmax(0)
     assert len(np.unique(whole)) > 1
     tiled = predict_tiled(img, predict8, tile=64, halo=72, batch_size=4).argmax(0)
     assert np.array_equal(tiled, whole)
     seams = predict_tiled(img, predict8, tile=64, halo=0, batch_size=4).argmax(0)
-    assert not np.array_equal(seams, predict_whole(img, predict8, 0).argmax(0))
+    assert not np.array_equal(seams, whole)
     # flip TTA inside the stride padding keeps every pixel on the same stride phase: still exact
     tta8 = pad_to_multiple(flip_tta(predict), 8)
-    whole_tta = predict_whole(img, tta8, 72).argmax(0)
+    whole_tta = predict_whole(img, tta8).argmax(0)
     assert np.array_equal(predict_tiled(img, tta8, tile=64, halo=72, batch_size=4).argmax(0), whole_tta)
+
+
+def _unet_predict(model: torch.nn.Module, multiple: int = 8):  # noqa: ANN202
+    @torch.inference_mode()
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return torch.softmax(model(torch.from_numpy(batch)), dim=1).numpy()
+
+    return pad_to_multiple(predict, multiple)
+
+
+def _structured(shape: tuple[int, int], seed: int) -> np.ndarray:
+    img = np.random.default_rng(seed).random((1, *shape), dtype=np.float32)
+    return (img + np.roll(img, 1, -1) + np.roll(img, 1, -2)) / 3
+
+
+def test_one_window_image_is_predicted_whole_exactly() -> None:
+    """An image that fits in one tile is one window holding exactly the image: the same call
+    as the whole-image forward (padded only to the size multiple), x1.0 forward pixels."""
+    predict8 = _unet_predict(_sharp_unet(1))
+    img = _structured((100, 130), 9)
+    (window,) = split_windows((100, 130), tile=136, halo=72)
+    assert window.read == window.write == (slice(0, 100), slice(0, 130)) and window.pad == ((0, 0), (0, 0))
+    tiled = predict_tiled(img, predict8, tile=136, halo=72)
+    assert np.array_equal(tiled, predict_whole(img, predict8))
+    assert forward_pixels((96, 128), 136, 72, multiple=8) == 1.0
+    assert forward_pixels((100, 130), 136, 72, multiple=8) == pytest.approx(104 * 136 / (100 * 130))
+
+
+def test_border_windows_carry_no_outer_halo_and_labels_are_unchanged() -> None:
+    shape, tile, halo = (230, 250), 64, 40
+    windows = list(split_windows(shape, tile, halo))
+    top_left, bottom_right = windows[0], windows[-1]
+    assert top_left.read == (slice(0, 104), slice(0, 104))  # no halo above or left of the image
+    assert bottom_right.read == (slice(152, 230), slice(152, 250))  # none below or right either
+    inner = window_at(shape, tile, halo, 1, 1)
+    assert inner.padded_shape == (tile + 2 * halo, tile + 2 * halo)
+    # fewer model pixels than the old scheme, which reflect-padded every window by the full halo
+    assert forward_pixels(shape, tile, halo) < 16 * (tile + 2 * halo) ** 2 / (230 * 250)
+    predict8 = _unet_predict(_sharp_unet(0))
+    img = _structured(shape, 10)
+    whole = predict_whole(img, predict8).argmax(0)
+    assert len(np.unique(whole)) > 1
+    for tile_, halo_ in [(64, 72), (48, 80)]:  # multiples of the size multiple 8: same stride phase
+        assert np.array_equal(predict_tiled(img, predict8, tile=tile_, halo=halo_, batch_size=3).argmax(0), whole)
+
+
+def test_shape_batches_keep_order_and_stack() -> None:
+    windows = list(split_windows((70, 90), 16, 6))
+    batches = list(shape_batches(windows, 4))
+    assert [w for b in batches for w in b] == windows
+    assert all(len(b) <= 4 and len({w.padded_shape for w in b}) == 1 for b in batches)
+    assert round_up(0, 8) == 0 and round_up(9, 8) == 16 and round_up(5, 1) == 5
