@@ -15,14 +15,13 @@ from typing import Any
 import numpy as np
 
 from segcore.data.errors import DataError
-from segcore.data.fitsheader import inherited_header
 from segcore.data.spec import IGNORE, DatasetSpec
 
 log = logging.getLogger(__name__)
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
-TIFF_SUFFIXES = (".tif", ".tiff")
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fits.fz")
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz", ".fits.fz", ".fz")
 
 
 @dataclass
@@ -39,7 +38,7 @@ class RawImage:
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()
-    for suf in FITS_SUFFIXES + PIL_SUFFIXES + TIFF_SUFFIXES:
+    for suf in sorted(FITS_SUFFIXES + PIL_SUFFIXES + TIFF_SUFFIXES, key=len, reverse=True):
         if name.endswith(suf):
             return suf
     return path.suffix.lower()
@@ -61,98 +60,53 @@ def file_stem(path: Path) -> str:
     return path.name[: len(path.name) - len(_suffix(path))]
 
 
-def read_image(path: str | Path, palette_indices: bool = False) -> list[RawImage]:
-    """Read an image file: one :class:`RawImage`, or one per image HDU of a FITS file.
+def open_image_sources(path: str | Path, palette_indices: bool = False) -> list[Any]:
+    """The lazy :class:`segcore.readers.ImageSource` objects of an image file: the same readers
+    ``gigaseg segment`` uses, so both paths see the same pixels and dtypes."""
+    from segcore.readers import open_sources
+    from segcore.readers.simple import PilSource
 
-    ``palette_indices`` keeps palette PNGs as their indices (for class-id masks) instead of
-    converting them to RGB.
-    """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found", "check the path")
     suffix = _suffix(path)
+    if suffix not in PIL_SUFFIXES + TIFF_SUFFIXES + FITS_SUFFIXES:
+        raise DataError(path, f"unsupported file type {suffix!r}",
+                        "use PNG, JPEG, TIFF or FITS (.fits/.fit/.fts, optionally .gz)")
+    if suffix in PIL_SUFFIXES:
+        return [PilSource(path, palette_indices=palette_indices)]
+    return open_sources(path)
+
+
+def read_image(path: str | Path, palette_indices: bool = False) -> list[RawImage]:
+    """Read an image file whole: one :class:`RawImage`, or one per image HDU of a FITS file.
+
+    Pixels come from :mod:`segcore.readers` (as in ``gigaseg segment``). ``palette_indices``
+    keeps palette PNGs as their indices (for class-id masks) instead of converting them to RGB.
+    """
+    path = Path(path)
+    sources = open_image_sources(path, palette_indices)
     try:
-        if suffix in PIL_SUFFIXES:
-            return [RawImage(file_stem(path), _read_pil(path, palette_indices))]
-        if suffix in TIFF_SUFFIXES:
-            return [RawImage(file_stem(path), _read_tiff(path))]
-        if suffix in FITS_SUFFIXES:
-            return _read_fits(path)
+        arrays = [_read_whole(src) for src in sources]
     except DataError:
         raise
     except Exception as err:  # any decoder error means a corrupt or truncated file
         raise DataError(path, f"cannot read the file ({type(err).__name__}: {err})",
                         "check that it opens in an image viewer; re-export or remove it") from None
-    raise DataError(path, f"unsupported file type {suffix!r}",
-                    "use PNG, JPEG, TIFF or FITS (.fits/.fit/.fts, optionally .gz)")
-
-
-def _read_pil(path: Path, palette_indices: bool) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()  # decode now so truncated files fail here
-        mode = img.mode
-        if mode == "P" and palette_indices:
-            return np.array(img)
-        if mode in ("1", "LA"):
-            img = img.convert("L")
-        elif mode in ("P", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
-            img = img.convert("RGB")
-        arr = np.array(img)
-    if arr.dtype == np.int32 and arr.size and arr.min() >= 0 and arr.max() <= 65535:
-        arr = arr.astype(np.uint16)  # 16-bit PNGs open as mode "I" on some Pillow versions
-    return arr
-
-
-def _read_tiff(path: Path) -> np.ndarray:
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        arr = series.asarray()
-        axes = series.axes
-    if arr.ndim == 2:
-        return arr
-    arr = np.squeeze(arr) if arr.ndim > 3 else arr
-    if arr.ndim == 3 and axes.endswith("S"):
-        return arr
-    if arr.ndim == 3 and arr.shape[0] <= 4:
-        return np.moveaxis(arr, 0, -1)
-    raise DataError(path, f"TIFF holds a stack of shape {arr.shape} (axes {axes})",
-                    "save one 2-D image (with up to 4 channels) per file")
-
-
-def _native(arr: np.ndarray) -> np.ndarray:
-    arr = np.asarray(arr)
-    return arr.astype(arr.dtype.newbyteorder("="), copy=False) if not arr.dtype.isnative else arr
-
-
-def _read_fits(path: Path) -> list[RawImage]:
-    from astropy.io import fits
-
-    found: list[tuple[int, str | None, dict[str, Any], np.ndarray]] = []
-    with fits.open(path, memmap=False) as hdul:
-        for i, hdu in enumerate(hdul):
-            if not hdu.is_image:
-                continue
-            header = inherited_header(hdu.header, hdul[0].header)  # before .data: astropy drops BZERO once scaled
-            data = hdu.data
-            if data is None:
-                continue
-            if data.ndim == 3:
-                data = np.moveaxis(data, 0, -1)
-            elif data.ndim != 2:
-                raise DataError(path, f"HDU {i} has {data.ndim} dimensions", "store 2-D images (or C x H x W cubes)")
-            extname = str(hdu.header.get("EXTNAME")).strip() if "EXTNAME" in hdu.header else None
-            found.append((i, extname or None, header, np.array(_native(data))))
-    if not found:
-        raise DataError(path, "FITS file has no image HDU with data", "check the file")
+    finally:
+        for src in sources:
+            src.close()
     stem = file_stem(path)
-    return [
-        RawImage(stem if len(found) == 1 else f"{stem}_{ext or i}", arr, header, i, ext)
-        for i, ext, header, arr in found
-    ]
+    if not is_fits(path):
+        return [RawImage(stem, arrays[0])]
+    return [RawImage(stem if len(sources) == 1 else f"{stem}_{src.extname or src.index}", arr, src.header,
+                     src.index, src.extname) for src, arr in zip(sources, arrays, strict=True)]
+
+
+def _read_whole(src: Any) -> np.ndarray:
+    """All pixels of one source as an owned array (never a view of a file memory map)."""
+    height, width = src.shape
+    return np.array(src.read(slice(0, height), slice(0, width)))
 
 
 def read_mask(path: str | Path, spec: DatasetSpec, hdu: int | str | None = None) -> np.ndarray:

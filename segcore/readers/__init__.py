@@ -156,4 +156,4 @@ def safe_name(text: str) -> str:
 
 
 # Register the built-in readers (each module calls register_reader on import).
-from pipelines import readers_fits, readers_simple, readers_tiff  # noqa: E402, F401
+from segcore.readers import fits, simple, tiff  # noqa: E402, F401

@@ -1,4 +1,4 @@
-"""FITS through astropy: every 2D image HDU of a (multi-extension) file.
+"""FITS through astropy: every image HDU (2-D, or a C x H x W cube with C <= 4) of a (multi-extension) file.
 
 astropy cannot memory-map data it has to scale (BZERO/BSCALE), so files are opened with
 ``do_not_scale_image_data=True`` and ``memmap=True``: a read slices the raw big-endian
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
-from pipelines.readers import ImageSource, register_reader, safe_name
 from segcore.data.errors import DataError
 from segcore.data.fitsheader import inherited_header
+from segcore.readers import ImageSource, register_reader, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class FitsSource(ImageSource):
         self._compressed = isinstance(hdu, fits.CompImageHDU)
         self._raw = hdu.section if self._compressed else hdu.data
         self.shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+        self.channels = int(header["NAXIS3"]) if int(header.get("NAXIS", 2)) == 3 else 1
+        self.extname = (str(header["EXTNAME"]).strip() or None) if "EXTNAME" in header else None
         self.bitpix = int(header["BITPIX"])
         self.bzero = float(header.get("BZERO", 0.0))
         self.bscale = float(header.get("BSCALE", 1.0))
@@ -60,6 +62,8 @@ class FitsSource(ImageSource):
         self.block_rows = int(header.get("ZTILE2", 1)) if self._compressed else 0
 
     def _read(self, rows: slice, cols: slice) -> np.ndarray:
+        if self.channels > 1:  # a (C, H, W) cube: channels last, like every other source
+            return np.moveaxis(self._scale(np.asarray(self._raw[:, rows, cols])), 0, -1)
         raw = np.asarray(self._raw[rows, cols])
         return self._scale(raw)
 
@@ -77,7 +81,7 @@ class FitsSource(ImageSource):
         return out
 
     def sample(self, max_pixels: int = 1 << 20) -> np.ndarray:
-        if self._compressed:
+        if self._compressed or self.channels > 1:
             return super().sample(max_pixels)
         step = max(1, int(np.ceil(np.sqrt(self.shape[0] * self.shape[1] / max_pixels))))
         with self._lock:
@@ -91,7 +95,18 @@ def _is_image(hdu: Any) -> bool:
     if not isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU):
         return False
     header = hdu.header
-    return int(header.get("NAXIS", 0)) == 2 and int(header.get("NAXIS1", 0)) > 0 and int(header.get("NAXIS2", 0)) > 0
+    naxis = int(header.get("NAXIS", 0))
+    if naxis not in (2, 3) or int(header.get("NAXIS1", 0)) <= 0 or int(header.get("NAXIS2", 0)) <= 0:
+        return False
+    return naxis == 2 or int(header.get("NAXIS3", 0)) > 0
+
+
+def _check_cube(path: Path, hdul: fits.HDUList, index: int) -> None:
+    """A 3-D HDU is a (C, H, W) image with up to 4 channels (as in TIFF and zarr); more is a stack."""
+    header = hdul[index].header
+    if int(header.get("NAXIS", 2)) == 3 and int(header["NAXIS3"]) > 4:
+        raise DataError(path, f"HDU {index} is a cube of {header['NAXIS3']} planes, not one image with up to "
+                        "4 channels", "store one 2-D image (or a C x H x W cube with C <= 4) per HDU")
 
 
 def _hdu_names(hdul: fits.HDUList, indices: list[int]) -> list[str]:
@@ -120,7 +135,7 @@ def _check_complete(path: Path, hdul: fits.HDUList, caught: list[warnings.Warnin
         raise DataError(path, f"damaged FITS structure ({bad[0].splitlines()[0]})", FIX)
 
 
-@register_reader("fits", (".fits", ".fit", ".fts", ".fits.fz", ".fz"))
+@register_reader("fits", (".fits", ".fit", ".fts", ".fits.fz", ".fz", ".fits.gz", ".fit.gz", ".fts.gz"))
 def open_fits(path: Path) -> list[ImageSource]:
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -131,6 +146,8 @@ def open_fits(path: Path) -> list[ImageSource]:
     try:
         _check_complete(path, hdul, caught)
         indices = [i for i, hdu in enumerate(hdul) if _is_image(hdu)]
+        for i in indices:
+            _check_cube(path, hdul, i)
         names = _hdu_names(hdul, indices)
         return [FitsSource(path, hdul, i, n) for i, n in zip(indices, names, strict=True)]
     except DataError:

@@ -13,8 +13,8 @@ import numpy as np
 import zarr
 from PIL import Image, ImageFile
 
-from pipelines.readers import ImageSource, register_reader
 from segcore.data.errors import DataError
+from segcore.readers import ImageSource, register_reader
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +28,29 @@ _PIL_MODES = {"L": "L", "I;16": "I;16", "I;16B": "I;16", "I": "I", "F": "F", "RG
 
 
 class PilSource(ImageSource):
-    """PNG/JPEG: decoded whole on the first read (they cannot be read by region)."""
+    """PNG/JPEG: decoded whole on the first read (they cannot be read by region).
 
-    def __init__(self, path: Path) -> None:
+    A PNG opened in mode ``I`` holds 16-bit grey levels (PNG has no 32-bit grey), so it reads as
+    uint16 whatever the Pillow version calls it. ``palette_indices`` keeps a palette PNG as its
+    indices (class-id masks) instead of converting it to RGB.
+    """
+
+    def __init__(self, path: Path, palette_indices: bool = False) -> None:
         super().__init__(path)
         try:
             with Image.open(path) as im:
-                self._mode = _PIL_MODES.get(im.mode, "RGB")
+                self._mode = "P" if (im.mode == "P" and palette_indices) else _PIL_MODES.get(im.mode, "RGB")
                 width, height = im.size
                 fmt = im.format
             if fmt == "PNG":  # walks every chunk up to IEND checking CRCs (no decoding): fast
                 with Image.open(path) as im:
                     im.verify()
         except (OSError, ValueError, SyntaxError) as err:  # PIL reports a broken PNG as SyntaxError
-            raise DataError(path, f"not a readable image, or truncated ({err})", REEXPORT) from None
+            raise DataError(path, f"cannot read the image: not a readable PNG/JPEG, or truncated ({err})", REEXPORT) from None
         self.shape = (height, width)
         self.channels = 3 if self._mode == "RGB" else 1
-        self.dtype = np.dtype({"L": np.uint8, "RGB": np.uint8, "I;16": np.uint16, "I": np.int32, "F": np.float32}[self._mode])
+        dtypes = {"L": np.uint8, "P": np.uint8, "RGB": np.uint8, "I;16": np.uint16, "I": np.int32, "F": np.float32}
+        self.dtype = np.dtype(np.uint16 if (self._mode == "I" and fmt == "PNG") else dtypes[self._mode])
         self._pixels: np.ndarray | None = None
         if height * width > BIG_PIL_PIXELS:
             log.warning("%s: %d x %d PNG/JPEG is decoded whole in every worker; use a tiled TIFF for big images",

@@ -11,8 +11,8 @@ import numpy as np
 import tifffile
 import zarr
 
-from pipelines.readers import ImageSource, register_reader
 from segcore.data.errors import DataError
+from segcore.readers import ImageSource, register_reader
 
 log = logging.getLogger(__name__)
 
