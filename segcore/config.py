@@ -116,6 +116,7 @@ class DataConfig(Strict):
     val_tile: int = Field(256, ge=16)
     val_halo: int = Field(32, ge=0)
     num_workers: int = Field(0, ge=0)
+    measure_halo: bool = True  # at the end: the exact halo on validation images -> card.extra (segcore.halo)
 
 
 class OptimConfig(Strict):

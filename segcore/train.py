@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from segcore.adversarial import AdversarialTerm, build_adversarial
 from segcore.config import TrainConfig
 from segcore.data import PatchDataset, Sample, build_augmentation, load_samples, load_spec
+from segcore.halo import card_halo
 from segcore.losses import build_loss, inverse_frequency_weights
 from segcore.metrics import (
     ConfusionMatrix,
@@ -404,6 +405,7 @@ def train(
     run.card.metrics = metrics
     out_dir = Path(out_dir)
     if run.rank == 0:
+        run.card.extra.update(card_halo(run.bare_model, run.card, [s.image for s in run.val_samples], run.device))
         write_outputs(run, out_dir, cm, keep)
     return TrainResult(out_dir, metrics, run.history, cm.matrix, run.card.class_names)
 

@@ -1,0 +1,79 @@
+"""The measured exact halo: training stores on the card the smallest halo at which tiled labels
+equal whole-image labels, and it is the one a brute-force search finds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segcore.cli import main as gigaseg
+from segcore.config import TrainConfig, parse_config
+from segcore.data import load_samples
+from segcore.halo import HALO_KEY, MEASURED_ON_KEY, card_halo, measure_exact_halo, measuring_images
+from segcore.modelref import load_model
+from segcore.tiling import pad_to_multiple, predict_tiled, predict_whole
+from segcore.train import train
+
+TINY = {
+    "model": {"arch": "Unet", "encoder": "resnet18", "arch_kwargs": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}},
+    "data": {"patch_size": 64, "patches_per_epoch": 32, "batch_size": 8, "val_tile": 64, "val_halo": 16},
+    "epochs": 2,
+    "augment": {"strength": 0.3},
+}
+
+
+def brute_force_halo(predict, images, tile: int, multiple: int, cap: int, labels) -> int | None:  # noqa: ANN001
+    """Every halo in turn, the whole tiled image each time (no early exit, no shortcuts)."""
+    for halo in range(0, cap + 1, multiple):
+        if all(np.array_equal(labels(predict_tiled(im, predict, tile=tile, halo=halo)), labels(predict_whole(im, predict)))
+               for im in images):
+            return halo
+    return None
+
+
+def box_proba(batch: np.ndarray) -> np.ndarray:
+    """A 5x5 mean filter (zero outside the window) as 2-class probabilities: reach 2."""
+    x = np.pad(batch, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    h, w = batch.shape[-2:]
+    acc = sum(x[..., dy : dy + h, dx : dx + w] for dy in range(5) for dx in range(5)) / 25
+    return np.concatenate([acc, 1 - acc], axis=1)
+
+
+def test_measure_exact_halo_finds_a_local_predictors_reach() -> None:
+    images = [np.random.default_rng(s).random((1, 70, 90), dtype=np.float32) for s in range(2)]
+    argmax = lambda p: p.argmax(0)  # noqa: E731
+    assert measure_exact_halo(box_proba, images, tile=8, multiple=1, cap=10, labels=argmax) == 2
+    assert brute_force_halo(box_proba, images, 8, 1, 10, argmax) == 2
+    assert measure_exact_halo(box_proba, images, tile=8, multiple=1, cap=1, labels=argmax) is None
+    with pytest.raises(ValueError, match="multiple"):
+        measure_exact_halo(box_proba, images, tile=12, multiple=8)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("halo")
+    for name, n, seed in [("train", 4, 1), ("val", 1, 2)]:
+        assert gigaseg(["simulate", "shapes", "--out", str(root / name), "--n", str(n), "--size", "192",
+                        "--seed", str(seed)]) == 0
+    train(parse_config(TINY, TrainConfig), root / "train", root / "model", val_dir=root / "val")
+    return root
+
+
+def test_training_stores_the_smallest_exact_halo(trained) -> None:
+    loaded = load_model(trained / "model", device="cpu")
+    extra = loaded.card.extra
+    on = extra[MEASURED_ON_KEY]
+    assert on["tile"] == 64 and on["multiple"] == loaded.size_multiple == 8 and on["images"] == 1
+    images = measuring_images([s.image for s in load_samples(trained / "val")], on["tile"], on["cap"])
+    predict = pad_to_multiple(loaded.predict_proba, loaded.size_multiple)
+    expected = brute_force_halo(predict, images, on["tile"], 8, on["cap"], loaded.labels_from_proba)
+    assert expected is not None and expected > 0  # a trained U-Net needs some context, and has a finite reach
+    assert extra[HALO_KEY] == expected and on["exact"] is True
+
+
+def test_measure_halo_switch_turns_it_off(trained) -> None:
+    loaded = load_model(trained / "model", device="cpu")
+    card = loaded.card
+    card.train = card.train.model_copy(update={"data": card.train.data.model_copy(update={"measure_halo": False})})
+    image = load_samples(trained / "val")[0].image
+    assert card_halo(loaded.model, card, [image], loaded.device) == {}
