@@ -23,7 +23,7 @@ from typing import Any
 from pipelines.finalize import finalize_file
 from pipelines.layout import STATE_DIR, Layout, Manifest, assign_stems, expand_inputs, input_identity
 from pipelines.lock import OutputLock
-from pipelines.options import ModelInfo, SegmentOptions, load_for_run, resolve_tiling
+from pipelines.options import ModelInfo, SegmentOptions, default_halo, load_for_run
 from pipelines.plan import OWNER_FIX, PLAN_FILE, ImagePlan, done_units, owner_problem, plan_batch
 from pipelines.progress import FileState, Tracker
 from pipelines.worker import TileSegmenter, peak_rss_mb
@@ -252,7 +252,8 @@ def _segment_locked(model: str, inputs: list[str], layout: Layout, run: RunConfi
     stems = assign_stems(files)  # refuses clashing names before any work
     options["tracking_uri"] = modelref.tracking_uri_for(model, options.get("tracking_uri"))  # fixed once
     loaded, info = load_for_run(model, options.get("tracking_uri"))
-    options = resolve_tiling(loaded, options, actors=run.workers)  # halo from the card, tile from the halo
+    if options.get("halo") is None:
+        options["halo"] = default_halo(loaded)
     opts = SegmentOptions(model=info.ref, **{k: v for k, v in options.items() if v is not None})
     if opts.only_class:
         info.class_index(opts.only_class)
@@ -375,8 +376,6 @@ class _Finisher:
         self.report.summaries[fs.file] = summary
         self.manifest.append({"input": fs.file, "stem": fs.stem, "status": "done", "signature": self.signature,
                               "identity": self.identities.get(fs.file, {}), "outputs": summary["outputs"]})
-        for warning in summary.get("warnings", []):  # planning ran on a worker: repeat them here
-            log.warning("%s", warning)
         top = sorted(summary["area_fractions"].items(), key=lambda kv: -kv[1])[:4]
         t = summary["timings"]
         log.info("%s done %s: %d windows this run; worker s read %.1f predict %.1f write %.1f; finish %.1f s; %s",
