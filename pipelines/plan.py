@@ -10,6 +10,11 @@ with the repartition into one-unit blocks, so both run under one small CPU reque
 statistics from a strided sample (once per image; reused on resume), creates the output
 store, and emits one small row per unit still to do (paths and grid indices, never pixels).
 A file that cannot be planned yields a single ``failed`` row.
+
+Resume is bound to the input: ``plan.json`` records the file's identity (resolved path, size,
+mtime, SHA-256 of its first 64 KiB). A saved plan is resumed only for that very file; outputs
+that hold another file's labels (or an earlier version's) are refused with ``OutputError`` for
+that input, never re-planned over silently; ``--overwrite`` removes them first.
 """
 
 from __future__ import annotations
