@@ -116,6 +116,9 @@ class DataConfig(Strict):
     val_tile: int = Field(256, ge=16)
     val_halo: int = Field(32, ge=0)
     num_workers: int = Field(0, ge=0)
+    scale: float = Field(1.0, gt=0)  # image px per model px (4: the model sees 4x4 px block means)
+    val_pixels: int = Field(4 << 20, ge=1)  # model px validated per epoch on lazily read data
+    loader: Literal["auto", "memory", "lazy"] = "auto"  # auto: lazy for mask/model scales or > 64 MPx
     measure_halo: bool = True  # at the end: the exact halo on validation images -> card.extra (segcore.halo)
 
 

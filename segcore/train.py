@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from segcore.adversarial import AdversarialTerm, build_adversarial
 from segcore.config import TrainConfig
 from segcore.data import PatchDataset, Sample, build_augmentation, load_samples, load_spec
+from segcore.data.lazy import LazyPatchDataset, TrainData, build_lazy_data, use_lazy
 from segcore.halo import card_halo
 from segcore.losses import build_loss, inverse_frequency_weights
 from segcore.metrics import (
@@ -86,7 +87,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     loss_fn: torch.nn.Module
     loader: DataLoader
-    patches: PatchDataset
+    patches: PatchDataset | LazyPatchDataset
     val_samples: list[Sample]
     device: torch.device
     rank: int = 0
@@ -114,12 +115,12 @@ def split_samples(samples: list[Sample], val_fraction: float, seed: int) -> tupl
     return [s for i, s in enumerate(samples) if i not in val_idx], [samples[i] for i in sorted(val_idx)]
 
 
-def _fit_config_to_data(cfg: TrainConfig, spec, train_samples: list[Sample]) -> TrainConfig:
+def _fit_config_to_data(cfg: TrainConfig, spec, channels: int) -> TrainConfig:
     """Take channels, classes and normalisation from the dataset, so the saved config is complete."""
     num_classes = len(spec.class_names)
     binary_head = num_classes == 2 and any(t == "bce" for t in _all_loss_terms(cfg))
     model = cfg.model.model_copy(
-        update={"in_channels": train_samples[0].image.shape[0], "classes": 1 if binary_head else num_classes}
+        update={"in_channels": channels, "classes": 1 if binary_head else num_classes}
     )
     if cfg.freeze.strategy == "random-init":
         model = model.model_copy(update={"encoder_weights": None})
@@ -185,21 +186,40 @@ def _device_for(cfg: TrainConfig, rank: int, world: int) -> torch.device:
     return device
 
 
-def _class_weights(cfg: TrainConfig, samples: list[Sample], num_classes: int) -> torch.Tensor | None:
+def _class_weights(cfg: TrainConfig, masks: list[np.ndarray], num_classes: int) -> torch.Tensor | None:
     if cfg.loss.class_weighting != "inverse_frequency":
         return None
-    weights = inverse_frequency_weights((s.mask for s in samples), num_classes)
+    weights = inverse_frequency_weights(masks, num_classes)
     log.info("inverse-frequency class weights: %s", np.round(weights, 3).tolist())
     return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def _load_data(cfg: TrainConfig, spec, data_dir: str | Path, val_dir: str | Path | None) -> TrainData:
+    """Training patches and validation samples: read lazily from the files for whole scans, coarse
+    masks or ``data.scale != 1`` (:mod:`segcore.data.lazy`), else whole images split by image."""
+    from segcore.data.normalize import input_range
+
+    augment = build_augmentation(cfg.augment.strength)
+    k = len(spec.class_names)
+    val_spec = load_spec(val_dir) if val_dir else None
+    if use_lazy(cfg.data.loader, cfg.data.scale, spec, data_dir):
+        return build_lazy_data(cfg.data, spec, data_dir, seed=cfg.seed, num_classes=k, augment=augment,
+                               val_dir=val_dir, val_spec=val_spec)
+    samples = load_samples(data_dir, spec)
+    train_s, val_s = ((samples, load_samples(val_dir, val_spec)) if val_dir
+                      else split_samples(samples, cfg.data.val_fraction, cfg.seed))
+    patches = PatchDataset(train_s, cfg.data.patch_size, cfg.data.patches_per_epoch, cfg.data.class_balanced,
+                           augment=augment, seed=cfg.seed, num_classes=k)
+    return TrainData(patches, val_s, train_s[0].image.shape[0], input_range([s.image for s in train_s]),
+                     [s.mask for s in train_s])
 
 
 def build_run(cfg: TrainConfig, data_dir: str | Path, val_dir: str | Path | None = None) -> _Run:
     """Load data, fit the config to it, build model, optimiser, scheduler and loss."""
     rank, world = _dist_info()
     spec = load_spec(data_dir)
-    samples = load_samples(data_dir, spec)
-    train_s, val_s = (samples, load_samples(val_dir)) if val_dir else split_samples(samples, cfg.data.val_fraction, cfg.seed)
-    cfg = _fit_config_to_data(cfg, spec, train_s)
+    data = _load_data(cfg, spec, data_dir, val_dir)
+    cfg = _fit_config_to_data(cfg, spec, data.channels)
     check_combination(cfg.model.arch, cfg.model.encoder, cfg.model.in_channels, cfg.data.patch_size,
                       arch_kwargs=cfg.model.arch_kwargs)
     torch.manual_seed(cfg.seed)
@@ -212,16 +232,13 @@ def build_run(cfg: TrainConfig, data_dir: str | Path, val_dir: str | Path | None
     if world > 1:
         # smp keeps encoder stages that encoder_depth < 5 never runs, and frozen encoders get no grads
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    patches = PatchDataset(
-        train_s, cfg.data.patch_size, cfg.data.patches_per_epoch, cfg.data.class_balanced,
-        augment=build_augmentation(cfg.augment.strength), seed=cfg.seed, num_classes=len(spec.class_names),
-    )
+    patches = data.patches
     loader = _make_loader(cfg, patches, rank, world)
     scheduler = _build_scheduler(cfg, optimizer, max(1, len(loader)))
-    loss_fn = build_loss(cfg.loss, len(spec.class_names), _class_weights(cfg, train_s, len(spec.class_names)))
+    loss_fn = build_loss(cfg.loss, len(spec.class_names), _class_weights(cfg, data.masks, len(spec.class_names)))
     card = ModelCard(train=cfg, class_names=list(spec.class_names), class_colors=_spec_colors(spec))
     adversarial = build_adversarial(cfg, len(spec.class_names), device, world)  # last: weight 0 draws no RNG
-    return _Run(cfg, card, model, freeze, optimizer, scheduler, loss_fn.to(device), loader, patches, val_s, device, rank, world,
+    return _Run(cfg, card, model, freeze, optimizer, scheduler, loss_fn.to(device), loader, patches, data.val_samples, device, rank, world,
                 adversarial=adversarial)
 
 

@@ -118,11 +118,19 @@ def _read_mask_for(raw: RawImage, path: Path, from_fits: bool, spec: DatasetSpec
     return mask_to_ids(pick[0].array, spec, f"{path}[{pick[0].extname or pick[0].index}]")
 
 
-def _check_pixels(raw: RawImage, image: Path, mask: np.ndarray, mask_path: Path) -> None:
+def _fit_mask(raw: RawImage, image: Path, mask: np.ndarray, mask_path: Path, spec: DatasetSpec) -> np.ndarray:
+    """The mask on the image's pixel grid: itself, or a coarser mask (``mask_scale``) resampled
+    nearest; a size that fits no declared scale is a DataError naming both sizes."""
+    from segcore.data.lazy import ignore_boundaries, mask_indices
+
     h, w = raw.array.shape[:2]
-    if mask.shape != (h, w):
-        raise DataError(image, f"{raw.name} is {h}x{w} (HxW) but its mask {mask_path.name} is "
-                        f"{mask.shape[0]}x{mask.shape[1]}", "the mask must have the image's height and width")
+    scale = spec.mask_scale_for((h, w), mask.shape, f"{image} ({raw.name}, mask {mask_path.name})")
+    if scale != 1 or mask.shape != (h, w):
+        mask = mask[np.ix_(mask_indices(0, h, 1.0, scale, mask.shape[0]), mask_indices(0, w, 1.0, scale, mask.shape[1]))]
+    return ignore_boundaries(mask, spec.boundary_ignore)
+
+
+def _check_pixels(raw: RawImage, image: Path) -> None:
     if np.issubdtype(raw.array.dtype, np.floating):
         bad = ~np.isfinite(raw.array)
         if bad.any():
@@ -167,8 +175,8 @@ def load_samples(data_dir: str | Path, spec: DatasetSpec | None = None,
         raws = read_image(image)
         for raw in raws:
             mask_path, from_fits = _find_mask(image, raw, len(raws), stem, masks)
-            mask = _read_mask_for(raw, mask_path, from_fits, spec)
-            _check_pixels(raw, image, mask, mask_path)
+            mask = _fit_mask(raw, image, _read_mask_for(raw, mask_path, from_fits, spec), mask_path, spec)
+            _check_pixels(raw, image)
             samples.append(make_sample(raw, mask, image, cfg))
     _check_channels(samples)
     names = [s.name for s in samples]

@@ -16,6 +16,9 @@ A dataset is a folder ``images/`` + ``masks/`` + optional ``dataset.yaml``::
       mask_template: 'label_{key}'          # mask stem from the named groups, or instead:
       # mask_regex: 'label_(?P<key>\\d+)'   # masks whose named groups equal the image's
     normalize: {mode: percentile, low_percentile: 0.5, high_percentile: 99.5}
+    mask_scale: 18.72                       # masks are coarser: image px per mask px (default: same size)
+    # pixel_size_um: {image: 0.5, mask: 9.36}   # or the same from pixel sizes (mask_scale = 9.36 / 0.5)
+    boundary_ignore: 2                      # ignore (255) pixels within 2 model px of a label boundary
 
 ``classes`` / ``colors`` may also be spelled ``class_names`` / ``class_colors``.
 """
@@ -99,6 +102,15 @@ class PairingSpec(BaseModel):
         return m.groupdict() if m else None
 
 
+class PixelSizes(BaseModel):
+    """Pixel sizes in micrometres of the images and of their masks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: float = Field(gt=0)
+    mask: float = Field(gt=0)
+
+
 class DatasetSpec(BaseModel):
     """Parsed ``dataset.yaml``; unknown keys are errors so typos name themselves."""
 
@@ -111,6 +123,9 @@ class DatasetSpec(BaseModel):
     id_map: dict[int, int] = Field(default_factory=dict)
     pairing: PairingSpec = Field(default_factory=PairingSpec)
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    mask_scale: float | None = Field(None, gt=0)
+    pixel_size_um: PixelSizes | None = None
+    boundary_ignore: int = Field(0, ge=0)
     description: str = ""
 
     @field_validator("class_colors", mode="before")
@@ -131,6 +146,8 @@ class DatasetSpec(BaseModel):
             raise ValueError(f"classes has duplicates: {self.class_names}")
         for colors in [*self.class_colors.values(), self.ignore_colors]:
             _check_rgb(colors)
+        if self.mask_scale is not None and self.pixel_size_um is not None:
+            raise ValueError("give mask_scale or pixel_size_um, not both")
         if self.mask_mode == "rgb":
             if not self.class_colors:
                 raise ValueError("mask_mode rgb needs colors: {class_name: [[r, g, b], ...]}")
@@ -150,6 +167,40 @@ class DatasetSpec(BaseModel):
                 if c in seen and seen[c] != name:
                     raise ValueError(f"colour {list(c)} is given to both {seen[c]} and {name}")
                 seen[c] = name
+
+    @property
+    def declared_mask_scale(self) -> float | None:
+        """Image px per mask px from ``mask_scale`` or ``pixel_size_um``; None when not declared."""
+        if self.mask_scale is not None:
+            return float(self.mask_scale)
+        if self.pixel_size_um is not None:
+            return self.pixel_size_um.mask / self.pixel_size_um.image
+        return None
+
+    def mask_scale_for(self, image_shape: tuple[int, int], mask_shape: tuple[int, int],
+                       source: str | Path) -> float:
+        """The image-px-per-mask-px ratio of one image/mask pair (1.0 for equal sizes).
+
+        A mask must cover the image's extent: with a declared scale ``s`` each side is
+        ``image / s`` give or take one mask pixel (rounding). Anything else is a DataError that
+        names both sizes and the dataset.yaml key to set.
+        """
+        (h, w), (mh, mw) = (tuple(int(v) for v in image_shape[:2]), tuple(int(v) for v in mask_shape[:2]))
+        scale = self.declared_mask_scale
+        if scale is None:
+            if (mh, mw) == (h, w):
+                return 1.0
+            ratio = f"{h / mh:.4g}" if mh else "?"
+            raise DataError(source, f"image is {h}x{w} (HxW) but its mask is {mh}x{mw}",
+                            f"the mask must have the image's height and width, or, for coarser labels, set "
+                            f"mask_scale: {ratio} (image px per mask px) or pixel_size_um in {SPEC_FILE}")
+        if abs(mh - h / scale) <= 1 and abs(mw - w / scale) <= 1:
+            return scale
+        key = "mask_scale" if self.mask_scale is not None else "pixel_size_um (mask_scale)"
+        raise DataError(source, f"image is {h}x{w} (HxW) but its mask is {mh}x{mw}, which does not fit "
+                        f"{key} {scale:.4g} (expected {h / scale:.1f}x{w / scale:.1f} +- 1)",
+                        f"fix {key} in {SPEC_FILE} (this pair has {h / max(mh, 1):.4g} image px per mask px) "
+                        "or the mask")
 
     @property
     def num_classes(self) -> int:

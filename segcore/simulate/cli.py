@@ -22,6 +22,8 @@ def _run(args: argparse.Namespace) -> int:
     size = args.size or DEFAULT_SIZE[args.kind]
     if args.kind == "shapes":
         shapes.generate_shapes(args.out, args.n, size, args.seed)
+    elif args.kind == "sem" and args.label_scale is not None:
+        sem.generate_sem_qemscan(args.out, args.n, size, args.seed, label_scale=args.label_scale)
     elif args.kind == "sem":
         sem.generate_sem(args.out, args.n, size, args.seed)
     else:
@@ -49,6 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--size", type=_positive, default=None,
                        help=f"image side in px [{DEFAULT_SIZE[kind]}]")
         p.add_argument("--seed", type=int, default=0, help="random seed [0]")
+        if kind == "sem":
+            p.add_argument("--label-scale", type=float, default=None, metavar="K",
+                           help="write tiled BigTIFF scans and QEMSCAN-like colour masks K x coarser "
+                                "(dataset.yaml gets mask_scale: K) [same-size masks]")
         if kind == "ccd":
             p.add_argument("--hdus", type=_positive, default=2, help="amplifier HDUs per file [2]")
             p.add_argument("--dtype", choices=("uint16", "float32"), default="uint16",

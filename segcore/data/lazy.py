@@ -1,0 +1,562 @@
+"""Bounded-memory training data for whole scans: patches read on demand from lazy sources.
+
+Used when a dataset's masks are coarser than its images (``mask_scale`` / ``pixel_size_um`` in
+dataset.yaml), when the model works at another resolution (``data.scale`` = image px per model
+px) or when the images are too big to hold (see :func:`use_lazy`).
+
+* Images stay in their files (:mod:`segcore.readers`). A patch of ``p`` model px reads the
+  region of ``p * scale`` image px under it and area-averages it to ``p`` (an exact block mean
+  for integer scales), then normalises it with statistics from the source's strided sample.
+* Masks are coarse class-id grids held whole as uint8 (a QEMSCAN map of 4,700 px is 22 MB);
+  a patch's labels are the mask pixels under its model-pixel centres (nearest).
+* Class balance uses per-block class counts of each mask, cached in
+  ``<data>/.gigaseg-index/<key>.npz`` with the ids, keyed by the mask file's size, mtime and
+  first MiB and by the dataset spec, so a mask is decoded and counted once.
+* Validation holds out spatial blocks of the model grid; training patches keep at least a
+  patch of distance from them (:func:`choose_val_blocks`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from segcore.config import NormalizeConfig
+from segcore.data.errors import DataError
+from segcore.data.normalize import NormStats, apply_norm, compute_norm_stats
+from segcore.data.spec import IGNORE, DatasetSpec
+
+log = logging.getLogger(__name__)
+
+BIG_PIXELS = 64 << 20  # datasets with more image pixels than this train lazily
+INDEX_DIR = ".gigaseg-index"
+INDEX_BLOCK = 16  # mask px per side of a class-count block
+INDEX_VERSION = 1
+MAX_TRIES = 64  # rejection sampling of training corners outside the validation zones
+
+
+# ----------------------------------------------------------------------------- resampling
+
+
+def _area_weights(start: float, n_out: int, scale: float, first: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights: output ``u`` averages input px ``first + i`` over the interval
+    ``[start + u * scale, start + (u + 1) * scale)`` (exact area weighting)."""
+    lo = start + np.arange(n_out)[:, None] * scale
+    px = first + np.arange(n_in)[None, :]
+    overlap = np.clip(np.minimum(px + 1, lo + scale) - np.maximum(px, lo), 0, None)
+    return overlap / scale
+
+
+def area_resample(region: np.ndarray, scale: float, origin: tuple[float, float], first: tuple[int, int],
+                  out: tuple[int, int]) -> np.ndarray:
+    """Area-average ``region`` (h, w, C) whose pixel (0, 0) is image px ``first`` onto ``out``
+    model px starting at image coordinate ``origin`` (float64 result, (out_h, out_w, C))."""
+    region = region.astype(np.float64, copy=False)
+    s = float(scale)
+    if s == int(s) and origin == first and region.shape[0] == out[0] * s and region.shape[1] == out[1] * s:
+        k = int(s)  # exact block mean, the common case
+        return region.reshape(out[0], k, out[1], k, -1).mean(axis=(1, 3))
+    wy = _area_weights(origin[0], out[0], s, first[0], region.shape[0])
+    wx = _area_weights(origin[1], out[1], s, first[1], region.shape[1])
+    return np.einsum("ui,ijc,vj->uvc", wy, region, wx, optimize=True)
+
+
+def mask_indices(start: int, n: int, scale: float, mask_scale: float, size: int) -> np.ndarray:
+    """Mask px under the centres of model px ``start .. start + n - 1`` (nearest, clipped)."""
+    centres = (start + np.arange(n) + 0.5) * scale / mask_scale
+    return np.clip(np.floor(centres).astype(np.int64), 0, size - 1)
+
+
+def ignore_boundaries(mask: np.ndarray, k: int) -> np.ndarray:
+    """``mask`` with pixels within ``k`` px (chessboard) of a label boundary set to 255."""
+    if k <= 0:
+        return mask
+    from scipy import ndimage
+
+    edge = np.zeros(mask.shape, bool)
+    dy, dx = mask[1:, :] != mask[:-1, :], mask[:, 1:] != mask[:, :-1]
+    edge[1:, :] |= dy
+    edge[:-1, :] |= dy
+    edge[:, 1:] |= dx
+    edge[:, :-1] |= dx
+    if k > 1:
+        edge = ndimage.binary_dilation(edge, np.ones((3, 3), bool), iterations=k - 1)
+    out = mask.copy()
+    out[edge] = IGNORE
+    return out
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@dataclass
+class LazyImage:
+    """One image of a dataset: where its pixels are, its statistics and its coarse labels."""
+
+    name: str
+    path: Path
+    index: int  # source index (FITS HDU; -1 otherwise)
+    shape: tuple[int, int]  # image px
+    channels: int
+    stats: NormStats
+    mask: np.ndarray  # uint8 class ids at mask resolution (255 = ignore)
+    mask_scale: float  # image px per mask px
+    counts: np.ndarray  # (blocks_y, blocks_x, K) labelled px per class per INDEX_BLOCK block
+
+    def model_shape(self, scale: float) -> tuple[int, int]:
+        """The image's size on the model grid of ``scale`` image px per model px."""
+        return max(1, int(self.shape[0] // scale)), max(1, int(self.shape[1] // scale))
+
+
+def _index_key(mask_path: Path, spec: DatasetSpec, hdu: Any) -> str:
+    st = mask_path.stat()
+    digest = hashlib.sha256()
+    with open(mask_path, "rb") as f:
+        digest.update(f.read(1 << 20))
+    digest.update(f"{st.st_size}:{st.st_mtime_ns}:{hdu}:{INDEX_BLOCK}:{INDEX_VERSION}".encode())
+    digest.update(spec.model_dump_json(include={"class_names", "mask_mode", "class_colors", "ignore_colors",
+                                                 "id_map"}).encode())
+    return digest.hexdigest()[:32]
+
+
+def block_counts(ids: np.ndarray, num_classes: int, block: int = INDEX_BLOCK) -> np.ndarray:
+    """(ceil(h / block), ceil(w / block), K) labelled pixels per class in each block."""
+    h, w = ids.shape
+    by, bx = -(-h // block), -(-w // block)
+    rows = (np.arange(h) // block)[:, None] * bx
+    cols = (np.arange(w) // block)[None, :]
+    valid = ids != IGNORE
+    keys = ((rows + cols) * num_classes + ids.astype(np.int64))[valid]
+    return np.bincount(keys, minlength=by * bx * num_classes).reshape(by, bx, num_classes)
+
+
+def load_mask_index(data_dir: Path, mask_path: Path, spec: DatasetSpec,
+                    read: Callable[[], np.ndarray], hdu: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 ids, block counts) of a mask, from the cache beside the dataset when it is current."""
+    cache = data_dir / INDEX_DIR / f"{_index_key(mask_path, spec, hdu)}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache) as npz:
+                return npz["ids"], npz["counts"]
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("%s: unreadable index cache (%s); rebuilding it", cache, err)
+    ids = read()
+    ids = ids.astype(np.uint8 if spec.num_classes < IGNORE else np.uint16)
+    counts = block_counts(ids, max(spec.num_classes, 1))
+    try:
+        cache.parent.mkdir(exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez_compressed(tmp, ids=ids, counts=counts)
+        os.replace(tmp, cache)
+    except OSError as err:  # a read-only dataset still trains, it just recounts next time
+        log.warning("%s: cannot cache the class index (%s)", cache, err)
+    return ids, counts
+
+
+def scan_dataset(data_dir: str | Path, spec: DatasetSpec, normalize: NormalizeConfig | None = None) -> list[LazyImage]:
+    """Every image of ``<data_dir>/images`` as a :class:`LazyImage` (pixels stay in the files)."""
+    from segcore.data.dataset import _find_mask, _index_files, _mask_stem, _read_mask_for
+    from segcore.data.io import RawImage, file_stem, is_fits, open_image_sources
+
+    data_dir = Path(data_dir)
+    cfg = normalize or spec.normalize
+    images = [p for paths in _index_files(data_dir / "images").values() for p in paths]
+    masks = _index_files(data_dir / "masks")
+    if not images:
+        raise DataError(data_dir / "images", "no images (PNG, JPEG, TIFF or FITS) found", "add images")
+    out: list[LazyImage] = []
+    for image in images:
+        stem = _mask_stem(image, spec, masks)
+        sources = open_image_sources(image)
+        try:
+            for src in sources:
+                name = stem_name = file_stem(image)
+                if is_fits(image) and len(sources) > 1:
+                    name = f"{stem_name}_{src.extname or src.index}"
+                raw = RawImage(name, np.empty(0), src.header, max(src.index, 0), getattr(src, "extname", None))
+                mask_path, from_fits = _find_mask(image, raw, len(sources), stem, masks)
+                ids, counts = load_mask_index(data_dir, mask_path, spec,
+                                              lambda r=raw, m=mask_path, f=from_fits: _read_mask_for(r, m, f, spec),
+                                              hdu=(raw.extname, raw.index) if from_fits else None)
+                scale = spec.mask_scale_for(src.shape, ids.shape, f"{image} (mask {mask_path.name})")
+                stats = compute_norm_stats(src.sample(), cfg, src.header, source=src.label)
+                out.append(LazyImage(name, image, src.index, src.shape, src.channels, stats, ids, scale, counts))
+        finally:
+            for src in sources:
+                src.close()
+    _check_lazy(out, data_dir)
+    return out
+
+
+def _check_lazy(images: list[LazyImage], data_dir: Path) -> None:
+    channels = {im.channels for im in images}
+    if len(channels) > 1:
+        raise DataError(data_dir / "images", f"images have different channel counts {sorted(channels)}",
+                        "convert all images of a dataset to the same channels")
+    names = [im.name for im in images]
+    if len(set(names)) != len(names):
+        raise DataError(data_dir / "images", f"several files give samples named {sorted(set(names))}",
+                        "give each image a unique file name")
+
+
+def total_pixels(data_dir: str | Path) -> int:
+    """Image pixels of a dataset from the file headers (nothing decoded)."""
+    from segcore.data.dataset import _index_files
+    from segcore.data.io import open_image_sources
+
+    total = 0
+    for paths in _index_files(Path(data_dir) / "images").values():
+        for path in paths:
+            sources = open_image_sources(path)
+            total += sum(s.shape[0] * s.shape[1] for s in sources)
+            for s in sources:
+                s.close()
+    return total
+
+
+def use_lazy(loader: str, scale: float, spec: DatasetSpec, data_dir: str | Path) -> bool:
+    """Whether training should read patches lazily: asked for, a mask or model scale other than
+    1, or more than :data:`BIG_PIXELS` image pixels."""
+    if loader != "auto":
+        return loader == "lazy"
+    return scale != 1 or spec.declared_mask_scale is not None or total_pixels(data_dir) > BIG_PIXELS
+
+
+# ----------------------------------------------------------------------------- reading patches
+
+
+class PatchReader:
+    """Reads normalised image patches and their labels on the model grid of ``scale``.
+
+    Sources are opened on first use in each process (DataLoader workers, DDP ranks) and never
+    pickled, so a reader can be shipped to worker processes.
+    """
+
+    def __init__(self, images: Sequence[LazyImage], scale: float, boundary_ignore: int = 0) -> None:
+        self.images = list(images)
+        self.scale = float(scale)
+        self.boundary_ignore = int(boundary_ignore)
+        self._open: dict[int, Any] = {}
+        self._pid = os.getpid()
+        self.pixels_read = 0  # image px decoded in this process (to check reads stay minimal)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_open"] = {}
+        return state
+
+    def _source(self, k: int) -> Any:
+        from segcore.data.io import open_image_sources
+
+        if os.getpid() != self._pid:  # forked: the parent's handles are not ours
+            self._open, self._pid = {}, os.getpid()
+        if k not in self._open:
+            im = self.images[k]
+            sources = open_image_sources(im.path)
+            self._open[k] = next(s for s in sources if s.index == im.index)
+            for s in sources:
+                if s is not self._open[k]:
+                    s.close()
+        return self._open[k]
+
+    def image(self, k: int, top: int, left: int, h: int, w: int) -> np.ndarray:
+        """Normalised (C, h, w) float32 pixels of model px ``[top:top+h, left:left+w]``."""
+        im, s = self.images[k], self.scale
+        y0, x0, y1, x1 = top * s, left * s, (top + h) * s, (left + w) * s
+        r0, c0 = int(math.floor(y0)), int(math.floor(x0))
+        r1, c1 = min(int(math.ceil(y1)), im.shape[0]), min(int(math.ceil(x1)), im.shape[1])
+        region = self._source(k).read(slice(r0, r1), slice(c0, c1))
+        self.pixels_read += region.shape[0] * region.shape[1]
+        region = region if region.ndim == 3 else region[..., None]
+        if s != 1:
+            region = area_resample(region, s, (y0, x0), (r0, c0), (h, w))
+        return np.ascontiguousarray(apply_norm(region, im.stats).transpose(2, 0, 1))
+
+    def mask(self, k: int, top: int, left: int, h: int, w: int) -> np.ndarray:
+        """int64 (h, w) labels of model px ``[top:top+h, left:left+w]`` (nearest from the mask;
+        boundary pixels ignored when asked, judged with a margin so patch edges are right)."""
+        im, b = self.images[k], self.boundary_ignore
+        rows = mask_indices(top - b, h + 2 * b, self.scale, im.mask_scale, im.mask.shape[0])
+        cols = mask_indices(left - b, w + 2 * b, self.scale, im.mask_scale, im.mask.shape[1])
+        labels = im.mask[np.ix_(rows, cols)].astype(np.int64)
+        if b:
+            labels = ignore_boundaries(labels, b)[b:b + h, b:b + w]
+        return labels
+
+    def patch(self, k: int, top: int, left: int, p: int) -> tuple[np.ndarray, np.ndarray]:
+        """(C, p, p) image and (p, p) mask; parts beyond a small image are padded (mask: ignore)."""
+        from segcore.tiling import reflect_pad
+
+        mh, mw = self.images[k].model_shape(self.scale)
+        h, w = min(p, mh - top), min(p, mw - left)
+        image, mask = self.image(k, top, left, h, w), self.mask(k, top, left, h, w)
+        if (h, w) != (p, p):
+            image = np.ascontiguousarray(reflect_pad(image, ((0, p - h), (0, p - w))))
+            mask = np.pad(mask, ((0, p - h), (0, p - w)), constant_values=IGNORE)
+        return image, mask
+
+    def close(self) -> None:
+        for src in self._open.values():
+            src.close()
+        self._open = {}
+
+
+# ----------------------------------------------------------------------------- validation blocks
+
+
+@dataclass(frozen=True)
+class Block:
+    """A square region of one image on the model grid."""
+
+    k: int
+    top: int
+    left: int
+    size: int
+
+    def overlaps(self, top: int, left: int, p: int, buffer: int) -> bool:
+        """Whether a ``p`` patch at (top, left) comes within ``buffer`` model px of this block."""
+        return (top < self.top + self.size + buffer and top + p > self.top - buffer
+                and left < self.left + self.size + buffer and left + p > self.left - buffer)
+
+
+def choose_val_blocks(images: Sequence[LazyImage], scale: float, patch: int, val_fraction: float,
+                      val_pixels: int, seed: int) -> list[Block]:
+    """Held-out blocks of side ``max(2 * patch, 64)`` model px, in a seeded random order, until
+    ``val_pixels`` or ``val_fraction`` of the model-grid area is reached; a block is kept only if
+    its image still has room for training patches a patch away from every held-out block."""
+    if val_fraction <= 0:
+        return []
+    side = max(2 * patch, 64)
+    total = sum(math.prod(im.model_shape(scale)) for im in images)
+    budget = min(val_pixels, val_fraction * total)
+    candidates = []
+    for k, im in enumerate(images):
+        mh, mw = im.model_shape(scale)
+        size = min(side, mh, mw)
+        candidates += [Block(k, t, left, size) for t in range(0, mh - size + 1, size)
+                       for left in range(0, mw - size + 1, size)]
+    order = np.random.default_rng([seed, 8]).permutation(len(candidates))
+    chosen: list[Block] = []
+    area = 0
+    for i in order:
+        if area >= budget:
+            break
+        block = candidates[int(i)]
+        if _has_training_room(images[block.k].model_shape(scale), [*chosen, block], block.k, patch):
+            chosen.append(block)
+            area += block.size ** 2
+    return chosen
+
+
+def _has_training_room(shape: tuple[int, int], blocks: list[Block], k: int, patch: int) -> bool:
+    """Whether some patch corner of image ``k`` (on a grid of quarter-patch steps) is clear of
+    every held-out block by a patch."""
+    mh, mw = shape
+    step = max(1, patch // 4)
+    tops = np.arange(0, max(mh - patch, 0) + 1, step)[:, None]
+    lefts = np.arange(0, max(mw - patch, 0) + 1, step)[None, :]
+    free = np.ones((tops.size, lefts.size), bool)
+    for b in (b for b in blocks if b.k == k):
+        free &= ~((tops < b.top + b.size + patch) & (tops + patch > b.top - patch)
+                  & (lefts < b.left + b.size + patch) & (lefts + patch > b.left - patch))
+    return bool(free.any())
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class _Sampler:
+    """Where training patches may come from: per-class block weights outside validation zones."""
+
+    weights: list[np.ndarray] = field(default_factory=list)  # per image (by, bx, K) counts
+    present: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+class LazyPatchDataset(Dataset):
+    """``patches_per_epoch`` random ``patch_size`` patches read on demand (see module doc).
+
+    Same contract as :class:`segcore.data.dataset.PatchDataset`: item ``i`` of epoch ``e``
+    depends only on ``(seed, e, i)``; returns ``(float32 (C, p, p), int64 (p, p))`` tensors.
+    Training patches keep ``patch_size`` model px away from every block in ``val_blocks``.
+    """
+
+    def __init__(self, images: Sequence[LazyImage], patch_size: int, patches_per_epoch: int, scale: float = 1.0,
+                 class_balanced: bool = True, augment: Callable[..., dict[str, Any]] | None = None, seed: int = 0,
+                 num_classes: int | None = None, val_blocks: Sequence[Block] = (), boundary_ignore: int = 0) -> None:
+        if not images:
+            raise ValueError("LazyPatchDataset needs at least one image")
+        self.reader = PatchReader(images, scale, boundary_ignore)
+        self.images = self.reader.images
+        self.scale = float(scale)
+        self.patch_size, self.patches_per_epoch = int(patch_size), int(patches_per_epoch)
+        self.class_balanced, self.augment, self.seed = class_balanced, augment, seed
+        self.num_classes = max(num_classes or images[0].counts.shape[-1], 1)
+        self.val_blocks = [list(b for b in val_blocks if b.k == k) for k in range(len(self.images))]
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._sampler = self._build_sampler()
+        areas = np.array([math.prod(im.model_shape(scale)) for im in self.images], np.float64)
+        self._area_cdf = np.cumsum(areas) / areas.sum()
+
+    def _build_sampler(self) -> _Sampler:
+        """Class counts per index block, zeroed where a block touches a validation zone."""
+        weights = []
+        for k, im in enumerate(self.images):
+            counts = im.counts.astype(np.float64).copy()
+            edge = INDEX_BLOCK * im.mask_scale / self.scale  # model px per index block
+            for b in self.val_blocks[k]:
+                y0 = max(0, int((b.top - self.patch_size) // edge))
+                x0 = max(0, int((b.left - self.patch_size) // edge))
+                y1 = int(math.ceil((b.top + b.size + self.patch_size) / edge))
+                x1 = int(math.ceil((b.left + b.size + self.patch_size) / edge))
+                counts[y0:y1, x0:x1] = 0
+            weights.append(counts)
+        totals = sum(w.sum(axis=(0, 1)) for w in weights)
+        return _Sampler(weights, np.flatnonzero(totals > 0))
+
+    def __len__(self) -> int:
+        return self.patches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the random stream of ``epoch`` (shared memory: persistent workers see it)."""
+        self._epoch.fill_(int(epoch))
+
+    def _clear(self, k: int, top: int, left: int) -> bool:
+        return not any(b.overlaps(top, left, self.patch_size, self.patch_size) for b in self.val_blocks[k])
+
+    def _balanced(self, rng: np.random.Generator) -> tuple[int, int, int] | None:
+        s = self._sampler
+        cls = int(rng.choice(s.present))
+        per_image = np.array([w[..., cls].sum() for w in s.weights])
+        k = int(rng.choice(len(per_image), p=per_image / per_image.sum()))
+        grid = s.weights[k][..., cls]
+        flat = int(rng.choice(grid.size, p=(grid / grid.sum()).ravel()))
+        by, bx = divmod(flat, grid.shape[1])
+        im, p = self.images[k], self.patch_size
+        edge = INDEX_BLOCK * im.mask_scale / self.scale
+        cy, cx = (by + rng.random()) * edge, (bx + rng.random()) * edge
+        mh, mw = im.model_shape(self.scale)
+        top = int(np.clip(cy - p / 2 + rng.integers(-(p // 4), p // 4 + 1), 0, max(mh - p, 0)))
+        left = int(np.clip(cx - p / 2 + rng.integers(-(p // 4), p // 4 + 1), 0, max(mw - p, 0)))
+        return (k, top, left) if self._clear(k, top, left) else None
+
+    def _uniform(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        k = min(int(np.searchsorted(self._area_cdf, rng.random(), side="right")), len(self.images) - 1)
+        mh, mw = self.images[k].model_shape(self.scale)
+        p = self.patch_size
+        return k, int(rng.integers(0, max(mh - p, 0) + 1)), int(rng.integers(0, max(mw - p, 0) + 1))
+
+    def corner(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        """(image, top, left) of a training patch clear of the validation zones."""
+        for _ in range(MAX_TRIES):
+            if self.class_balanced and self._sampler.present.size:
+                found = self._balanced(rng)
+            else:
+                found = self._uniform(rng)
+                found = found if self._clear(*found) else None
+            if found is not None:
+                return found
+        for _ in range(100 * MAX_TRIES):
+            found = self._uniform(rng)
+            if self._clear(*found):
+                return found
+        raise RuntimeError("no training patch clear of the validation blocks; lower data.val_fraction")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < self.patches_per_epoch:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        k, top, left = self.corner(rng)
+        image, mask = self.reader.patch(k, top, left, self.patch_size)
+        if self.augment is not None:
+            from segcore.data.dataset import PatchDataset
+
+            image, mask = PatchDataset._augment(self, image, mask, int(rng.integers(2**31)))
+        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), torch.from_numpy(
+            np.ascontiguousarray(mask, dtype=np.int64))
+
+    def class_pixel_counts(self) -> np.ndarray:
+        """Labelled pixels per class over the (coarse) masks."""
+        return sum(im.counts.sum(axis=(0, 1)) for im in self.images)[: self.num_classes].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- training data
+
+
+@dataclass
+class TrainData:
+    """What training needs from a lazily read dataset."""
+
+    patches: LazyPatchDataset
+    val_samples: list[Any]  # segcore.data.dataset.Sample at model resolution
+    channels: int
+    input_range: tuple[float, float]
+    masks: list[np.ndarray]  # training masks (coarse ones for lazy data), for class weights
+
+
+def block_samples(reader: PatchReader, blocks: Sequence[Block]) -> list[Any]:
+    """Validation samples (normalised image + labels at model resolution) of ``blocks``."""
+    from segcore.data.dataset import Sample
+
+    out = []
+    for b in blocks:
+        im = reader.images[b.k]
+        out.append(Sample(f"{im.name}@{b.top},{b.left}", reader.image(b.k, b.top, b.left, b.size, b.size),
+                          reader.mask(b.k, b.top, b.left, b.size, b.size), im.path))
+    return out
+
+
+def whole_blocks(images: Sequence[LazyImage], scale: float, budget: int) -> list[Block]:
+    """Square blocks tiling whole images (a separate validation set), up to ``budget`` px."""
+    blocks, area = [], 0
+    for k, im in enumerate(images):
+        mh, mw = im.model_shape(scale)
+        side = min(mh, mw, 512)
+        for top in range(0, mh - side + 1, side):
+            for left in range(0, mw - side + 1, side):
+                if area >= budget:
+                    return blocks
+                blocks.append(Block(k, top, left, side))
+                area += side * side
+    return blocks
+
+
+def build_lazy_data(data: Any, spec: DatasetSpec, data_dir: str | Path, *, seed: int, num_classes: int,
+                    augment: Callable[..., dict[str, Any]] | None, val_dir: str | Path | None = None,
+                    val_spec: DatasetSpec | None = None) -> TrainData:
+    """Lazy training patches and validation blocks for a ``DataConfig`` ``data``."""
+    from segcore.data.normalize import input_range
+
+    images = scan_dataset(data_dir, spec)
+    if val_dir is not None:
+        val_images = scan_dataset(val_dir, val_spec or spec)
+        blocks: list[Block] = []
+        val = block_samples(PatchReader(val_images, data.scale, spec.boundary_ignore),
+                            whole_blocks(val_images, data.scale, data.val_pixels))
+    else:
+        blocks = choose_val_blocks(images, data.scale, data.patch_size, data.val_fraction, data.val_pixels, seed)
+        val = block_samples(PatchReader(images, data.scale, spec.boundary_ignore), blocks)
+    if not val:
+        log.warning("no room for held-out validation blocks: validating on training regions")
+        val = block_samples(PatchReader(images, data.scale, spec.boundary_ignore),
+                            whole_blocks(images, data.scale, data.val_pixels))
+    patches = LazyPatchDataset(images, data.patch_size, data.patches_per_epoch, data.scale, data.class_balanced,
+                               augment, seed, num_classes, blocks, spec.boundary_ignore)
+    log.info("%s: lazy patches from %d images at scale %g (%d validation blocks, %d px)", data_dir, len(images),
+             data.scale, len(val), sum(s.mask.size for s in val))
+    return TrainData(patches, val, images[0].channels, input_range([s.image for s in val]),
+                    [im.mask for im in images])
