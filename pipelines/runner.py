@@ -376,6 +376,8 @@ class _Finisher:
         self.report.summaries[fs.file] = summary
         self.manifest.append({"input": fs.file, "stem": fs.stem, "status": "done", "signature": self.signature,
                               "identity": self.identities.get(fs.file, {}), "outputs": summary["outputs"]})
+        for warning in summary.get("warnings", []):  # planning ran on a worker: repeat them here
+            log.warning("%s", warning)
         top = sorted(summary["area_fractions"].items(), key=lambda kv: -kv[1])[:4]
         t = summary["timings"]
         log.info("%s done %s: %d windows this run; worker s read %.1f predict %.1f write %.1f; finish %.1f s; %s",
