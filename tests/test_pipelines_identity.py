@@ -24,6 +24,7 @@ def _manifest(out: Path) -> list[dict]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_reused_folder_refuses_another_files_outputs(tmp_path: Path, ray_local: None) -> None:
     model, out = make_model(tmp_path / "model"), tmp_path / "O"
     (tmp_path / "a").mkdir()
