@@ -57,6 +57,7 @@ ALIASES: dict[str, str] = {
     "schedule": "optim.schedule",
     "batch_size": "data.batch_size",
     "patch_size": "data.patch_size",
+    "scale": "data.scale",  # training resolution: image px per model px (segment reads at the same scale)
     "augment": "augment.strength",
     "epochs": "epochs",
     "arch_kwargs": "model.arch_kwargs",  # may map architecture -> kwargs (see per_arch_kwargs)
