@@ -48,7 +48,9 @@ def _dry_run(config: Path) -> int:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """Run the command; user errors (bad YAML, missing folders) raise ValueError with the fix."""
+    """Run the command. User errors (bad YAML, bad data) raise a UserError (exit 2 in the CLI);
+    a search that registers no champion (no trial completed, or stopped on a repeated error)
+    returns 1 after logging why."""
     from search.runner import resume_search, run_search
     from search.spec import load_search_spec
 
@@ -62,8 +64,11 @@ def run_cli(args: argparse.Namespace) -> int:
     print(json.dumps({
         "search": outcome.name, "path": outcome.path, "parent_run_id": outcome.parent_run_id,
         "counts": outcome.counts, "best_trial": outcome.best_trial_id, "best_value": outcome.best_value,
-        "best_params": outcome.best_params, "champion": outcome.champion_uri,
+        "best_params": outcome.best_params, "champion": outcome.champion_uri, "failure": outcome.failure,
     }, indent=2, default=str))
+    if outcome.failure:  # non-zero, so `ray job submit` and schedulers report the search as FAILED
+        log.error("search %s failed: %s", outcome.name, outcome.failure)
+        return 1
     return 0
 
 

@@ -19,10 +19,13 @@ from typing import Any
 import ray
 import yaml
 from ray import tune
+from ray.tune.stopper import CombinedStopper
 
 from search.engines import EpochBudget, build_scheduler, build_searcher, num_trials
+from search.failfast import SameErrorStop
 from search.mlflow_runs import MlflowTarget, start_parent_run
 from search.pg_guard import LedgerSweeper, get_ledger
+from search.preflight import check_search_data
 from search.space import SearchSpace
 from search.spec import ResourcesSection, SearchSpec, parse_search_spec
 from search.summary import SearchOutcome, TrialStatusCallback, summarize
@@ -82,8 +85,25 @@ def default_concurrency(spec: SearchSpec) -> int | None:
     return max(1, fits)
 
 
+def _stopper(spec: SearchSpec, same_errors: SameErrorStop) -> Any:
+    """The trial-epoch budget (if any) combined with the same-error stop."""
+    if spec.max_trial_epochs:
+        return CombinedStopper(EpochBudget(spec.max_trial_epochs), same_errors)
+    return same_errors
+
+
+def progress_reporter(spec: SearchSpec, space: SearchSpace) -> Any | None:
+    """Tune's legacy table (``RAY_AIR_NEW_OUTPUT=0``) shows each searched dimension once, by its YAML
+    name; the default output infers its columns itself (and warns if given a reporter)."""
+    if os.environ.get("RAY_AIR_NEW_OUTPUT", "1") != "0":
+        return None
+    columns = {f"params/{d.key}": d.key for d in space.dims if not d.fixed}
+    return tune.CLIReporter(parameter_columns=columns, metric_columns={"training_iteration": "iter",
+                                                                       spec.metric: spec.metric})
+
+
 def _tuner(spec: SearchSpec, space: SearchSpace, trainable: Any, target: MlflowTarget, exp_dir: Path,
-           ledger_name: str) -> tune.Tuner:
+           ledger_name: str, same_errors: SameErrorStop) -> tune.Tuner:
     searcher, param_space = build_searcher(spec, space)
     return tune.Tuner(
         trainable,
@@ -96,10 +116,11 @@ def _tuner(spec: SearchSpec, space: SearchSpace, trainable: Any, target: MlflowT
         run_config=tune.RunConfig(
             name=exp_dir.name,
             storage_path=str(exp_dir.parent),
-            stop=EpochBudget(spec.max_trial_epochs) if spec.max_trial_epochs else None,
+            stop=_stopper(spec, same_errors),
             failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[TrialStatusCallback(target), LedgerSweeper(ledger_name)],
+            callbacks=[TrialStatusCallback(target), LedgerSweeper(ledger_name), same_errors],
+            progress_reporter=progress_reporter(spec, space),
             verbose=1,
         ),
     )
@@ -120,8 +141,7 @@ def drain_ledger(ledger: Any, timeout_s: float = 60.0) -> None:
         time.sleep(1.0)
 
 
-def _fit(spec: SearchSpec, target: MlflowTarget, exp_dir: Path, restore: bool) -> SearchOutcome:
-    space = SearchSpace.from_spec(spec, spec.name)
+def _fit(spec: SearchSpec, target: MlflowTarget, exp_dir: Path, restore: bool, space: SearchSpace) -> SearchOutcome:
     ledger_name = f"gigaseg-pg-ledger-{target.parent_run_id}"
     ledger = get_ledger(ledger_name)  # held here for the whole fit, so it stays alive
     ctx = TrialContext(
@@ -130,15 +150,16 @@ def _fit(spec: SearchSpec, target: MlflowTarget, exp_dir: Path, restore: bool) -
         ledger_name=ledger_name, testing=spec.testing,
     )
     trainable = make_trainable(ctx, spec.resources)
-    if restore:
+    same_errors = SameErrorStop(spec.failure.stop_after_same_errors)
+    if restore:  # the restored run config brings back its own stoppers and callbacks
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
     else:
-        tuner = _tuner(spec, space, trainable, target, exp_dir, ledger_name)
+        tuner = _tuner(spec, space, trainable, target, exp_dir, ledger_name, same_errors)
     try:
         results = tuner.fit()
     finally:
         drain_ledger(ledger)
-    outcome = summarize(results, spec, target, str(exp_dir))
+    outcome = summarize(results, spec, target, str(exp_dir), stopped_because=same_errors.reason)
     log.info("search %s: %s; best %s=%s (trial %s)%s", spec.name, outcome.counts, spec.metric,
              outcome.best_value, outcome.best_trial_id,
              f"; champion {outcome.champion_uri}" if outcome.champion_uri else "")
@@ -156,6 +177,8 @@ def run_search(spec: SearchSpec, spec_yaml: str | None = None) -> SearchOutcome:
     if (exp_dir / STATE_FILE).exists():
         raise ConfigError(f"search {spec.name!r} already exists at {exp_dir}; continue it with "
                           f"`gigaseg search --resume {exp_dir}` or choose another name/storage_path.")
+    space = SearchSpace.from_spec(spec, spec.name)
+    check_search_data(space, spec.data.train, spec.data.val)  # bad data: DataError before Ray and MLflow
     started = connect_ray()
     try:
         uri = spec.mlflow.tracking_uri or tracking.default_tracking_uri()
@@ -167,7 +190,7 @@ def run_search(spec: SearchSpec, spec_yaml: str | None = None) -> SearchOutcome:
         state = {"spec": spec_json, "mlflow": {"uri": uri, "experiment_id": target.experiment_id,
                                                "parent_run_id": target.parent_run_id}}
         (exp_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
-        return _fit(spec, target, exp_dir, restore=False)
+        return _fit(spec, target, exp_dir, restore=False, space=space)
     finally:
         if started:
             ray.shutdown()
@@ -183,11 +206,13 @@ def resume_search(path: str | Path) -> SearchOutcome:
     state = json.loads(state_file.read_text())
     spec = parse_search_spec(state["spec"], source=str(state_file))
     target = MlflowTarget(**state["mlflow"])
+    space = SearchSpace.from_spec(spec, spec.name)
+    check_search_data(space, spec.data.train, spec.data.val)
     started = connect_ray()
     try:
         _announce(target.uri)
         target.client().update_run(target.parent_run_id, status="RUNNING")
-        return _fit(spec, target, exp_dir, restore=True)
+        return _fit(spec, target, exp_dir, restore=True, space=space)
     finally:
         if started:
             ray.shutdown()

@@ -60,7 +60,11 @@ class MlflowSection(Strict):
 
 
 class FailureSection(Strict):
+    """Retries per trial, and when to give up on the whole search."""
+
     max_failures: int = Field(1, ge=0, description="retries of a failed trial, from its last checkpoint")
+    stop_after_same_errors: int = Field(
+        3, ge=0, description="stop the search if the first N finished trials all failed with the same error; 0: never")
 
 
 class TestingSection(Strict):

@@ -11,6 +11,7 @@ from mlflow.entities import Metric, RunTag
 from ray import tune
 
 from search.engines import IS_LAST
+from search.failfast import error_message, most_common_error
 from search.mlflow_runs import (
     COMPLETED,
     FAILED,
@@ -38,6 +39,7 @@ class SearchOutcome:
     best_value: float | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
     champion_uri: str | None = None
+    failure: str | None = None  # why the search produced nothing usable (the CLI then exits 1)
 
 
 class TrialStatusCallback(tune.Callback):
@@ -101,8 +103,28 @@ def register_champion(target: MlflowTarget, trial_id: str, name: str, alias: str
     return f"models:/{name}@{alias}"
 
 
-def summarize(results: Any, spec: Any, target: MlflowTarget, path: str) -> SearchOutcome:
-    """Counts by status, best completed trial and champion; all logged on the parent run."""
+def failure_reason(results: Any, outcome: SearchOutcome, spec: Any, stopped_because: str | None) -> str | None:
+    """None if the search produced what it was asked for (a completed best trial, and the champion
+    when a registered model name is set); else why not, with the commonest trial error."""
+    if stopped_because:
+        return stopped_because
+    if outcome.best_trial_id is None:
+        errors = [m for r in results if r.error is not None and (m := error_message(r.error))]
+        counts = ", ".join(f"{n} {s}" for s, n in outcome.counts.items() if n)
+        why = f"no trial completed ({counts or 'no trials ran'})"
+        common = most_common_error(errors)
+        return f"{why}; trials failed with: {common}" if common else why
+    if spec.mlflow.registered_model_name and outcome.champion_uri is None:
+        return f"the best trial {outcome.best_trial_id} has no logged model, so no champion was registered"
+    return None
+
+
+def summarize(results: Any, spec: Any, target: MlflowTarget, path: str,
+              stopped_because: str | None = None) -> SearchOutcome:
+    """Counts by status, best completed trial and champion; all logged on the parent run.
+
+    ``stopped_because``: why the search was stopped early (e.g. the same error in every trial).
+    """
     counts = dict(Counter(trial_status(r) for r in results))
     counts = {s: counts.get(s, 0) for s in (COMPLETED, STOPPED, FAILED)}
     interrupted = close_orphans(target, {r.metrics.get("trial_id") for r in results})
@@ -118,6 +140,7 @@ def summarize(results: Any, spec: Any, target: MlflowTarget, path: str) -> Searc
             outcome.champion_uri = register_champion(
                 target, outcome.best_trial_id, spec.mlflow.registered_model_name, spec.mlflow.alias
             )
+    outcome.failure = failure_reason(results, outcome, spec, stopped_because)
     _log_outcome(target, outcome, spec.metric)
     return outcome
 
@@ -129,9 +152,11 @@ def _log_outcome(target: MlflowTarget, outcome: SearchOutcome, metric: str) -> N
     if outcome.best_value is not None:
         metrics[f"best_{metric}"] = outcome.best_value
     tags = {"gigaseg.best_trial_id": outcome.best_trial_id or "", "gigaseg.champion": outcome.champion_uri or ""}
+    if outcome.failure:
+        tags["gigaseg.failure"] = outcome.failure[:5000]
     client.log_batch(
         run_id,
         metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
         tags=[RunTag(k, v) for k, v in tags.items()],
     )
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(run_id, "FAILED" if outcome.failure else "FINISHED")
