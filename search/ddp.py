@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from search.pg_guard import LedgerCallback
+from search.quiet_exit import guard_current_thread
 from search.trial import TrialContext, run_epochs
 
 
@@ -21,6 +22,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     """Runs on every Train worker."""
     import ray.train
 
+    guard_current_thread()  # see search.quiet_exit: a stopped run's workers end without a stack dump
     ctx: TrialContext = config["ctx"]
     rank = ray.train.get_context().get_world_rank()
 

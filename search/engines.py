@@ -66,6 +66,16 @@ class PruningAwareOptunaSearch(OptunaSearch):
     PRUNED, which is how Optuna's own pruners record it, so TPE ranks it below finished trials.
     """
 
+    def _suggest_from_define_by_run_func(self, func: Any, ot_trial: Any) -> dict:
+        """The trial config is what :class:`DefineByRun` returns (``{"params": {...}}``) only.
+
+        Ray merges Optuna's raw parameters (``lr``, ``encoder__Unet``, JSON labels of dict
+        choices) into the config too, so every parameter appeared twice in Tune's output
+        (``lr`` and ``params/lr``); Optuna still holds them in its own trial.
+        """
+        config = super()._suggest_from_define_by_run_func(func, ot_trial)
+        return {"params": config["params"]} if "params" in config else config
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if error or not result or result.get(IS_LAST) or trial_id in self._completed_trials:
             super().on_trial_complete(trial_id, result=result, error=error)

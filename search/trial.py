@@ -21,6 +21,7 @@ from typing import Any
 
 from search.hooks import FailOnce, barrier_arrive, barrier_done
 from search.mlflow_runs import COMPLETED, MlflowTarget, TrialRun
+from search.quiet_exit import guard_current_thread
 from search.space import SearchSpace
 from search.spec import ResourcesSection, TestingSection
 
@@ -112,6 +113,7 @@ def trial_main(config: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune function trainable (bound to ``ctx`` with ``tune.with_parameters``)."""
     from ray import tune
 
+    guard_current_thread()  # a stop while this thread is in torch/Ray code must not abort the actor
     tctx = tune.get_context()
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
     params = config["params"]
