@@ -40,7 +40,7 @@ def _image_summary(plan: ImagePlan, names: list[str], counts: np.ndarray, shapes
     total = int(counts.sum())
     done = done_units(plan.state).values()
     return {
-        "name": plan.name, "hdu": plan.index if plan.index >= 0 else None, "shape": list(plan.shape),
+        "name": plan.name, "hdu": plan.index if plan.index >= 0 else None, "shape": list(plan.input_shape or plan.shape),
         "zarr": str(Path(plan.group).relative_to(root)), "levels": [list(s) for s in shapes],
         "pixel_counts": {n: int(c) for n, c in zip(names, counts, strict=True)},
         "area_fractions": {n: (float(c) / total if total else 0.0) for n, c in zip(names, counts, strict=True)},
@@ -57,7 +57,8 @@ def _finish_image(plan: ImagePlan, opts: SegmentOptions, info: ModelInfo, root: 
     shapes, counts = omezarr.build_pyramid(group, plan.tile, len(names))
     omezarr.write_metadata(group, plan.name or plan.stem, len(shapes), names, colors, {
         "model": info.ref, "input": plan.file, "hdu": plan.name or None, "class_names": names,
-        "tile": plan.tile, "halo": plan.halo, "version": gigaseg_version()})
+        "tile": plan.tile, "halo": plan.halo, "version": gigaseg_version(), "model_scale": plan.scale,
+        "labels_scale": plan.scale / plan.out_scale}, base_scale=plan.scale / plan.out_scale)
     return _image_summary(plan, names, counts, shapes, root), omezarr.preview_level(group, MAX_SIDE)
 
 

@@ -131,11 +131,13 @@ def build_pyramid(path: Path, tile: int, n_values: int) -> tuple[list[tuple[int,
 
 
 def write_metadata(path: Path, name: str, n_levels: int, labels: list[str],
-                   colors: list[tuple[int, int, int]], extra: dict[str, Any]) -> None:
-    """OME-Zarr 0.5 ``multiscales`` + ``image-label`` attributes, and gigaseg's own facts."""
+                   colors: list[tuple[int, int, int]], extra: dict[str, Any], base_scale: float = 1.0) -> None:
+    """OME-Zarr 0.5 ``multiscales`` + ``image-label`` attributes, and gigaseg's own facts.
+    ``base_scale``: input px per level-0 px (1 when labels are on the input's grid; a model's
+    ``data.scale`` when they were written on its grid), so coordinates are the input's."""
     datasets = []
     for level in range(n_levels):
-        s = float(2**level)
+        s = float(base_scale) * 2**level
         datasets.append({"path": str(level), "coordinateTransformations": [
             {"type": "scale", "scale": [s, s]}, {"type": "translation", "translation": [(s - 1) / 2] * 2}]})
     ome = {

@@ -65,6 +65,7 @@ class ModelInfo(BaseModel):
     in_channels: int
     stride: int  # inputs are padded to a multiple of this (LoadedModel.size_multiple)
     input_range: tuple[float, float] | None = None  # normalised range seen in training (card)
+    scale: float = 1.0  # image px per model px (card: train.data.scale); windows are read at it
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, ref: str) -> ModelInfo:
@@ -76,7 +77,7 @@ class ModelInfo(BaseModel):
         return cls(ref=ref, digest=modelref.digest(ref), class_names=list(card.class_names),
                    class_colors=colors[:k], normalize=card.train.normalize,
                    in_channels=card.train.model.in_channels, stride=loaded.size_multiple,
-                   input_range=loaded.input_range)
+                   input_range=loaded.input_range, scale=float(card.train.data.scale))
 
     def class_index(self, name: str) -> int:
         if name not in self.class_names:

@@ -35,6 +35,7 @@ from pipelines.readers import ImageSource, open_sources
 from segcore.data.errors import DataError
 from segcore.data.normalize import compute_norm_stats
 from segcore.errors import OutputError, UserError
+from segcore.readers.scaled import output_factor, scaled
 from segcore.tiling import grid_shape
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,14 @@ class ImagePlan:
     slow: bool = False
     warnings: list[str] = field(default_factory=list)
     identity: dict[str, Any] = field(default_factory=dict)  # layout.input_identity of the file segmented
+    scale: float = 1.0  # image px per model px: shape, tile and halo are model px (segcore.readers.scaled)
+    out_scale: int = 1  # labels are written at model px x out_scale (the input's grid when scale is whole)
+    input_shape: tuple[int, int] | None = None  # the input's own size (None: shape)
+
+    @property
+    def out_shape(self) -> tuple[int, int]:
+        """Shape of the label arrays: the input's grid, or the model grid (``out_scale`` 1)."""
+        return tuple(self.input_shape or self.shape) if self.out_scale > 1 else tuple(self.shape)
 
     @property
     def units(self) -> list[tuple[int, int, int]]:
@@ -148,6 +157,7 @@ def _new_plan(source: ImageSource, key: str, stem: str, opts: SegmentOptions, in
         norm_offset=stats.offset, norm_scale=stats.scale,
         group=str(layout.image_group(stem, source.name)), state=str(layout.state(stem, source.name)),
         signature=signature, slow=source.slow_random_access, warnings=warnings,
+        scale=info.scale, out_scale=output_factor(info.scale), input_shape=getattr(source, "base", source).shape,
     )
 
 
@@ -192,7 +202,7 @@ def prepare_image(source: ImageSource, stem: str, opts: SegmentOptions, info: Mo
     plan.identity = identity
     for warning in plan.warnings:
         log.warning("%s", warning)
-    omezarr.create_image_group(Path(plan.group), plan.shape, opts.tile, len(info.class_names),
+    omezarr.create_image_group(Path(plan.group), plan.out_shape, opts.tile * plan.out_scale, len(info.class_names),
                                opts.probabilities, opts.uncertainty)
     plan.save()
     return plan
@@ -224,7 +234,7 @@ def plan_file(row: dict[str, Any], opts: dict[str, Any], info: dict[str, Any], o
     sources: list[ImageSource] = []
     try:
         identity = input_identity(file)
-        sources = open_sources(file)
+        sources = [scaled(s, model.scale) for s in open_sources(file)]
         plans = [prepare_image(s, stem, options, model, layout, signature, identity) for s in sources]
         if sources[0].index >= 0:
             omezarr.ensure_root_group(layout.zarr_root(stem), [p.name for p in plans])

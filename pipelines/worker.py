@@ -26,6 +26,7 @@ from pipelines.plan import ImagePlan, to_model_channels
 from pipelines.predictor import PostProcessor, Products, build_predictor
 from pipelines.readers import ImageSource, open_source
 from segcore.data.normalize import NormStats, apply_norm
+from segcore.readers.scaled import scaled, upsample_write
 from segcore.tiling import Window, union_read, window_at, window_from_block
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ class TileSegmenter:
     def _context(self, state: str) -> tuple[ImagePlan, ImageSource, dict[str, Any]]:
         with self._cache_lock:
             plan = self._plans.get(state) or self._plans.put(state, ImagePlan.load(state))
-            source = self._sources.get(state) or self._sources.put(state, open_source(plan.file, plan.index))
+            source = self._sources.get(state) or self._sources.put(
+                state, scaled(open_source(plan.file, plan.index), plan.scale))
             arrays = self._arrays.get(state) or self._arrays.put(state, omezarr.open_arrays(Path(plan.group)))
         return plan, source, arrays
 
@@ -128,20 +130,27 @@ class TileSegmenter:
                             for w, p in zip(chunk, proba, strict=True)]
                 t1 = time.perf_counter()
             for w, prod in zip(chunk, products, strict=True):
-                self._write(arrays, w, prod)
+                self._write(arrays, w, prod, plan)
                 counts, n_nodata = counts + prod.counts, n_nodata + prod.nodata
             t_predict, t_write = t_predict + t1 - t0, t_write + time.perf_counter() - t1
         return {"n_windows": len(windows), "counts": json.dumps(counts.tolist()), "nodata": n_nodata,
                 "t_read": t_read, "t_predict": t_predict, "t_write": t_write}
 
     @staticmethod
-    def _write(arrays: dict[str, Any], window: Window, prod: Products) -> None:
-        """Write one window's products (labels last, so a unit is done when its labels are)."""
+    def _write(arrays: dict[str, Any], window: Window, prod: Products, plan: ImagePlan) -> None:
+        """Write one window's products (labels last, so a unit is done when its labels are), on the
+        input's grid when the model works at a whole-number scale (nearest, chunk-aligned)."""
+        def up(values: np.ndarray) -> tuple[tuple[slice, slice], np.ndarray]:
+            return upsample_write(window.write, values, plan.out_scale, plan.shape, plan.out_shape)
+
         if prod.proba is not None and omezarr.PROBABILITIES in arrays:
-            arrays[omezarr.PROBABILITIES][(slice(None), *window.write)] = prod.proba
+            where, values = up(prod.proba)
+            arrays[omezarr.PROBABILITIES][(slice(None), *where)] = values
         if prod.entropy is not None and omezarr.UNCERTAINTY in arrays:
-            arrays[omezarr.UNCERTAINTY][window.write] = prod.entropy
-        arrays[omezarr.LEVEL0][window.write] = prod.labels
+            where, values = up(prod.entropy)
+            arrays[omezarr.UNCERTAINTY][where] = values
+        where, values = up(prod.labels)
+        arrays[omezarr.LEVEL0][where] = values
 
 
 def read_normalised(source: ImageSource, rows: slice, cols: slice, plan: ImagePlan,

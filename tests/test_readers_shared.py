@@ -3,6 +3,8 @@ same arrays, in the same dtypes, from the same real files."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tifffile
@@ -100,3 +102,55 @@ def test_palette_mask_keeps_indices(tmp_path):
     im.save(tmp_path / "m.png")
     np.testing.assert_array_equal(read_image(tmp_path / "m.png", palette_indices=True)[0].array, ids)
     assert read_image(tmp_path / "m.png")[0].array.shape == (20, 30, 3)
+
+
+def test_scaled_source_reads_block_means(tmp_path):
+    from segcore.readers.scaled import ScaledSource, upsample_write
+
+    image = _ramp(100, 130, np.uint16)
+    tifffile.imwrite(tmp_path / "s.tif", image, tile=(32, 32))
+    (source,) = open_sources(tmp_path / "s.tif")
+    view = ScaledSource(source, 4)
+    assert view.shape == (25, 32) and view.dtype == np.uint16  # dtype and sample stay the input's
+    expected = image[:100, :128].astype(np.float64).reshape(25, 4, 32, 4).mean(axis=(1, 3))
+    np.testing.assert_allclose(view.read(slice(3, 20), slice(5, 32)), expected[3:20, 5:32])
+    np.testing.assert_array_equal(view.sample(), source.sample())
+    labels = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    where, values = upsample_write((slice(23, 25), slice(29, 32)), labels, 4, (25, 32), (100, 130))
+    assert where == (slice(92, 100), slice(116, 130)) and values.shape == (8, 14)
+    assert (values[:, 12:] == values[:, 11:12]).all()  # px beyond the last whole model px: nearest
+
+
+@pytest.mark.ray
+def test_segment_at_model_scale_writes_input_resolution(tmp_path, ray_local):
+    import torch
+    import zarr
+    from pipelines_helpers import HALO, TILE, make_model, reference_labels
+
+    from pipelines.runner import RunConfig, segment_archive
+    from segcore.data.normalize import compute_norm_stats
+    from segcore.modeldir import CONFIG_FILE
+
+    image = (np.add.outer(np.arange(256) // 9 % 5, np.arange(322) // 13 % 3) * 40
+             + np.random.default_rng(0).integers(0, 30, (256, 322))).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "scan.tif", image, tile=(64, 64))
+    model = make_model(tmp_path / "model")
+    card = json.loads((model / CONFIG_FILE).read_text())
+    card["train"]["data"]["scale"] = 4
+    (model / CONFIG_FILE).write_text(json.dumps(card))
+    torch.set_num_threads(1)
+    segment_archive(str(model), [str(tmp_path / "scan.tif")], tmp_path / "out", RunConfig(progress_bars=False),
+                    tile=TILE, halo=HALO, batch_size=4)
+    group = zarr.open_group(str(tmp_path / "out" / "scan.zarr"), mode="r")
+    labels = group["0"][:]
+    assert labels.shape == (256, 322)  # the input's grid, though the model saw 64 x 80 px
+    coarse = image[:256, :320].astype(np.float64).reshape(64, 4, 80, 4).mean(axis=(1, 3))
+    from segcore.config import NormalizeConfig
+
+    stats = compute_norm_stats(image, NormalizeConfig(mode="percentile", low_percentile=1, high_percentile=99))
+    expected = np.repeat(np.repeat(reference_labels(model, coarse, stats), 4, 0), 4, 1)
+    np.testing.assert_array_equal(labels[:, :320], expected)
+    np.testing.assert_array_equal(labels[:, 320:], np.repeat(expected[:, -1:], 2, 1))
+    ome = dict(group.attrs)["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert ome[0]["scale"] == [1.0, 1.0]
+    assert dict(group.attrs)["gigaseg"]["model_scale"] == 4

@@ -35,6 +35,7 @@ from segcore.config import NormalizeConfig
 from segcore.data.errors import DataError
 from segcore.data.normalize import NormStats, apply_norm, compute_norm_stats
 from segcore.data.spec import IGNORE, DatasetSpec
+from segcore.readers.scaled import area_resample
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +47,6 @@ MAX_TRIES = 64  # rejection sampling of training corners outside the validation 
 
 
 # ----------------------------------------------------------------------------- resampling
-
-
-def _area_weights(start: float, n_out: int, scale: float, first: int, n_in: int) -> np.ndarray:
-    """(n_out, n_in) weights: output ``u`` averages input px ``first + i`` over the interval
-    ``[start + u * scale, start + (u + 1) * scale)`` (exact area weighting)."""
-    lo = start + np.arange(n_out)[:, None] * scale
-    px = first + np.arange(n_in)[None, :]
-    overlap = np.clip(np.minimum(px + 1, lo + scale) - np.maximum(px, lo), 0, None)
-    return overlap / scale
-
-
-def area_resample(region: np.ndarray, scale: float, origin: tuple[float, float], first: tuple[int, int],
-                  out: tuple[int, int]) -> np.ndarray:
-    """Area-average ``region`` (h, w, C) whose pixel (0, 0) is image px ``first`` onto ``out``
-    model px starting at image coordinate ``origin`` (float64 result, (out_h, out_w, C))."""
-    region = region.astype(np.float64, copy=False)
-    s = float(scale)
-    if s == int(s) and origin == first and region.shape[0] == out[0] * s and region.shape[1] == out[1] * s:
-        k = int(s)  # exact block mean, the common case
-        return region.reshape(out[0], k, out[1], k, -1).mean(axis=(1, 3))
-    wy = _area_weights(origin[0], out[0], s, first[0], region.shape[0])
-    wx = _area_weights(origin[1], out[1], s, first[1], region.shape[1])
-    return np.einsum("ui,ijc,vj->uvc", wy, region, wx, optimize=True)
 
 
 def mask_indices(start: int, n: int, scale: float, mask_scale: float, size: int) -> np.ndarray:
