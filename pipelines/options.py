@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +20,9 @@ from segcore import modelref
 from segcore.config import NormalizeConfig
 from segcore.errors import ConfigError
 from segcore.modeldir import LoadedModel
+from segcore.tiling import round_up
+
+log = logging.getLogger(__name__)
 
 DEFAULT_COLORS = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                   (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
@@ -24,6 +30,12 @@ DEFAULT_TILE = 512
 DEFAULT_HALO = 128  # SegmentOptions default; segment_archive uses default_halo(model) instead
 HALO_STRIDES = 4  # default halo = 4 x the model's total stride (128 px for a depth-5 U-Net), see default_halo
 HALO_CARD_KEY = "halo"  # ModelCard.extra[HALO_CARD_KEY]: the halo measured for this model
+DEFAULT_MAX_OVERHEAD = 1.35  # --max-overhead: interior windows' forward px per output px ((tile + 2 halo) / tile)^2
+MEMORY_SHARE = 0.5  # of the node's physical RAM, split over the actors, for one model call
+# Peak memory of a forward pass per input pixel, as a share of the sum of every leaf module's output
+# bytes (inference frees most activations): resnet18/34 U-Nets at 1024^2 on CPU grew peak RSS by
+# 564/608 B/px against 1726/2026 B/px summed; 0.5 leaves a margin.
+PEAK_SHARE = 0.5
 
 
 class SegmentOptions(BaseModel):
@@ -93,6 +105,102 @@ def default_halo(loaded: LoadedModel) -> int:
     if isinstance(value, int | float) and value >= 0:
         return int(value)
     return HALO_STRIDES * 2 ** int(loaded.card.train.model.arch_kwargs.get("encoder_depth", 5))
+
+
+def tile_overhead(tile: int, halo: int) -> float:
+    """Forward pixels per output pixel of an interior window (border windows cost less)."""
+    return ((tile + 2 * halo) / tile) ** 2
+
+
+def choose_tile(halo: int, multiple: int, max_overhead: float = DEFAULT_MAX_OVERHEAD,
+                max_window_px: float = math.inf) -> int:
+    """The smallest multiple of ``multiple`` (and >= 16) whose interior windows cost at most
+    ``max_overhead`` forward px per output px at ``halo``, capped so a window of
+    ``(tile + 2 halo)^2`` px stays within ``max_window_px``. A pure function: the same inputs
+    give the same tile (the tile is part of the resume signature)."""
+    if max_overhead <= 1:
+        raise ConfigError(f"--max-overhead {max_overhead}: must be above 1 (1 would mean no halo). "
+                          f"Use e.g. {DEFAULT_MAX_OVERHEAD}")
+    step = max(multiple, 1)
+    tile = round_up(max(16, math.ceil(2 * halo / (math.sqrt(max_overhead) - 1)) if halo else 16), step)
+    while tile > step and tile_overhead(tile - step, halo) <= max_overhead:  # float rounding of the bound
+        tile -= step
+    while tile_overhead(tile, halo) > max_overhead:
+        tile += step
+    cap = (math.isqrt(int(min(max_window_px, 1 << 62))) - 2 * halo) // step * step
+    return max(min(tile, cap), round_up(16, step))
+
+
+def forward_bytes_per_px(loaded: LoadedModel) -> float:
+    """Peak bytes of one forward pass per input pixel, estimated from the activations of a probe
+    forward on the CPU (the sum of leaf-module output bytes x :data:`PEAK_SHARE`): deterministic
+    for a given card, unlike a measured RSS."""
+    import torch
+
+    model, total = loaded.model, 0
+    side = round_up(128, loaded.size_multiple)
+
+    def hook(_mod: Any, _inp: Any, out: Any) -> None:
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel() * out.element_size()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.inference_mode():
+            param = next(model.parameters())
+            model(torch.zeros(1, loaded.card.train.model.in_channels, side, side, dtype=param.dtype,
+                              device=param.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return PEAK_SHARE * total / side**2
+
+
+def memory_budget_bytes(actors: int) -> float:
+    """:data:`MEMORY_SHARE` of this node's physical RAM over ``actors``: total, not free, RAM, so
+    the same machine always gets the same tile (free RAM changes from run to run)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return MEMORY_SHARE * total / max(actors, 1)
+
+
+def _round_halo(halo: int, multiple: int, given: bool) -> int:
+    rounded = round_up(halo, multiple)
+    if rounded != halo:
+        log.info("halo %d px rounded up to %d px, a multiple of the model's size multiple %d, so every window "
+                 "meets the model at the whole image's stride phase%s", halo, rounded, multiple,
+                 " (--halo)" if given else "")
+    return rounded
+
+
+def resolve_tiling(loaded: LoadedModel, options: dict[str, Any], actors: int | None = None) -> dict[str, Any]:
+    """``options`` with the halo (``--halo``, else the card's, rounded up to the size multiple),
+    the tile (``--tile`` if given, which must be a multiple of it, else :func:`choose_tile` within
+    the memory budget) and a ``batch_size`` that fits the budget; ``max_overhead`` is consumed."""
+    out, multiple = dict(options), loaded.size_multiple
+    max_overhead = out.pop("max_overhead", None) or DEFAULT_MAX_OVERHEAD
+    given = out.get("halo") is not None
+    halo = out["halo"] = _round_halo(int(out["halo"]) if given else default_halo(loaded), multiple, given)
+    tile = out.get("tile")
+    if tile is not None:
+        if tile % multiple:
+            raise ConfigError(f"--tile {tile}: not a multiple of the model's size multiple {multiple}. "
+                              f"Use {round_up(tile, multiple)}, or leave --tile out to choose it from the halo")
+        log.info("tile %d (given), halo %d: x%.2f forward px per output px in interior windows",
+                 tile, halo, tile_overhead(tile, halo))
+        return out
+    budget, per_px = memory_budget_bytes(actors or os.cpu_count() or 1), forward_bytes_per_px(loaded)
+    tile = out["tile"] = choose_tile(halo, multiple, max_overhead, budget / per_px)
+    window_bytes = (tile + 2 * halo) ** 2 * per_px
+    batch = int(out.get("batch_size") or 8)
+    out["batch_size"] = max(1, min(batch, int(budget // window_bytes)))
+    level = logging.WARNING if tile_overhead(tile, halo) > max_overhead else logging.INFO
+    log.log(level, "tile %d chosen for halo %d: x%.2f forward px per output px in interior windows (target "
+            "x%.2f), batches of %d windows of %.2f GB each within %.1f GB per actor (%.0f B per forward px)",
+            tile, halo, tile_overhead(tile, halo), max_overhead, out["batch_size"], window_bytes / 1e9,
+            budget / 1e9, per_px)
+    return out
 
 
 def load_for_run(ref: str, tracking_uri: str | None) -> tuple[LoadedModel, ModelInfo]:

@@ -23,7 +23,7 @@ from typing import Any
 from pipelines.finalize import finalize_file
 from pipelines.layout import STATE_DIR, Layout, Manifest, assign_stems, expand_inputs, input_identity
 from pipelines.lock import OutputLock
-from pipelines.options import ModelInfo, SegmentOptions, default_halo, load_for_run
+from pipelines.options import ModelInfo, SegmentOptions, load_for_run, resolve_tiling
 from pipelines.plan import OWNER_FIX, PLAN_FILE, ImagePlan, done_units, owner_problem, plan_batch
 from pipelines.progress import FileState, Tracker
 from pipelines.worker import TileSegmenter, peak_rss_mb
@@ -252,8 +252,7 @@ def _segment_locked(model: str, inputs: list[str], layout: Layout, run: RunConfi
     stems = assign_stems(files)  # refuses clashing names before any work
     options["tracking_uri"] = modelref.tracking_uri_for(model, options.get("tracking_uri"))  # fixed once
     loaded, info = load_for_run(model, options.get("tracking_uri"))
-    if options.get("halo") is None:
-        options["halo"] = default_halo(loaded)
+    options = resolve_tiling(loaded, options, actors=run.workers)  # halo from the card, tile from the halo
     opts = SegmentOptions(model=info.ref, **{k: v for k, v in options.items() if v is not None})
     if opts.only_class:
         info.class_index(opts.only_class)

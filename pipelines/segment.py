@@ -33,11 +33,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MLflow server of a models:/ or runs:/ --model, passed to every actor "
                         "(default: MLFLOW_TRACKING_URI, else the SQLite store under GIGASEG_HOME)")
     g = p.add_argument_group("tiling and prediction (change the output)")
-    g.add_argument("--tile", type=int, default=512, help="write region edge = output chunk edge (default 512)")
+    g.add_argument("--tile", type=int, default=None,
+                   help="write region edge = output chunk edge, a multiple of the model's size multiple "
+                        "(default: the smallest tile within --max-overhead for the halo, capped by memory)")
     g.add_argument("--halo", type=int, default=None,
-                   help="context pixels around each tile (default: the model card's extra.halo, "
-                        "else 4 x the model's stride: 128 for a depth-5 U-Net)")
-    g.add_argument("--batch-size", type=int, default=8, help="windows per model call (default 8)")
+                   help="context pixels around each tile (default: the model card's measured extra.halo, "
+                        "else 4 x the model's stride: 128 for a depth-5 U-Net); rounded up to the size multiple")
+    g.add_argument("--max-overhead", type=float, default=None,
+                   help="forward px per output px allowed in interior windows when choosing the tile "
+                        "(default 1.35)")
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="windows per model call (default 8; fewer when a chosen tile needs it to fit memory)")
     g.add_argument("--tta", action="store_true", help="average predictions over flips (4x compute)")
     g.add_argument("--blend-tile", type=int, default=None,
                    help="predict each window as Gaussian-blended sub-tiles of this size (models with global context)")
@@ -66,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.input, args.output, cfg, tile=args.tile, halo=args.halo, batch_size=args.batch_size,
             tta=args.tta, blend_tile=args.blend_tile, blend_overlap=args.blend_overlap, only_class=args.only_class,
             probabilities=args.probabilities, uncertainty=args.uncertainty, device=args.device,
-            tracking_uri=args.tracking_uri)
+            tracking_uri=args.tracking_uri, max_overhead=args.max_overhead)
     except Interrupted as stop:  # Ctrl-C: one line with the progress kept, no traceback
         log.error("%s", stop)
         return 130

@@ -27,7 +27,7 @@ from pipelines.predictor import PostProcessor, Products, build_predictor
 from pipelines.readers import ImageSource, open_source
 from segcore.data.normalize import NormStats, apply_norm
 from segcore.readers.scaled import scaled, upsample_write
-from segcore.tiling import Window, union_read, window_at, window_from_block
+from segcore.tiling import Window, shape_batches, union_read, window_at, window_from_block
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,7 @@ class TileSegmenter:
         block, nodata = read_normalised(source, rows, cols, plan, self.info.in_channels)
         t_read, t_predict, t_write = time.perf_counter() - t0, 0.0, 0.0
         counts, n_nodata = np.zeros(self.post.n_values, dtype=np.int64), 0
-        step = self.opts.batch_size
-        for i in range(0, len(windows), step):
-            chunk = windows[i : i + step]
+        for chunk in shape_batches(windows, self.opts.batch_size):  # border windows are smaller
             batch = np.stack([window_from_block(block, (rows.start, cols.start), w) for w in chunk])
             with self._model_lock:  # time the forward pass only, not the wait for the other call
                 t0 = time.perf_counter()

@@ -92,11 +92,12 @@ def write_truncated_fits(path: Path, shape: tuple[int, int]) -> None:
 
 def reference_labels(model_dir: Path, image: np.ndarray, stats: NormStats, halo: int = HALO,
                      tta: bool = False) -> np.ndarray:
-    """Whole-image labels: the image normalised with ``stats``, reflect-padded by ``halo``, one call."""
+    """Whole-image labels: the image normalised with ``stats``, padded only to the stride, one call
+    (what tiling with a halo >= the model's reach reproduces; ``halo`` is kept for callers)."""
     loaded = load_model(model_dir, device="cpu")
     predict = pad_to_multiple(flip_tta(loaded.predict_proba) if tta else loaded.predict_proba, STRIDE)
     x = apply_norm(image[None], stats)
-    return predict_whole(x, predict, halo).argmax(0).astype(np.uint8)
+    return predict_whole(x, predict).argmax(0).astype(np.uint8)
 
 
 def tree_digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
