@@ -1,118 +1,130 @@
-"""How much halo makes tiling seams vanish? Tiled vs whole-image prediction as a function of halo.
+"""No seams, at a measured cost: trained U-Nets, their measured exact halo, the tile ``segment``
+chooses from it, forward pixels per output pixel and labels differing from the whole image.
 
-    python bench/halo_seams.py                                  # random-init U-Nets, resnet18 and resnet34
-    python bench/halo_seams.py --model models:/sem@champion     # a trained model (repeat --model for more)
+    python bench/halo_seams.py                                  # trains resnet18 and resnet34 U-Nets first
+    python bench/halo_seams.py --model models:/sem@champion     # existing models (repeat --model)
 
-On a synthetic SEM image (segcore.simulate.sem), each model predicts the whole image once
-(reflect-padded by the largest halo, the reference) and then tile by tile for every halo in
---halos. Printed per model and halo: max and mean |p_tiled - p_whole| over all class
-probabilities, the fraction of pixels whose label differs, and forward pixels per output
-pixel. Random-init models get a centred, scaled head (so classes vary like a trained model's);
-their receptive-field reach, measured with input gradients, is printed too. Pick the smallest
-halo whose label difference is 0 (or negligible) and record it on the model card as
-``extra["halo"]``: ``gigaseg segment`` then uses it by default.
+Training (cached in --workdir): ``configs/train-sem.yaml`` on a small simulated SEM set
+(16 images of 256 px, validation on 2 images of 512 px); ``segcore.train.train`` measures the
+exact halo at the end and stores it on the card (``card.extra["halo"]``).
+
+Then, on a synthetic SEM scan (--size px a side), each model predicts the whole image once,
+padded only to its size multiple (the reference, :func:`segcore.tiling.predict_whole`), and
+tile by tile for: the previous ``segment`` defaults (tile 512, halo 128), the measured halo at
+tile 512 (many seams: a stress test of the halo), and the measured halo at the tile ``segment``
+now chooses (:func:`pipelines.options.resolve_tiling`, target x1.35). Printed per row: halo,
+tile, forward px per output px on this image (border windows read no outer halo) and for
+interior windows, the % of labels differing from the whole image, and seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
-from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
-import torch
 
-from segcore.config import ModelConfig
+from pipelines.options import resolve_tiling, tile_overhead
+from segcore.config import TrainConfig, parse_config, read_yaml_mapping
 from segcore.data.normalize import apply_norm, compute_norm_stats
+from segcore.modeldir import LoadedModel
 from segcore.modelref import load_model
-from segcore.models import build_model
 from segcore.simulate.sem import render_sem
-from segcore.tiling import forward_pixels_per_output, pad_to_multiple, predict_tiled, predict_whole
+from segcore.tiling import forward_pixels, pad_to_multiple, predict_tiled, predict_whole
 
 log = logging.getLogger("bench.halo_seams")
-Predict = Callable[[np.ndarray], np.ndarray]
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def random_unet(encoder: str, depth: int, image: np.ndarray, seed: int = 0) -> torch.nn.Module:
-    """Random-init smp Unet with the head centred on this image's features and scaled x20."""
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(arch="Unet", encoder=encoder, classes=4, arch_kwargs={"encoder_depth": depth}))
-    model.eval()
-    head = model.segmentation_head[0]
-    with torch.no_grad():
-        head.weight.mul_(20)
-        head.bias.zero_()
-        crop = torch.from_numpy(np.ascontiguousarray(image[None, :, :256, :256]))
-        head.bias.sub_(model(crop).mean(dim=(0, 2, 3)))
-    return model
+def train_models(workdir: Path, encoders: list[str], epochs: int | None) -> list[str]:
+    """Train a U-Net per encoder with configs/train-sem.yaml (reused when already trained)."""
+    from segcore.simulate.sem import generate_sem
+    from segcore.train import train
+
+    data = workdir / "sem-train"
+    for name, n, size, seed in [("sem-train", 16, 256, 1), ("sem-val", 2, 512, 2)]:
+        if not (workdir / name).exists():
+            generate_sem(workdir / name, n, size, seed)
+    refs = []
+    for enc in encoders:
+        out = workdir / f"unet-{enc}"
+        if not (out / "config.json").exists():
+            raw = read_yaml_mapping(ROOT / "configs" / "train-sem.yaml")
+            raw["model"]["encoder"] = enc
+            if epochs:
+                raw["epochs"] = epochs
+            t0 = time.perf_counter()
+            train(parse_config(raw, TrainConfig), data, out, val_dir=workdir / "sem-val")
+            log.info("trained %s in %.0f s", out, time.perf_counter() - t0)
+        refs.append(str(out))
+    return refs
 
 
-def reach(model: torch.nn.Module, size: int = 1024) -> int:
-    """Receptive-field reach (px) at the centre pixel, from input gradients (capped at size / 2)."""
-    x = torch.randn(1, 1, size, size, requires_grad=True)
-    model(x)[0, :, size // 2, size // 2].sum().backward()
-    rows = np.nonzero(x.grad[0, 0].abs().sum(1).numpy() > 0)[0]
-    return int(max(size // 2 - rows.min(), rows.max() - size // 2))
-
-
-def torch_predictor(model: torch.nn.Module, stride: int) -> Predict:
-    @torch.inference_mode()
-    def predict(batch: np.ndarray) -> np.ndarray:
-        return torch.softmax(model(torch.from_numpy(np.ascontiguousarray(batch))), dim=1).numpy()
-
-    return pad_to_multiple(predict, stride)
-
-
-def seam_rows(name: str, predict: Predict, image: np.ndarray, tile: int, halos: list[int],
-              batch: int) -> list[tuple]:
-    whole = predict_whole(image, predict, max(halos))
-    labels = whole.argmax(0)
+def seam_rows(name: str, loaded: LoadedModel, image: np.ndarray, settings: list[tuple[str, int, int, int]]) -> list[dict]:
+    """One row per (label, tile, halo, batch): cost and labels differing from the whole image."""
+    m = loaded.size_multiple
+    predict = pad_to_multiple(loaded.predict_proba, m)
+    t0 = time.perf_counter()
+    whole = loaded.labels_from_proba(predict_whole(image, predict))
+    log.info("%s: whole-image forward %s in %.0f s", name, image.shape[-2:], time.perf_counter() - t0)
     rows = []
-    for halo in halos:
+    for label, tile, halo, batch in settings:
         t0 = time.perf_counter()
-        tiled = predict_tiled(image, predict, tile=tile, halo=halo, batch_size=batch)
-        diff = np.abs(tiled - whole)
-        rows.append((name, halo, float(diff.max()), float(diff.mean()), float((tiled.argmax(0) != labels).mean()),
-                     forward_pixels_per_output(tile, halo), time.perf_counter() - t0))
+        tiled = loaded.labels_from_proba(predict_tiled(image, predict, tile=tile, halo=halo, batch_size=batch))
+        rows.append({"model": name, "setting": label, "halo": halo, "tile": tile,
+                     "fwd_px": forward_pixels(image.shape[-2:], tile, halo, m), "interior": tile_overhead(tile, halo),
+                     "differ_pct": 100 * float((tiled != whole).mean()), "s": time.perf_counter() - t0})
+        log.info("%s", rows[-1])
     return rows
 
 
-def print_table(rows: list[tuple]) -> None:
-    print(f"{'model':<34} {'halo':>5} {'max|dp|':>10} {'mean|dp|':>10} {'labels differ':>14} "
-          f"{'fwd px/out px':>14} {'s':>6}")
-    for name, halo, mx, mean, frac, fwd, sec in rows:
-        print(f"{name:<34} {halo:>5} {mx:>10.2e} {mean:>10.2e} {100 * frac:>13.4f}% {fwd:>14.2f} {sec:>6.1f}")
+def model_rows(ref: str, raw: np.ndarray, before: tuple[int, int]) -> list[dict]:
+    loaded = load_model(ref, device="cpu")
+    image = apply_norm(raw[None], compute_norm_stats(raw, loaded.card.train.normalize))
+    chosen = resolve_tiling(loaded, {"tile": None, "halo": None, "batch_size": 8})
+    halo, on = chosen["halo"], loaded.card.extra.get("halo_measured_on", {})
+    log.info("%s: card halo %s (measured on %s); chosen tile %d, batch %d", ref, loaded.card.extra.get("halo"),
+             on, chosen["tile"], chosen["batch_size"])
+    name = f"{loaded.card.train.model.arch}-{loaded.card.train.model.encoder}"
+    settings = [(f"before: tile {before[0]}, halo {before[1]}", before[0], before[1], 4),
+                ("measured halo, tile 512", 512, halo, 4),
+                ("measured halo, chosen tile", chosen["tile"], halo, chosen["batch_size"])]
+    rows = seam_rows(name, loaded, image, settings)
+    for r in rows:
+        r["measured"] = {"halo": loaded.card.extra.get("halo"), **on}
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'model':<14} {'setting':<28} {'halo':>5} {'tile':>5} {'fwd px/out px':>14} {'interior':>9} "
+          f"{'labels differ':>14} {'s':>6}")
+    for r in rows:
+        print(f"{r['model']:<14} {r['setting']:<28} {r['halo']:>5} {r['tile']:>5} {r['fwd_px']:>14.3f} "
+              f"{r['interior']:>9.3f} {r['differ_pct']:>13.4f}% {r['s']:>6.0f}")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", default=[], help="model directory or MLflow URI (repeatable)")
-    p.add_argument("--encoders", default="resnet18,resnet34", help="random-init Unet encoders if no --model")
-    p.add_argument("--depth", type=int, default=5, help="encoder depth of the random-init Unets")
-    p.add_argument("--size", type=int, default=512, help="test image edge (px)")
-    p.add_argument("--tile", type=int, default=256, help="write region edge (px)")
-    p.add_argument("--halos", default="0,16,32,64,96,128")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--encoders", default="resnet18,resnet34", help="U-Net encoders to train when no --model")
+    p.add_argument("--epochs", type=int, default=None, help="override train-sem.yaml's epochs")
+    p.add_argument("--workdir", default="/tmp/gigaseg-halo-seams", help="training data and models (reused)")
+    p.add_argument("--size", type=int, default=2560, help="test scan edge (px)")
+    p.add_argument("--before", default="512,128", help="tile,halo of the previous segment defaults")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    halos = [int(h) for h in args.halos.split(",")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    refs = args.model or train_models(workdir, args.encoders.split(","), args.epochs)
     raw, _ = render_sem((args.size, args.size), seed=args.seed)
-    rows = []
-    for ref in args.model:
-        loaded = load_model(ref, device="cpu")
-        image = apply_norm(raw[None], compute_norm_stats(raw, loaded.card.train.normalize))
-        stride = 2 ** int(loaded.card.train.model.arch_kwargs.get("encoder_depth", 5))
-        rows += seam_rows(ref, pad_to_multiple(loaded.predict_proba, stride), image, args.tile, halos, args.batch_size)
-    if not args.model:
-        image = (raw[None].astype(np.float32) / 65535).astype(np.float32)
-        for enc in args.encoders.split(","):
-            model = random_unet(enc, args.depth, image, args.seed)
-            name = f"Unet-{enc}-d{args.depth} (random, reach {reach(model)})"
-            log.info("%s", name)
-            rows += seam_rows(name, torch_predictor(model, 2**args.depth), image, args.tile, halos, args.batch_size)
+    tile, halo = (int(v) for v in args.before.split(","))
+    rows = [r for ref in refs for r in model_rows(ref, raw, (tile, halo))]
     print_table(rows)
+    print(json.dumps(rows))
 
 
 if __name__ == "__main__":
