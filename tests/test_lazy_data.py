@@ -164,3 +164,19 @@ def test_train_scale_4_on_generated_scan(tmp_path):
     assert card["train"]["data"]["scale"] == 4
     assert "val_miou" in result.metrics
     assert load_model_dir(tmp_path / "M")  # the saved model loads
+
+
+def test_dataloader_workers_open_their_own_sources(tmp_path):
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    _dataset(tmp_path, size=(256, 256), mask_shape=(32, 32), spec_extra={"mask_scale": 8})
+    images = scan_dataset(tmp_path, load_spec(tmp_path))
+    data = LazyPatchDataset(images, 32, 8, scale=2, num_classes=3)
+    first = data[0]
+    assert data.reader._open  # the parent opened a source ...
+    assert pickle.loads(pickle.dumps(data)).reader._open == {}  # ... which is never pickled
+    batches = list(DataLoader(data, batch_size=4, num_workers=2))
+    assert sum(b[0].shape[0] for b in batches) == 8
+    np.testing.assert_array_equal(batches[0][0][0].numpy(), first[0].numpy())  # same item, same pixels
