@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--resume", type=Path, metavar="PATH",
                       help="continue a stopped search from its folder (<storage_path>/<name>)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="validate the YAML and print the dimensions (and grid size), start nothing")
+                        help="validate the YAML and the data, print the dimensions (and grid size), start nothing")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,12 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _dry_run(config: Path) -> int:
+    from search.preflight import check_search_data
     from search.space import SearchSpace
     from search.spec import load_search_spec
 
     spec = load_search_spec(config)
     space = SearchSpace.from_spec(spec, str(config))
+    checks = check_search_data(space, spec.data.train, spec.data.val)  # the same data check as a real run
     print(f"{config}: valid. engine={spec.engine} metric={spec.metric} ({spec.mode})")
+    for c in checks:
+        print(f"  data {c.folder}: {c.samples} samples, {c.channels} channel(s), classes {', '.join(c.classes)}")
     for dim in space.dims:
         print(f"  {dim.key:<16} -> {dim.path:<24} {dim.kind:<10} {list(dim.values)}")
     for arch, encoders in space.encoders_for.items():

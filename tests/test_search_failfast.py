@@ -31,7 +31,7 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-def test_bad_mask_value_stops_the_search_before_any_trial(shapes: Path, tmp_path: Path) -> None:
+def test_bad_mask_value_stops_the_search_before_any_trial(shapes: Path, tmp_path: Path, caplog) -> None:
     bad = tmp_path / "bad"
     generate_shapes(bad, n=3, size=64, seed=3)
     mask_path = sorted((bad / "masks").iterdir())[1]
@@ -50,6 +50,8 @@ def test_bad_mask_value_stops_the_search_before_any_trial(shapes: Path, tmp_path
     assert "Ray: starting" not in proc.stderr  # stopped before Ray (and MLflow) started
     assert not (storage / "bad-mask").exists()  # no experiment folder, so no trial folder
     assert not (tmp_path / "mlflow.db").exists()  # no parent run, no nested run
+    assert search_main(["--config", str(config), "--dry-run"]) == 2  # the dry run checks the data too
+    assert "mask values [7] are not class ids" in caplog.text
 
 
 def test_same_error_in_the_first_trials_stops_the_search_and_exits_1(ray_local, mlflow_sqlite, shapes: Path,

@@ -170,12 +170,15 @@ def test_epoch_budget_counts_each_trial_epoch_once() -> None:
 
 def test_cli_dry_run_validates_and_reports_the_bad_key(data_dir: Path, tmp_path: Path, capsys, caplog) -> None:
     from segcore.cli import main as gigaseg
+    from segcore.simulate import generate_shapes
 
+    generate_shapes(data_dir, n=2, size=64, seed=0)  # the dry run checks the data as a real run does
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(spec_dict(data_dir, engine="grid")))
     assert gigaseg(["search", "--config", str(good), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "encoder__" not in out and "valid encoders for FPN" in out and "grid:" in out
+    assert "2 samples, 1 channel(s), classes background, line, ellipse" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(spec_dict(data_dir, asha={"grace_perod": 2})))
     assert gigaseg(["search", "--config", str(bad)]) == 2
