@@ -16,6 +16,10 @@ from PIL import Image
 from tiny_search import tiny_search as tiny
 
 from search.cli import main as search_main
+from search.preflight import check_search_data
+from search.space import SearchSpace
+from search.spec import parse_search_spec
+from segcore.data import DataError
 from segcore.simulate import generate_shapes
 
 pytestmark = pytest.mark.ray
@@ -31,13 +35,18 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
+def _break_a_mask(data: Path, value: int = 7) -> Path:
+    mask_path = sorted((data / "masks").iterdir())[1]
+    mask = np.array(Image.open(mask_path))
+    mask[5, 7] = value
+    Image.fromarray(mask).save(mask_path)
+    return mask_path
+
+
 def test_bad_mask_value_stops_the_search_before_any_trial(shapes: Path, tmp_path: Path, caplog) -> None:
     bad = tmp_path / "bad"
     generate_shapes(bad, n=3, size=64, seed=3)
-    mask_path = sorted((bad / "masks").iterdir())[1]
-    mask = np.array(Image.open(mask_path))
-    mask[5, 7] = 7  # shapes has 3 classes (0..2); 255 would be 'ignore'
-    Image.fromarray(mask).save(mask_path)
+    mask_path = _break_a_mask(bad)  # shapes has 3 classes (0..2); 7 is none of them (255 would be 'ignore')
     home, storage = tmp_path / "home", tmp_path / "runs"
     config = write_yaml(tmp_path / "search.yaml", tiny("bad-mask", bad, storage))
     env = {**os.environ, "GIGASEG_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
@@ -52,6 +61,29 @@ def test_bad_mask_value_stops_the_search_before_any_trial(shapes: Path, tmp_path
     assert not (tmp_path / "mlflow.db").exists()  # no parent run, no nested run
     assert search_main(["--config", str(config), "--dry-run"]) == 2  # the dry run checks the data too
     assert "mask values [7] are not class ids" in caplog.text
+
+
+def test_normalisation_the_space_can_sample_is_checked_on_the_driver(tmp_path: Path) -> None:
+    """The config's normalize wins over dataset.yaml's: a fits_header choice on PNG data fails here."""
+    data = generate_shapes(tmp_path / "png", n=2, size=64, seed=0)
+    spec = parse_search_spec(tiny("norm", data, tmp_path / "runs"))
+    space = SearchSpace.from_spec(spec)
+    assert [c.normalize_modes for c in check_search_data(space, data)] == [("dtype_range",)]
+    spec = tiny("norm", data, tmp_path / "runs")
+    spec["space"] = {**spec["space"], "normalize.mode": {"choice": ["dtype_range", "fits_header"]}}
+    space = SearchSpace.from_spec(parse_search_spec(spec))
+    with pytest.raises(DataError, match="fits_header needs a FITS header"):
+        check_search_data(space, data)
+
+
+def test_lazy_loader_data_is_checked_without_loading_the_pixels(tmp_path: Path) -> None:
+    data = generate_shapes(tmp_path / "lazy", n=2, size=64, seed=0)
+    mask_path = _break_a_mask(data)
+    spec = tiny("lazy", data, tmp_path / "runs")
+    spec["base"] = {**spec["base"], "data": {**spec["base"]["data"], "loader": "lazy"}}
+    space = SearchSpace.from_spec(parse_search_spec(spec))
+    with pytest.raises(DataError, match=f"{mask_path}: mask values \\[7\\]"):
+        check_search_data(space, data)
 
 
 def test_same_error_in_the_first_trials_stops_the_search_and_exits_1(ray_local, mlflow_sqlite, shapes: Path,
