@@ -35,9 +35,10 @@ FLAG_KEYS = {
 }
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """YAML file (if any), then flags, then ``--set key=value`` overrides; validated once."""
-    data: dict[str, Any] = {}
+def config_from_args(args: argparse.Namespace, planned: TrainConfig | None = None) -> TrainConfig:
+    """YAML file (else the ``planned`` config, if any), then flags, then ``--set key=value``
+    overrides; validated once."""
+    data: dict[str, Any] = planned.model_dump() if planned is not None else {}
     if args.config:
         data = load_yaml_config(args.config).model_dump()
     for flag, key in FLAG_KEYS.items():
@@ -79,9 +80,17 @@ class MlflowEpochLogger:
 def run_train(args: argparse.Namespace) -> int:
     from segcore.train import train
 
-    cfg = config_from_args(args)
+    plan = None
+    if not args.config:  # no recipe given: plan one from the data (segcore.plan), as `gigaseg plan` does
+        from segcore.plan import plan_training
+
+        plan = plan_training(args.data, args.budget_min, device=args.device or "auto")
+        log.info("no --config: training with the plan for %g min (gigaseg plan %s):\n  %s", args.budget_min,
+                 args.data, "\n  ".join(plan.lines()))
+    cfg = config_from_args(args, plan.config if plan is not None else None)
     if args.no_mlflow:
         result = train(cfg, args.data, args.out, val_dir=args.val_data)
+        _save_plan(plan, result.model_dir)
     else:
         import mlflow
 
@@ -92,10 +101,19 @@ def run_train(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             result = train(cfg, args.data, args.out, callbacks=[MlflowEpochLogger()], val_dir=args.val_data)
             mlflow.log_metric("train_wall_s", time.perf_counter() - t0)
+            _save_plan(plan, result.model_dir)
             mlflow.log_artifacts(str(result.model_dir), artifact_path="model_dir")
     log.info("model directory: %s", result.model_dir)
     print(json.dumps({"model_dir": str(result.model_dir), "val_miou": result.metrics.get("val_miou")}))
     return 0
+
+
+def _save_plan(plan: Any, model_dir: Path) -> None:
+    """The plan a model was trained with, as ``plan.yaml`` beside its config.json."""
+    if plan is not None:
+        from segcore.plan import PLAN_FILE, write_plan
+
+        log.info("plan written to %s", write_plan(plan, Path(model_dir) / PLAN_FILE))
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -113,7 +131,9 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset folder with images/, masks/, dataset.yaml")
     p.add_argument("--val-data", help="separate validation dataset folder (default: split --data)")
     p.add_argument("--out", required=True, help="model directory to write")
-    p.add_argument("--config", help="train.yaml (segcore.config.TrainConfig)")
+    p.add_argument("--config", help="train.yaml (segcore.config.TrainConfig); default: plan one (gigaseg plan)")
+    p.add_argument("--budget-min", type=float, default=5.0,
+                   help="without --config: the time budget the plan fits its steps to (default 5)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. optim.lr=3e-4")
     p.add_argument("--loss", help="loss mix, e.g. dice=1,focal=0.5")
     for flag, key in FLAG_KEYS.items():
