@@ -52,8 +52,8 @@ def test_measure_exact_halo_finds_a_local_predictors_reach() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("halo")
-    for name, n, seed in [("train", 4, 1), ("val", 1, 2)]:
-        assert gigaseg(["simulate", "shapes", "--out", str(root / name), "--n", str(n), "--size", "192",
+    for name, n, size, seed in [("train", 4, 192, 1), ("val", 1, 256, 2)]:
+        assert gigaseg(["simulate", "shapes", "--out", str(root / name), "--n", str(n), "--size", str(size),
                         "--seed", str(seed)]) == 0
     train(parse_config(TINY, TrainConfig), root / "train", root / "model", val_dir=root / "val")
     return root
@@ -63,7 +63,7 @@ def test_training_stores_the_smallest_exact_halo(trained) -> None:
     loaded = load_model(trained / "model", device="cpu")
     extra = loaded.card.extra
     on = extra[MEASURED_ON_KEY]
-    assert on["tile"] == 64 and on["multiple"] == loaded.size_multiple == 8 and on["images"] == 1
+    assert on["tile"] == 128 and on["multiple"] == loaded.size_multiple == 8 and on["images"] == 1
     images = measuring_images([s.image for s in load_samples(trained / "val")], on["tile"], on["cap"])
     predict = pad_to_multiple(loaded.predict_proba, loaded.size_multiple)
     expected = brute_force_halo(predict, images, on["tile"], 8, on["cap"], loaded.labels_from_proba)
@@ -77,3 +77,27 @@ def test_measure_halo_switch_turns_it_off(trained) -> None:
     card.train = card.train.model_copy(update={"data": card.train.data.model_copy(update={"measure_halo": False})})
     image = load_samples(trained / "val")[0].image
     assert card_halo(loaded.model, card, [image], loaded.device) == {}
+
+
+def test_tile_is_chosen_from_the_halo_deterministically(trained) -> None:
+    from pipelines.options import choose_tile, resolve_tiling, tile_overhead
+
+    halo = load_model(trained / "model", device="cpu").card.extra[HALO_KEY]
+    first = resolve_tiling(load_model(trained / "model", device="cpu"), {"tile": None, "halo": None, "batch_size": 8})
+    second = resolve_tiling(load_model(trained / "model", device="cpu"), {"tile": None, "halo": None, "batch_size": 8})
+    assert first == second and first["halo"] == halo  # same card, same machine: same tile
+    tile = first["tile"]
+    assert tile % 8 == 0 and tile_overhead(tile, halo) <= 1.35 < tile_overhead(tile - 8, halo)
+    assert choose_tile(128, 32) == 1600 and tile_overhead(1600, 128) == pytest.approx(1.3456, abs=1e-4)
+    assert choose_tile(128, 32, 2.0) < 1600 and choose_tile(0, 32) == 32
+    assert choose_tile(128, 32, max_window_px=1024**2) == 768  # the memory cap wins over the overhead target
+
+
+def test_given_tile_is_honoured_or_refused_and_halo_rounded(trained) -> None:
+    from pipelines.options import resolve_tiling
+    from segcore.errors import ConfigError
+
+    loaded = load_model(trained / "model", device="cpu")
+    assert resolve_tiling(loaded, {"tile": 96, "halo": 60, "max_overhead": 1.2}) == {"tile": 96, "halo": 64}
+    with pytest.raises(ConfigError, match="--tile 100: not a multiple of the model's size multiple 8. Use 104"):
+        resolve_tiling(loaded, {"tile": 100, "halo": 60})
