@@ -13,6 +13,7 @@ from segcore.data import load_samples, load_spec
 from segcore.metrics import ConfusionMatrix, format_report
 from segcore.modeldir import LoadedModel
 from segcore.modelref import load_model
+from segcore.readers.scaled import area_resample, model_shape
 from segcore.tiling import pad_to_multiple, predict_tiled
 from segcore.visualize import save_prediction_panel
 
@@ -34,6 +35,27 @@ def predict_labels(loaded: LoadedModel, image: np.ndarray, tile: int, halo: int,
     return loaded.labels_from_proba(proba)
 
 
+def at_model_scale(image: np.ndarray, scale: float) -> np.ndarray:
+    """A normalised (C, H, W) image as a model trained at ``data.scale`` sees it: area means of
+    ``scale`` x ``scale`` px (the same resampling as training and ``gigaseg segment``)."""
+    if scale == 1:
+        return image
+    h, w = model_shape(image.shape[1:], scale)
+    rows, cols = min(int(np.ceil(h * scale)), image.shape[1]), min(int(np.ceil(w * scale)), image.shape[2])
+    out = area_resample(image[:, :rows, :cols].transpose(1, 2, 0), scale, (0.0, 0.0), (0, 0), (h, w))
+    return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
+
+
+def to_input_grid(labels: np.ndarray, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """Model-grid labels on the input's (H, W) grid: each input px takes the model px it lies in
+    (px beyond the last whole model px take the nearest), as ``gigaseg segment`` writes them."""
+    if labels.shape == tuple(shape):
+        return labels
+    rows = np.minimum((np.arange(shape[0]) / scale).astype(np.int64), labels.shape[0] - 1)
+    cols = np.minimum((np.arange(shape[1]) / scale).astype(np.int64), labels.shape[1] - 1)
+    return labels[np.ix_(rows, cols)]
+
+
 def evaluate(model_ref: str | Path, data_dir: str | Path, out_dir: str | Path, n_overlays: int = 4,
              device: str = "auto") -> EvalResult:
     """Predict every image of ``data_dir`` with the model's own normalisation and score it."""
@@ -45,7 +67,9 @@ def evaluate(model_ref: str | Path, data_dir: str | Path, out_dir: str | Path, n
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, sample in enumerate(samples):
-        pred = predict_labels(loaded, sample.image, cfg.data.val_tile, cfg.data.val_halo, cfg.data.batch_size)
+        pred = predict_labels(loaded, at_model_scale(sample.image, cfg.data.scale), cfg.data.val_tile,
+                              cfg.data.val_halo, cfg.data.batch_size)
+        pred = to_input_grid(pred, sample.mask.shape, cfg.data.scale)
         cm.update(pred, sample.mask)
         if i < n_overlays:
             save_prediction_panel(out_dir / f"overlay_{sample.name}.png", sample.image, sample.mask, pred,

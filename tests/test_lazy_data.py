@@ -164,6 +164,10 @@ def test_train_scale_4_on_generated_scan(tmp_path):
     assert card["train"]["data"]["scale"] == 4
     assert "val_miou" in result.metrics
     assert load_model_dir(tmp_path / "M")  # the saved model loads
+    from segcore.evaluate import evaluate
+
+    scored = evaluate(tmp_path / "M", data, tmp_path / "E", n_overlays=0, device="cpu")  # at the model's scale
+    assert 0 <= scored.metrics["miou"] <= 1
 
 
 def test_dataloader_workers_open_their_own_sources(tmp_path):
