@@ -86,6 +86,7 @@ def test_lazy_loader_data_is_checked_without_loading_the_pixels(tmp_path: Path) 
         check_search_data(space, data)
 
 
+@pytest.mark.slow
 def test_same_error_in_the_first_trials_stops_the_search_and_exits_1(ray_local, mlflow_sqlite, shapes: Path,
                                                                      tmp_path: Path, caplog) -> None:
     weights = tmp_path / "corrupt.pth"
@@ -107,6 +108,7 @@ def test_same_error_in_the_first_trials_stops_the_search_and_exits_1(ray_local, 
     assert "cannot read encoder weights" in parent.data.tags["gigaseg.failure"]
 
 
+@pytest.mark.slow
 def test_no_champion_exits_1_and_says_why(ray_local, mlflow_sqlite, shapes: Path, tmp_path: Path, caplog) -> None:
     weights = tmp_path / "corrupt.pth"
     weights.write_bytes(b"")

@@ -65,6 +65,7 @@ def _aborted_pids(ray_dir: Path) -> set[int]:
     return aborted
 
 
+@pytest.mark.slow
 def test_actor_exit_while_its_thread_is_in_torch_is_quiet_when_guarded(tmp_path: Path) -> None:
     """The root cause, reproduced: an actor asked to exit while a daemon thread runs a torch op
     aborts (pthread_exit unwinds through C++) unless the thread is guarded."""
@@ -119,6 +120,7 @@ def _table_rows(log: str, title: str) -> list[list[str]]:
     return tables
 
 
+@pytest.mark.slow
 def test_tiny_asha_search_log_is_quiet_and_shows_each_parameter_once(tmp_path: Path) -> None:
     data = generate_shapes(tmp_path / "shapes", n=4, size=96, seed=1)
     spec = tiny("quiet", data, tmp_path / "runs", num_samples=3)
