@@ -30,6 +30,8 @@ from segcore.adversarial import AdversarialTerm, build_adversarial
 from segcore.config import TrainConfig
 from segcore.data import PatchDataset, Sample, build_augmentation, load_samples, load_spec
 from segcore.data.lazy import LazyPatchDataset, TrainData, build_lazy_data, use_lazy
+from segcore.data.normalize import input_range
+from segcore.data.spec import DatasetSpec
 from segcore.halo import card_halo
 from segcore.losses import build_loss, inverse_frequency_weights
 from segcore.metrics import (
@@ -39,10 +41,18 @@ from segcore.metrics import (
     threshold_from_histograms,
     threshold_histograms,
 )
-from segcore.modeldir import WEIGHTS_FILE, ModelCard, logits_to_proba, pick_device, save_model_dir
+from segcore.modeldir import (
+    INPUT_RANGE_KEY,
+    WEIGHTS_FILE,
+    ModelCard,
+    logits_to_proba,
+    pick_device,
+    save_model_dir,
+)
 from segcore.models import build_model, check_combination
 from segcore.models.freeze import FreezeController
-from segcore.tiling import predict_tiled
+from segcore.models.validity import input_multiple
+from segcore.tiling import pad_to_multiple, predict_tiled
 from segcore.visualize import save_prediction_panel
 
 log = logging.getLogger(__name__)
@@ -115,8 +125,22 @@ def split_samples(samples: list[Sample], val_fraction: float, seed: int) -> tupl
     return [s for i, s in enumerate(samples) if i not in val_idx], [samples[i] for i in sorted(val_idx)]
 
 
-def _fit_config_to_data(cfg: TrainConfig, spec, channels: int) -> TrainConfig:
-    """Take channels, classes and normalisation from the dataset, so the saved config is complete."""
+def resolve_normalize(cfg: TrainConfig, spec: DatasetSpec, data_dir: str | Path) -> DatasetSpec:
+    """One precedence for normalisation: a ``normalize`` the train config sets explicitly wins;
+    otherwise dataset.yaml's (default ``dtype_range``) applies. Returns the spec to load with."""
+    if "normalize" in cfg.model_fields_set and cfg.normalize != spec.normalize:
+        log.info("normalize: %s from the train config (dataset.yaml in %s says %s)",
+                 cfg.normalize.model_dump(exclude_defaults=True) or {"mode": cfg.normalize.mode}, data_dir,
+                 spec.normalize.model_dump(exclude_defaults=True) or {"mode": spec.normalize.mode})
+        return spec.model_copy(update={"normalize": cfg.normalize})
+    log.info("normalize: %s from %s", spec.normalize.model_dump(exclude_defaults=True) or {"mode": spec.normalize.mode},
+             "dataset.yaml" if "normalize" in spec.model_fields_set else "the default")
+    return spec
+
+
+def _fit_config_to_data(cfg: TrainConfig, spec: DatasetSpec, channels: int) -> TrainConfig:
+    """Take channels and classes from the dataset, and the normalisation the samples were loaded
+    with (see :func:`resolve_normalize`), so the saved config is complete and truthful."""
     num_classes = len(spec.class_names)
     binary_head = num_classes == 2 and any(t == "bce" for t in _all_loss_terms(cfg))
     model = cfg.model.model_copy(
@@ -194,14 +218,12 @@ def _class_weights(cfg: TrainConfig, masks: list[np.ndarray], num_classes: int) 
     return torch.as_tensor(weights, dtype=torch.float32)
 
 
-def _load_data(cfg: TrainConfig, spec, data_dir: str | Path, val_dir: str | Path | None) -> TrainData:
+def _load_data(cfg: TrainConfig, spec: DatasetSpec, data_dir: str | Path, val_dir: str | Path | None) -> TrainData:
     """Training patches and validation samples: read lazily from the files for whole scans, coarse
     masks or ``data.scale != 1`` (:mod:`segcore.data.lazy`), else whole images split by image."""
-    from segcore.data.normalize import input_range
-
     augment = build_augmentation(cfg.augment.strength)
     k = len(spec.class_names)
-    val_spec = load_spec(val_dir) if val_dir else None
+    val_spec = load_spec(val_dir).model_copy(update={"normalize": spec.normalize}) if val_dir else None
     if use_lazy(cfg.data.loader, cfg.data.scale, spec, data_dir):
         return build_lazy_data(cfg.data, spec, data_dir, seed=cfg.seed, num_classes=k, augment=augment,
                                val_dir=val_dir, val_spec=val_spec)
@@ -217,7 +239,7 @@ def _load_data(cfg: TrainConfig, spec, data_dir: str | Path, val_dir: str | Path
 def build_run(cfg: TrainConfig, data_dir: str | Path, val_dir: str | Path | None = None) -> _Run:
     """Load data, fit the config to it, build model, optimiser, scheduler and loss."""
     rank, world = _dist_info()
-    spec = load_spec(data_dir)
+    spec = resolve_normalize(cfg, load_spec(data_dir), data_dir)
     data = _load_data(cfg, spec, data_dir, val_dir)
     cfg = _fit_config_to_data(cfg, spec, data.channels)
     check_combination(cfg.model.arch, cfg.model.encoder, cfg.model.in_channels, cfg.data.patch_size,
@@ -236,7 +258,8 @@ def build_run(cfg: TrainConfig, data_dir: str | Path, val_dir: str | Path | None
     loader = _make_loader(cfg, patches, rank, world)
     scheduler = _build_scheduler(cfg, optimizer, max(1, len(loader)))
     loss_fn = build_loss(cfg.loss, len(spec.class_names), _class_weights(cfg, data.masks, len(spec.class_names)))
-    card = ModelCard(train=cfg, class_names=list(spec.class_names), class_colors=_spec_colors(spec))
+    card = ModelCard(train=cfg, class_names=list(spec.class_names), class_colors=_spec_colors(spec),
+                     extra={INPUT_RANGE_KEY: list(data.input_range)})
     adversarial = build_adversarial(cfg, len(spec.class_names), device, world)  # last: weight 0 draws no RNG
     return _Run(cfg, card, model, freeze, optimizer, scheduler, loss_fn.to(device), loader, patches, data.val_samples, device, rank, world,
                 adversarial=adversarial)
@@ -293,8 +316,10 @@ def predict_logits(run: _Run, image: np.ndarray) -> np.ndarray:
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_amp):
             return model(x).float().cpu().numpy()
 
-    tile = max(32, math.ceil(run.cfg.data.val_tile / 32) * 32)
-    return predict_tiled(image, forward, tile=tile, halo=run.cfg.data.val_halo, batch_size=run.cfg.data.batch_size)
+    multiple = input_multiple(run.cfg.model.arch, run.cfg.model.encoder, run.cfg.model.arch_kwargs)
+    tile = max(multiple, math.ceil(run.cfg.data.val_tile / multiple) * multiple)
+    return predict_tiled(image, pad_to_multiple(forward, multiple), tile=tile, halo=run.cfg.data.val_halo,
+                         batch_size=run.cfg.data.batch_size)
 
 
 def validate(run: _Run) -> tuple[dict[str, float], ConfusionMatrix, list[tuple[Sample, np.ndarray]]]:
