@@ -33,7 +33,7 @@ from pipelines.layout import Layout, input_identity
 from pipelines.options import ModelInfo, SegmentOptions
 from pipelines.readers import ImageSource, open_sources
 from segcore.data.errors import DataError
-from segcore.data.normalize import compute_norm_stats
+from segcore.data.normalize import apply_norm, compute_norm_stats, range_warning
 from segcore.errors import OutputError, UserError
 from segcore.readers.scaled import output_factor, scaled
 from segcore.tiling import grid_shape
@@ -146,8 +146,9 @@ def _new_plan(source: ImageSource, key: str, stem: str, opts: SegmentOptions, in
         sample = to_model_channels(sample[:, None, :], source.channels, info.in_channels)
     stats = compute_norm_stats(sample.astype(source.dtype, copy=False), info.normalize, source.header,
                                source=source.label)
+    warnings += [w for w in [range_warning(apply_norm(sample, stats), info.input_range, source.label)] if w]
     cols = grid_shape(source.shape, opts.tile)[1]
-    if source.slow_random_access:
+    if source.slow_random_access and source.shape[0] > opts.tile + 2 * opts.halo:  # more than one band
         warnings.append(f"{source.label}: striped/row-compressed storage has slow random access; "
                         f"reading it band by band (one band of {opts.tile + 2 * opts.halo} rows per row of windows)")
     return ImagePlan(
