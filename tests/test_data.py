@@ -213,7 +213,7 @@ def test_fits_header_mode_without_pedestal(tmp_path):
 
 def test_bad_dataset_yaml_names_the_key(tmp_path):
     make_dirs(tmp_path, {"classes": ["a"], "colours": {"a": [0, 0, 0]}})
-    with pytest.raises(DataError, match=r"(?s)dataset\.yaml.*colours: Extra inputs"):
+    with pytest.raises(DataError, match=r"(?s)dataset\.yaml.*colours: unknown key 'colours'; did you mean 'class_colors'"):
         load_spec(tmp_path)
 
 

@@ -239,7 +239,8 @@ def parse_spec(data: dict[str, Any] | None, source: str | Path = "<dict>") -> Da
     try:
         return DatasetSpec.model_validate(data or {})
     except ValidationError as err:
-        raise DataError(format_validation_error(str(source), err, "dataset spec", "segcore/data/spec.py")) from None
+        raise DataError(format_validation_error(str(source), err, "dataset spec", "segcore/data/spec.py",
+                                                model=DatasetSpec)) from None
 
 
 def load_spec(data_dir: str | Path) -> DatasetSpec:
