@@ -25,6 +25,7 @@ from search.engines import EpochBudget, build_scheduler, build_searcher, num_tri
 from search.failfast import SameErrorStop
 from search.mlflow_runs import MlflowTarget, start_parent_run
 from search.pg_guard import LedgerSweeper, get_ledger
+from search.planned import log_plan, plan_search
 from search.preflight import check_search_data
 from search.space import SearchSpace
 from search.spec import ResourcesSection, SearchSpec, parse_search_spec
@@ -179,6 +180,7 @@ def run_search(spec: SearchSpec, spec_yaml: str | None = None) -> SearchOutcome:
                           f"`gigaseg search --resume {exp_dir}` or choose another name/storage_path.")
     space = SearchSpace.from_spec(spec, spec.name)
     check_search_data(space, spec.data.train, spec.data.val)  # bad data: DataError before Ray and MLflow
+    spec, space, plan = plan_search(spec, space)  # the plan is base (explicit keys win) and trial 0
     started = connect_ray()
     try:
         uri = spec.mlflow.tracking_uri or tracking.default_tracking_uri()
@@ -186,6 +188,7 @@ def run_search(spec: SearchSpec, spec_yaml: str | None = None) -> SearchOutcome:
         spec_json = spec.model_dump(mode="json")
         spec_yaml = spec_yaml or yaml.safe_dump(spec_json, sort_keys=False)
         target = start_parent_run(uri, spec.experiment, spec.name, spec_yaml, spec_json)
+        log_plan(target, plan)
         exp_dir.mkdir(parents=True, exist_ok=True)
         state = {"spec": spec_json, "mlflow": {"uri": uri, "experiment_id": target.experiment_id,
                                                "parent_run_id": target.parent_run_id}}

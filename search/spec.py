@@ -76,6 +76,14 @@ class TestingSection(Strict):
     fail_once_at_epoch: int | None = Field(None, ge=0)
 
 
+class PlanSection(Strict):
+    """Self-configuration before the search (segcore.plan, search/planned.py): the plan becomes
+    ``base`` (explicit base keys win) and trial 0."""
+
+    enabled: bool = True
+    budget_min: float = Field(5.0, gt=0, description="training minutes the plan fits its step count to")
+
+
 class SearchSpec(Strict):
     """A whole search, as written in ``search.yaml``."""
 
@@ -98,6 +106,7 @@ class SearchSpec(Strict):
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
     storage_path: Path | None = Field(None, description="Tune results; default GIGASEG_HOME/searches")
     failure: FailureSection = Field(default_factory=FailureSection)
+    plan: PlanSection = Field(default_factory=PlanSection)
     testing: TestingSection | None = None
 
     @property

@@ -44,6 +44,7 @@ def tiny_search(name: str, data: Path, storage: Path, **over: object) -> dict:
         "resources": {"cpus_per_trial": 1},
         "storage_path": str(storage),
         "mlflow": {"experiment": name, "registered_model_name": f"{name}-model"},
+        "plan": {"enabled": False},  # these tests check other things; tests/test_plan.py searches with the plan
     }
     spec.update(over)
     return copy.deepcopy(spec)

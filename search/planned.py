@@ -1,0 +1,122 @@
+"""Every search starts from the plan (issue 9 item 2): ``segcore.plan`` before the first trial.
+
+:func:`plan_search` plans a TrainConfig for the training data (:func:`segcore.plan.plan_training`),
+puts it under the YAML's ``base`` (an explicit key in ``base`` wins, key by key inside config
+sections; free dicts such as ``loss.terms`` are replaced whole) and makes the planned
+configuration trial 0: the searched dimensions' values in the planned config, snapped to the
+space, enqueued before any ``seed_configs`` (Optuna ``points_to_evaluate``). The space then varies
+around it. The model is not taken from the plan: the space and ``base`` decide it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from search.space import Dimension, SearchSpace, is_per_arch
+from search.spec import SearchSpec
+
+log = logging.getLogger(__name__)
+
+_SKIP = object()  # a planned value the space cannot hold: left to the sampler
+
+
+def snap(dim: Dimension, choices: tuple[Any, ...], value: Any) -> Any:
+    """``value`` made a legal value of ``dim``: itself, the nearest numeric choice, or clamped into
+    the range (rounded for ``int``); :data:`_SKIP` when nothing fits."""
+    if value is None:
+        return _SKIP
+    if dim.kind == "choice":
+        if value in choices:
+            return value
+        numeric = [c for c in choices if _number(c)]
+        if _number(value) and numeric:
+            return min(numeric, key=lambda c: _distance(float(c), float(value)))
+        return _SKIP
+    if not _number(value):
+        return _SKIP
+    lo, hi = dim.values
+    clamped = min(max(float(value), lo), hi)
+    return int(round(clamped)) if dim.kind == "int" else clamped
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _distance(a: float, b: float) -> float:
+    """Log distance for positive numbers (lr 2e-3 is nearer 1e-3 than 1e-2), else absolute."""
+    return abs(math.log(a) - math.log(b)) if a > 0 and b > 0 else abs(a - b)
+
+
+def planned_value(space: SearchSpace, dim: Dimension) -> Any:
+    """The value ``dim`` has in the planned base (a loss term the base mix lacks has weight 0)."""
+    if dim.path.startswith("loss.terms.") and isinstance(space.base_value("loss.terms"), dict):
+        return space.base_value("loss.terms").get(dim.path.split(".", 2)[2], 0.0)
+    return space.current(dim.key, {})
+
+
+def trial0_point(space: SearchSpace) -> dict[str, Any]:
+    """The planned configuration as a seed: searched, applicable dimensions only, values snapped."""
+    point: dict[str, Any] = {}
+    for dim in space.dims:
+        if dim.fixed:
+            continue
+        act = space.active(dim, point)
+        searched_arch = space.dim("architecture") is not None and not space.dim("architecture").fixed
+        if act is None or (dim.key == "encoder" and searched_arch and "architecture" not in point):
+            continue  # encoders depend on the architecture: no planned encoder without a planned one
+        value = snap(dim, act.choices, planned_value(space, dim))
+        if value is not _SKIP:
+            point[dim.key] = value
+    return point
+
+
+def _planning_base(spec: SearchSpec) -> dict[str, Any]:
+    """The model the plan times: base's, with the first listed architecture/encoder and its kwargs."""
+    model = dict(spec.base.get("model", {}))
+    for key, path in (("architecture", "arch"), ("encoder", "encoder"), ("arch_kwargs", "arch_kwargs")):
+        raw = spec.space.get(key, spec.space.get(f"model.{path}"))
+        if raw is not None:
+            model[path] = raw["choice"][0] if isinstance(raw, dict) and "choice" in raw else raw
+    kwargs = model.get("arch_kwargs")
+    if is_per_arch(kwargs):
+        model["arch_kwargs"] = kwargs.get(model.get("arch", "Unet"), {})
+    return {"model": model}
+
+
+def plan_search(spec: SearchSpec, space: SearchSpace) -> tuple[SearchSpec, SearchSpace, Any]:
+    """The spec with the plan under ``base`` and trial 0 first in ``seed_configs``; its space; the plan.
+
+    With ``plan.enabled: false`` everything is returned unchanged (and the plan is None).
+    """
+    from segcore.config import flatten
+    from segcore.plan import merge_under, plan_training
+
+    if not spec.plan.enabled:
+        return spec, space, None
+    plan = plan_training(spec.data.train, spec.plan.budget_min, base=_planning_base(spec))
+    planned = {k: v for k, v in plan.overrides.items() if k != "model"}
+    explicit = sorted(set(flatten(spec.base)) & set(flatten(planned)))
+    spec = spec.model_copy(update={"base": merge_under(spec.base, planned)})
+    space = SearchSpace.from_spec(spec, spec.name)
+    for line in plan.lines():
+        log.info("plan: %s", line)
+    log.info("plan is the search's base%s", f" (explicit base keys win in: {', '.join(explicit)})" if explicit else "")
+    if spec.engine == "grid":
+        log.info("grid search: the plan is the base, but a grid has no trial 0")
+        return spec, space, plan
+    point = trial0_point(space)
+    log.info("trial 0 = the plan: %s", point or "(no searched dimension takes a planned value)")
+    spec = spec.model_copy(update={"seed_configs": [point, *spec.seed_configs]})
+    return spec, SearchSpace.from_spec(spec, spec.name), plan
+
+
+def log_plan(target: Any, plan: Any) -> None:
+    """The plan YAML (with its reasons) as ``plan.yaml`` on the search's parent MLflow run."""
+    if plan is None:
+        return
+    from segcore.plan import plan_yaml
+
+    target.client().log_text(target.parent_run_id, plan_yaml(plan), "plan.yaml")

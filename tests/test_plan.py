@@ -1,0 +1,156 @@
+"""``gigaseg plan``: the plan adapts to the data, round-trips through ``gigaseg train``, is what
+``gigaseg train`` uses without ``--config``, and is a search's trial 0 (real files, real training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from tiny_search import tiny_search as tiny
+
+from search import parse_search_spec, run_search
+from search.mlflow_runs import TRIAL_TAG
+from search.planned import trial0_point
+from search.space import SearchSpace
+from segcore.cli import main as gigaseg
+from segcore.config import load_yaml_config
+from segcore.data.spec import DatasetSpec
+from segcore.modeldir import read_card
+from segcore.plan import decide_loss, decide_patch, fingerprint, memory_budget
+from segcore.simulate import generate_shapes
+from segcore.simulate.common import prepare_dataset_dir, rng_for, write_spec
+
+SIZE = 160
+
+
+def _thin_lines(rng: np.random.Generator) -> np.ndarray:
+    """Short lines 2-3 px wide (cracks, tracks): class 1 on background."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    for _ in range(int(rng.integers(10, 16))):
+        p0 = rng.uniform(10, SIZE - 10, 2)
+        d = rng.uniform(12, 26) * np.array([np.sin(a := rng.uniform(0, 2 * np.pi)), np.cos(a)])
+        t = np.clip(((yy - p0[0]) * d[0] + (xx - p0[1]) * d[1]) / float(d @ d), 0, 1)
+        mask[(yy - p0[0] - t * d[0]) ** 2 + (xx - p0[1] - t * d[1]) ** 2 <= (rng.uniform(2, 3) / 2) ** 2] = 1
+    return mask
+
+
+def _blobs(rng: np.random.Generator) -> np.ndarray:
+    """Two to four large ellipses (grains): class 1 on background."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    for _ in range(int(rng.integers(2, 5))):
+        cy, cx = rng.uniform(0.2, 0.8, 2) * SIZE
+        a, b = rng.uniform(18, 30, 2)
+        mask[((yy - cy) / a) ** 2 + ((xx - cx) / b) ** 2 <= 1] = 1
+    return mask
+
+
+def write_dataset(out: Path, render, n: int = 4, seed: int = 0) -> Path:
+    """8-bit images (objects bright on noise) and class-id masks from ``render(rng) -> mask``."""
+    images, masks = prepare_dataset_dir(out)
+    for i in range(n):
+        rng = rng_for(seed, i)
+        mask = render(rng)
+        image = np.clip(80 + 120 * mask + rng.normal(0, 12, mask.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(images / f"im_{i}.png")
+        Image.fromarray(mask).save(masks / f"im_{i}.png")
+    write_spec(out, DatasetSpec(class_names=["background", "object"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_shapes(tmp_path_factory.mktemp("plan") / "shapes", n=4, size=96, seed=1)
+
+
+def test_plan_adapts_to_data(tmp_path: Path) -> None:
+    """Thin lines get a smaller patch and a recall-weighted loss; large blobs Dice + CE and a bigger patch."""
+    thin = fingerprint(write_dataset(tmp_path / "thin", _thin_lines))
+    blobs = fingerprint(write_dataset(tmp_path / "blobs", _blobs))
+    assert thin.classes[1].thickness_px <= 4 and blobs.classes[1].thickness_px > 15
+    assert thin.classes[1].extent_px < blobs.classes[1].extent_px
+    memory = memory_budget("cpu")
+    thin_patch, _ = decide_patch(thin, 32, memory)
+    blob_patch, why = decide_patch(blobs, 32, memory)
+    assert thin_patch % 32 == 0 and blob_patch % 32 == 0
+    assert thin_patch < blob_patch <= SIZE, why
+    assert thin_patch >= 4 * thin.classes[1].extent_px
+    thin_loss, _ = decide_loss(thin)
+    blob_loss, _ = decide_loss(blobs)
+    assert set(thin_loss["terms"]) == {"tversky", "focal"} and thin_loss["tversky_beta"] > thin_loss["tversky_alpha"]
+    assert set(blob_loss["terms"]) == {"dice", "ce"}
+
+
+def test_fingerprint_reads_a_bounded_sample(shapes: Path) -> None:
+    """At most max_pixels are read; shapes' lines are thin, its ellipses are not."""
+    fp = fingerprint(shapes, max_pixels=4 * 48 * 48)
+    assert fp.pixels_read <= 4 * 48 * 48 and fp.n_images == 4 and fp.median_size == (96, 96)
+    full = fingerprint(shapes)
+    line, ellipse = full.classes[1], full.classes[2]
+    assert line.thickness_px <= 6 < ellipse.thickness_px
+    assert full.dtype == "uint8" and full.channels == 1
+
+
+def test_plan_yaml_roundtrips_through_train(shapes: Path, tmp_path: Path, capsys) -> None:
+    """`gigaseg plan` prints one reason per decision and writes a YAML `gigaseg train --config` takes."""
+    out = tmp_path / "plan.yaml"
+    assert gigaseg(["plan", str(shapes), "--out", str(out), "--budget-min", "0.2"]) == 0
+    printed = capsys.readouterr().out
+    for key in ("data.patch_size", "data.batch_size", "loss", "normalize", "optim", "epochs"):
+        assert f"  {key}" in printed
+    planned = load_yaml_config(out)
+    assert planned.optim.schedule == "one_cycle" and "tversky" in planned.loss.terms  # shapes' lines are thin
+    model = tmp_path / "model"
+    assert gigaseg(["train", "--data", str(shapes), "--config", str(out), "--out", str(model), "--no-mlflow",
+                    "--epochs", "1", "--patches-per-epoch", "8"]) == 0
+    trained = read_card(model).train
+    assert trained.loss == planned.loss and trained.data.patch_size == planned.data.patch_size
+    assert trained.normalize == planned.normalize
+
+
+def test_train_without_config_uses_the_plan(shapes: Path, tmp_path: Path) -> None:
+    """No --config: the plan is computed, trained with (flags still win) and saved beside the model."""
+    model = tmp_path / "model"
+    assert gigaseg(["train", "--data", str(shapes), "--out", str(model), "--no-mlflow", "--budget-min", "0.1",
+                    "--epochs", "1"]) == 0
+    plan = load_yaml_config(model / "plan.yaml")
+    trained = read_card(model).train
+    assert trained.epochs == 1  # the flag
+    assert trained.loss == plan.loss and trained.data == plan.data and trained.optim == plan.optim
+    assert "data.patch_size" in (model / "plan.yaml").read_text()  # the reasons, as comments
+
+
+def test_trial0_snaps_the_plan_into_the_space(shapes: Path, tmp_path: Path) -> None:
+    """Values outside the space are snapped (nearest choice, clamped range); explicit base keys win."""
+    raw = tiny("snap", shapes, tmp_path, space={
+        "architecture": {"choice": ["Unet", "Linknet"]}, "encoder": {"choice": ["resnet18"]},
+        "lr": {"loguniform": [3e-3, 1e-2]}, "batch_size": {"choice": [2, 6]}, "focal_weight": {"uniform": [0, 0.5]},
+        "ce_weight": {"uniform": [0.1, 1.0]}, "epochs": 1,
+    }, base={"data": {"batch_size": 5, "val_tile": 64}, "optim": {"lr": 2e-3}, "loss": {"terms": {"focal": 1.0}}})
+    space = SearchSpace.from_spec(parse_search_spec(raw), "snap")
+    point = trial0_point(space)
+    assert point == {"architecture": "Unet", "encoder": "resnet18", "lr": 3e-3, "batch_size": 6,
+                     "focal_weight": 0.5, "ce_weight": 0.1}
+
+
+@pytest.mark.ray
+def test_search_trial0_is_the_plan(ray_local, mlflow_sqlite, shapes: Path, tmp_path: Path) -> None:
+    """The first trial's drawn params are the plan's values; the plan is the parent run's plan.yaml."""
+    raw = tiny("planned", shapes, tmp_path, num_samples=1, plan={"enabled": True, "budget_min": 0.2})
+    outcome = run_search(parse_search_spec(raw))
+    client = mlflow.MlflowClient(mlflow_sqlite)
+    plan_text = client.download_artifacts(outcome.parent_run_id, "plan.yaml")
+    plan = yaml.safe_load(Path(plan_text).read_text())
+    exp = client.get_experiment_by_name("planned")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    first = min(runs, key=lambda r: r.data.tags[TRIAL_TAG])  # Tune numbers trials in order: _00000 first
+    params = first.data.params
+    assert params["architecture"] == "Unet" and params["encoder"] == "resnet18"
+    assert float(params["lr"]) == pytest.approx(plan["optim"]["lr"])
+    assert float(params["focal_weight"]) == pytest.approx(plan["loss"]["terms"].get("focal", 0.0))
+    assert set(plan["loss"]["terms"]) <= {k.split(".")[-1] for k in params if k.startswith("loss.terms.")}
