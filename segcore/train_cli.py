@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from segcore.config import TrainConfig, flatten, load_yaml_config, parse_config, set_dotted
+from segcore.config import TrainConfig, flatten, load_yaml_config, parse_config, read_yaml_mapping, set_dotted
 from segcore.errors import ConfigError
 from segcore.tracking import log_flat_params, mlflow_ui_command, setup_mlflow
 
@@ -37,10 +37,12 @@ FLAG_KEYS = {
 
 def config_from_args(args: argparse.Namespace, planned: TrainConfig | None = None) -> TrainConfig:
     """YAML file (else the ``planned`` config, if any), then flags, then ``--set key=value``
-    overrides; validated once."""
-    data: dict[str, Any] = planned.model_dump() if planned is not None else {}
+    overrides; validated once. Only keys written there count as set (``model_fields_set``), so
+    e.g. dataset.yaml's ``normalize`` still applies when the YAML does not mention one."""
+    data: dict[str, Any] = planned.model_dump(exclude_unset=True) if planned is not None else {}
     if args.config:
-        data = load_yaml_config(args.config).model_dump()
+        load_yaml_config(args.config)  # validate the file alone first: errors name it, not "gigaseg train"
+        data = read_yaml_mapping(args.config)
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag, None)
         if value is not None:

@@ -186,3 +186,20 @@ def test_card_whose_classes_changed_is_one_line(tmp_path: Path) -> None:
     (model / CONFIG_FILE).write_text(json.dumps(card))
     with pytest.raises(ModelError, match="does not match config.json"):
         load_model(model)
+
+
+def test_train_yaml_without_normalize_keeps_dataset_yaml(tmp_path: Path) -> None:
+    """``gigaseg train --config`` marks only the keys its YAML writes as set, so a YAML silent on
+    ``normalize`` leaves dataset.yaml's in force (and one that writes it wins)."""
+    import argparse
+
+    from segcore.train_cli import FLAG_KEYS, config_from_args
+
+    data = _shapes_dataset(tmp_path / "d", {"mode": "zscore"})
+    for written, expected in ((None, "zscore"), ({"mode": "percentile"}, "percentile")):
+        body = {"model": {"arch": "Unet", "arch_kwargs": SMALL_UNET}, "data": {"patch_size": 64}, "device": "cpu"}
+        if written:
+            body["normalize"] = written
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(body))
+        args = argparse.Namespace(config=str(tmp_path / "c.yaml"), loss=None, set=None, **dict.fromkeys(FLAG_KEYS))
+        assert build_run(config_from_args(args), data).card.train.normalize.mode == expected
