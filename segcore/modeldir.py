@@ -29,6 +29,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "gigaseg-model/1"
 INPUT_RANGE_KEY = "input_range"  # ModelCard.extra: (0.5, 99.5) percentiles of the normalised training input
+TEMPERATURE_KEY = "temperature"  # ModelCard.extra: logits are divided by it (fitted on validation, segcore.calibration)
+TTA_KEY = "tta"  # ModelCard.extra: True when flip TTA gained on validation; segment's default
 
 
 @dataclass
@@ -97,6 +99,12 @@ class LoadedModel:
         """A 1-channel head: labels are ``p >= card.train.binary_threshold``, not an argmax."""
         return self.card.train.model.classes == 1
 
+    @property
+    def temperature(self) -> float:
+        """Calibration temperature from the card (1.0: none; never applied to a 1-channel head)."""
+        value = self.card.extra.get(TEMPERATURE_KEY)
+        return float(value) if isinstance(value, int | float) and value > 0 else 1.0
+
     def labels_from_proba(self, proba: np.ndarray) -> np.ndarray:
         """(K, H, W) probabilities -> int64 class ids, with the saved threshold for a binary head."""
         if self.binary:
@@ -119,7 +127,8 @@ class LoadedModel:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = self.model(x)
-        return logits_to_proba(logits.float())
+        temperature = 1.0 if self.binary else self.temperature  # argmax labels are unchanged by it
+        return logits_to_proba(logits.float() / temperature if temperature != 1.0 else logits.float())
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, h, w) normalised float32 -> (N, K, h, w) class probabilities (K >= 2), on the host."""
@@ -145,7 +154,12 @@ def save_model_dir(path: str | Path, model: torch.nn.Module, card: ModelCard) ->
 
 
 def read_card(path: str | Path) -> ModelCard:
+    """The card of a model directory (an ensemble directory's merged card, see segcore.ensemble)."""
+    from segcore.ensemble import is_ensemble_dir, read_ensemble_card
+
     path = Path(path)
+    if is_ensemble_dir(path):
+        return read_ensemble_card(path)
     cfg = path / CONFIG_FILE
     if not cfg.is_file():
         raise ModelError(
@@ -183,10 +197,14 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_model_dir(path: str | Path, device: str = "auto") -> LoadedModel:
-    """Rebuild the model from ``config.json`` and load its safetensors weights (no pickle)."""
+    """Rebuild the model from ``config.json`` and load its safetensors weights (no pickle); an
+    ensemble directory loads as a :class:`segcore.ensemble.EnsembleModel`."""
+    from segcore.ensemble import is_ensemble_dir, load_ensemble_dir
     from segcore.models import build_model
 
     path = Path(path)
+    if is_ensemble_dir(path):
+        return load_ensemble_dir(path, device)
     card = read_card(path)
     model_cfg = card.train.model.model_copy(update={"encoder_weights": None})  # weights come from the file
     model = build_model(model_cfg)

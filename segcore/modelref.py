@@ -78,12 +78,18 @@ def pin(ref: str | Path, tracking_uri: str | None = None) -> str:
 def digest(ref: str | Path) -> str:
     """Identity of a pinned reference: for a directory its config text + weights size and
     first/last MiB; for an MLflow URI the URI itself (registered versions are immutable)."""
+    from segcore.ensemble import is_ensemble_dir, read_ensemble_config
+
     path = Path(ref)
     h = hashlib.sha256()
     if not path.is_dir():
         h.update(str(ref).encode())
         return h.hexdigest()[:16]
     h.update((path / CONFIG_FILE).read_bytes())
+    if is_ensemble_dir(path):  # an ensemble: its config plus every member's identity
+        for member, _ in read_ensemble_config(path)["members"]:
+            h.update(digest(member).encode())
+        return h.hexdigest()[:16]
     weights = path / WEIGHTS_FILE
     size = weights.stat().st_size
     h.update(str(size).encode())
