@@ -24,7 +24,7 @@ from pipelines.finalize import finalize_file
 from pipelines.layout import STATE_DIR, Layout, Manifest, assign_stems, expand_inputs, input_identity
 from pipelines.lock import OutputLock
 from pipelines.options import ModelInfo, SegmentOptions, load_for_run, resolve_tiling
-from pipelines.plan import OWNER_FIX, PLAN_FILE, ImagePlan, done_units, owner_problem, plan_batch
+from pipelines.plan import OWNER_FIX, PLAN_FILE, ImagePlan, done_units, owner_problem, plan_batch, plan_file
 from pipelines.progress import FileState, Tracker
 from pipelines.worker import TileSegmenter, peak_rss_mb
 from segcore import modelref
@@ -41,6 +41,8 @@ PROGRESS_S = 10.0  # seconds between progress lines in the driver
 # (its imports dominate; the normalisation sample adds ~25 MiB). A segmenter actor: 582 MiB after
 # imports, +290 MiB with a resnet34 U-Net loaded, then ~450 bytes per input pixel of a CPU forward
 # pass (8 windows of 768 px: peak 2.97 GiB); on a GPU the activations live in GPU memory.
+DRIVER_PLAN_FILES = 16  # archives this small are planned on the driver (no planning tasks, no task workers)
+MAX_UNIT_BLOCKS = 4096  # blocks of driver-planned unit rows (one unit per block up to this many)
 PLAN_MEMORY = 512 << 20  # bytes reserved per planning task
 ACTOR_BASE_MEMORY = 900 << 20  # imports + model
 ACTOR_BYTES_PER_PX = {"cpu": 450, "gpu": 64}  # per input pixel of one model call (batch x window)
@@ -168,14 +170,21 @@ def build_dataset(items: list[dict[str, str]], opts: SegmentOptions, info: Model
     # keeps a copy of the context made here. (A repartition would do the same in a separate task
     # asking for a whole CPU, which may not fit next to the actors: the hang guarded against.)
     ctx.target_max_block_size = 1
+    plan_kwargs = {"opts": opts.model_dump(mode="json"), "info": info.model_dump(mode="json"),
+                   "out": str(out), "signature": signature, "run_id": run_id}
     try:
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 512)))
-        # Planning reserves memory for its sample; the different resource request also keeps Ray
-        # Data from fusing it into the actors, so its one-unit blocks spread over the actor pool.
-        ds = ds.map_batches(plan_batch, batch_size=1, batch_format="numpy", num_cpus=TASK_CPUS,
-                            memory=PLAN_MEMORY,
-                            fn_kwargs={"opts": opts.model_dump(mode="json"), "info": info.model_dump(mode="json"),
-                                       "out": str(out), "signature": signature, "run_id": run_id})
+        if len(items) <= DRIVER_PLAN_FILES:  # a header read takes milliseconds: no task round trip
+            t0 = time.perf_counter()
+            rows = [r for item in items for r in plan_file(item, **plan_kwargs)]
+            log.info("planned %d input(s) on the driver in %.2f s: %d work units", len(items),
+                     time.perf_counter() - t0, len(rows))
+            ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), MAX_UNIT_BLOCKS)))
+        else:
+            ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 512)))
+            # Planning reserves memory for its sample; the different resource request also keeps Ray
+            # Data from fusing it into the actors, so its one-unit blocks spread over the actor pool.
+            ds = ds.map_batches(plan_batch, batch_size=1, batch_format="numpy", num_cpus=TASK_CPUS,
+                                memory=PLAN_MEMORY, fn_kwargs=plan_kwargs)
         compute = ActorPoolStrategy(size=pool["size"], max_concurrent_calls_per_actor=2 if run.overlap else 1,
                                     enable_true_multi_threading=run.overlap)
         return ds.map_batches(
