@@ -26,7 +26,7 @@ from segcore.tiling import flip_tta, pad_to_multiple, predict_tiled
 log = logging.getLogger(__name__)
 
 IGNORE = 255
-LOG_T_RANGE = (math.log(0.05), math.log(20.0))
+LOG_T_RANGE = (math.log(0.01), math.log(1000.0))
 
 
 @dataclass
@@ -42,29 +42,38 @@ class CalibrationResult:
 
 
 def tiled_proba(loaded: LoadedModel, image: np.ndarray, tile: int, halo: int, batch_size: int = 8,
-                tta: bool = False) -> np.ndarray:
-    """(K, H, W) probabilities of a normalised (C, H, W) image, tiled as ``segment`` tiles it
-    (padded to the model's size multiple outside the flips, as ``pipelines.predictor`` does)."""
-    predict = loaded.predict_proba
+                tta: bool = False, log: bool = False) -> np.ndarray:
+    """(K, H, W) probabilities (``log``: log-probabilities, exact where probabilities round to 0 or 1)
+    of a normalised (C, H, W) image, tiled as ``segment`` tiles it (padded to the model's size
+    multiple outside the flips, as ``pipelines.predictor`` does)."""
+    if log and tta:
+        raise ValueError("tiled_proba: log-probabilities of a flip-averaged prediction are not supported")
+    predict = (lambda b: loaded.predict_log_tensor(b).cpu().numpy()) if log else loaded.predict_proba
     if tta:
         predict = flip_tta(predict)
     predict = pad_to_multiple(predict, loaded.size_multiple)
     return predict_tiled(image, predict, tile=tile, halo=halo, batch_size=batch_size)
 
 
-def _flat(proba: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, ...) probabilities and (...) labels -> (P, K) log-probabilities and (P,) labels, ignored px dropped."""
-    k = proba.shape[0]
-    p = torch.from_numpy(np.ascontiguousarray(proba.reshape(k, -1).T, dtype=np.float32))
+def _flat(logp: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, ...) log-probabilities and (...) labels -> (P, K) and (P,), ignored px dropped."""
+    k = logp.shape[0]
+    p = torch.from_numpy(np.ascontiguousarray(logp.reshape(k, -1).T, dtype=np.float32))
     y = torch.from_numpy(np.asarray(labels).reshape(-1).astype(np.int64))
     keep = y != IGNORE
-    return p[keep].clamp_min(1e-12).log(), y[keep]
+    return p[keep], y[keep]
 
 
-def expected_calibration_error(proba: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """ECE: the pixel-weighted mean |accuracy - confidence| over ``n_bins`` equal confidence bins."""
-    logp, y = _flat(proba, labels)
-    return _ece(logp, y, n_bins)
+def log_of(proba: np.ndarray) -> np.ndarray:
+    """Log-probabilities from probabilities (clamped at 1e-30), for inputs only known as probabilities."""
+    return np.log(np.maximum(proba, 1e-30, dtype=np.float32))
+
+
+def expected_calibration_error(logp: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE of (K, ...) log-probabilities: the pixel-weighted mean |accuracy - confidence| over
+    ``n_bins`` equal confidence bins."""
+    t, y = _flat(logp, labels)
+    return _ece(t, y, n_bins)
 
 
 def _ece(logp: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> float:
@@ -82,12 +91,12 @@ def _nll(logp: torch.Tensor, y: torch.Tensor, temperature: float) -> float:
     return float(torch.nn.functional.cross_entropy(logp / temperature, y).item())
 
 
-def fit_temperature(proba: np.ndarray, labels: np.ndarray, max_pixels: int = 2_000_000,
+def fit_temperature(logp_in: np.ndarray, labels: np.ndarray, max_pixels: int = 2_000_000,
                     seed: int = 0) -> CalibrationResult:
-    """The T minimising NLL of ``softmax(log p / T)`` on (K, ...) ``proba`` against ``labels``: a
-    coarse grid over log T in [log 0.05, log 20], then golden-section refinement. At most
+    """The T minimising NLL of ``softmax(log p / T)`` on (K, ...) log-probabilities against ``labels``: a
+    coarse grid over log T in [log 0.01, log 1000], then golden-section refinement. At most
     ``max_pixels`` labelled pixels are used (a fixed random subset)."""
-    logp, y = _flat(proba, labels)
+    logp, y = _flat(logp_in, labels)
     if y.numel() > max_pixels:
         idx = torch.from_numpy(np.random.default_rng(seed).choice(y.numel(), max_pixels, replace=False))
         logp, y = logp[idx], y[idx]
@@ -97,7 +106,7 @@ def fit_temperature(proba: np.ndarray, labels: np.ndarray, max_pixels: int = 2_0
     def loss(log_t: float) -> float:
         return _nll(logp, y, math.exp(log_t))
 
-    grid = np.linspace(*LOG_T_RANGE, 25)
+    grid = np.linspace(*LOG_T_RANGE, 41)
     values = [loss(t) for t in grid]
     i = int(np.argmin(values))
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
@@ -127,10 +136,11 @@ def _golden(f, lo: float, hi: float, iters: int = 30) -> float:  # noqa: ANN001 
     return (a + b) / 2
 
 
-def calibrate_probas(probas: Sequence[np.ndarray], labels: Sequence[np.ndarray], **kwargs) -> CalibrationResult:
-    """:func:`fit_temperature` over several images' (K, H, W) probabilities and (H, W) labels."""
-    k = probas[0].shape[0]
-    flat = np.concatenate([p.reshape(k, -1) for p in probas], axis=1)
+def calibrate_log_probas(log_probas: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                         **kwargs) -> CalibrationResult:
+    """:func:`fit_temperature` over several images' (K, H, W) log-probabilities and (H, W) labels."""
+    k = log_probas[0].shape[0]
+    flat = np.concatenate([p.reshape(k, -1) for p in log_probas], axis=1)
     return fit_temperature(flat, np.concatenate([np.asarray(m).reshape(-1) for m in labels]), **kwargs)
 
 
@@ -142,15 +152,15 @@ def set_card_extra(model_dir: str | Path, key: str, value: object) -> None:
     cfg.write_text(json.dumps(data, indent=2))
 
 
-def calibrate_model(loaded: LoadedModel, model_dir: str | Path, probas: Sequence[np.ndarray],
+def calibrate_model(loaded: LoadedModel, model_dir: str | Path, log_probas: Sequence[np.ndarray],
                     labels: Sequence[np.ndarray]) -> CalibrationResult | None:
-    """Fit T on ``probas`` (the model's current validation probabilities) and store the composed
+    """Fit T on ``log_probas`` (the model's current validation log-probabilities) and store the composed
     temperature (card's T x fitted T) in ``model_dir``; None (and nothing stored) for a binary head."""
     if loaded.binary:
         log.info("calibration skipped: %s has a 1-channel head (its labels come from a probability threshold, "
                  "which a temperature would move)", loaded.source or model_dir)
         return None
-    result = calibrate_probas(probas, labels)
+    result = calibrate_log_probas(log_probas, labels)
     composed = loaded.temperature * result.temperature
     set_card_extra(model_dir, TEMPERATURE_KEY, composed)
     log.info("calibration: temperature %.3f (card %.3f); ECE %.4f -> %.4f, NLL %.4f -> %.4f on validation",

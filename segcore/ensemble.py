@@ -160,11 +160,22 @@ class EnsembleModel(LoadedModel):
     def predict_tensor(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Weighted mean of the members' probabilities; then the ensemble's temperature, applied to
         the log-probabilities (``softmax(log p / T)``; the same as dividing one model's logits)."""
+        return apply_temperature(self._mean_proba(batch), self.temperature, self.binary)
+
+    @torch.inference_mode()
+    def predict_log_tensor(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The log of :meth:`predict_tensor`."""
+        logp = self._mean_proba(batch).clamp_min(1e-30).log()
+        if self.temperature == 1.0 or self.binary:
+            return logp
+        return torch.log_softmax(logp / self.temperature, dim=1)
+
+    def _mean_proba(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         total = None
         for member, w in zip(self.members, self.weights, strict=True):
             p = member.predict_tensor(batch) * w
             total = p if total is None else total + p
-        return apply_temperature(total, self.temperature, self.binary)
+        return total
 
 
 def apply_temperature(proba: torch.Tensor, temperature: float, binary: bool = False) -> torch.Tensor:

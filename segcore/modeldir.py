@@ -115,6 +115,20 @@ class LoadedModel:
     def predict_tensor(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) normalised float32 -> (N, K, h, w) class probabilities (K >= 2) as a float32
         tensor on the model's device. On a GPU: bf16 autocast, channels-last, pinned host copies."""
+        return logits_to_proba(self.calibrated_logits(batch))
+
+    @torch.inference_mode()
+    def predict_log_tensor(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The log of :meth:`predict_tensor`, from the logits (exact where probabilities round to 0 or 1;
+        what calibration fits on)."""
+        logits = self.calibrated_logits(batch)
+        if logits.shape[1] == 1:
+            return torch.cat([torch.nn.functional.logsigmoid(-logits), torch.nn.functional.logsigmoid(logits)], 1)
+        return torch.log_softmax(logits, dim=1)
+
+    @torch.inference_mode()
+    def calibrated_logits(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """float32 logits divided by the card's temperature (not for a 1-channel head)."""
         if isinstance(batch, np.ndarray):
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
             if self.device.type == "cuda":
@@ -126,9 +140,9 @@ class LoadedModel:
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = self.model(x)
+            logits = self.model(x).float()
         temperature = 1.0 if self.binary else self.temperature  # argmax labels are unchanged by it
-        return logits_to_proba(logits.float() / temperature if temperature != 1.0 else logits.float())
+        return logits / temperature if temperature != 1.0 else logits
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, h, w) normalised float32 -> (N, K, h, w) class probabilities (K >= 2), on the host."""
