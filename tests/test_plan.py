@@ -117,11 +117,12 @@ def test_train_without_config_uses_the_plan(shapes: Path, tmp_path: Path) -> Non
     """No --config: the plan is computed, trained with (flags still win) and saved beside the model."""
     model = tmp_path / "model"
     assert gigaseg(["train", "--data", str(shapes), "--out", str(model), "--no-mlflow", "--budget-min", "0.1",
-                    "--epochs", "1"]) == 0
+                    "--epochs", "1", "--patches-per-epoch", "8"]) == 0
     plan = load_yaml_config(model / "plan.yaml")
     trained = read_card(model).train
-    assert trained.epochs == 1  # the flag
-    assert trained.loss == plan.loss and trained.data == plan.data and trained.optim == plan.optim
+    assert trained.epochs == 1 and trained.data.patches_per_epoch == 8  # the flags
+    assert trained.loss == plan.loss and trained.optim == plan.optim
+    assert trained.data.patch_size == plan.data.patch_size and trained.data.batch_size == plan.data.batch_size
     assert "data.patch_size" in (model / "plan.yaml").read_text()  # the reasons, as comments
 
 
