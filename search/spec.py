@@ -22,6 +22,7 @@ class DataSection(Strict):
 
     train: Path
     val: Path | None = None
+    test: Path | None = Field(None, description="held-out data the champion alias is gated on; default: validation")
 
 
 class AshaSection(Strict):
@@ -84,6 +85,22 @@ class PlanSection(Strict):
     budget_min: float = Field(5.0, gt=0, description="training minutes the plan fits its step count to")
 
 
+class ChampionSection(Strict):
+    """What happens to the completed trials after the search (search/champion.py)."""
+
+    ensemble_size: int = Field(5, ge=1, description="greedy ensemble selection picks (with replacement); 1: none")
+    calibrate: bool = True
+    tta: Literal["auto", "off"] = "auto"
+    gate: bool = Field(True, description="move the alias only if the new model beats the current one")
+    val_pixels: int = Field(2_000_000, ge=1024, description="validation px scored per candidate")
+
+
+class RefitSection(Strict):
+    """Retrain the best configuration for longer with this share of the budget."""
+
+    budget_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="0: no refit")
+
+
 class SearchSpec(Strict):
     """A whole search, as written in ``search.yaml``."""
 
@@ -107,6 +124,8 @@ class SearchSpec(Strict):
     storage_path: Path | None = Field(None, description="Tune results; default GIGASEG_HOME/searches")
     failure: FailureSection = Field(default_factory=FailureSection)
     plan: PlanSection = Field(default_factory=PlanSection)
+    champion: ChampionSection = Field(default_factory=ChampionSection)
+    refit: RefitSection = Field(default_factory=RefitSection)
     testing: TestingSection | None = None
 
     @property
@@ -120,12 +139,13 @@ def _resolve_paths(spec: SearchSpec, root: Path) -> SearchSpec:
     def absolute(p: Path | None) -> Path | None:
         return None if p is None else (p if p.is_absolute() else (root / p)).resolve()
 
-    data = spec.data.model_copy(update={"train": absolute(spec.data.train), "val": absolute(spec.data.val)})
+    data = spec.data.model_copy(update={"train": absolute(spec.data.train), "val": absolute(spec.data.val),
+                                        "test": absolute(spec.data.test)})
     return spec.model_copy(update={"data": data, "storage_path": absolute(spec.storage_path)})
 
 
 def _check_data(spec: SearchSpec, source: str) -> None:
-    for key, path in (("data.train", spec.data.train), ("data.val", spec.data.val)):
+    for key, path in (("data.train", spec.data.train), ("data.val", spec.data.val), ("data.test", spec.data.test)):
         if path is not None and not path.is_dir():
             raise ConfigError(f"{source}: {key}: {path} is not a folder; point it at a dataset folder "
                               "(e.g. made by `gigaseg simulate shapes --out DIR`).")

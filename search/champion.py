@@ -1,0 +1,188 @@
+"""From completed trials to a registered champion: ensemble, calibration, TTA, a gated alias.
+
+After the search (driver side, :func:`search.summary.summarize`):
+
+1. every completed trial's logged model is downloaded and predicted, tiled as ``segment`` tiles,
+   on the validation split the trials used (``data.val``, else ``segcore.train.split_samples`` of
+   ``data.train`` with the best model's ``val_fraction`` and seed), bounded to
+   ``champion.val_pixels``;
+2. greedy ensemble selection (:func:`segcore.ensemble.greedy_select`) over those probabilities;
+   the ensemble becomes the candidate only if it beats the best single model;
+3. one temperature is fitted on validation (``segcore.calibration``) and stored on the card;
+4. flip TTA is scored on validation and set on the card (``extra["tta"]``) when it gains;
+5. :func:`gate_and_register`: the candidate is logged on the parent run and registered; the alias
+   moves only if it beats the model the alias points at on the same held-out data (``data.test``,
+   else validation); otherwise it gets the alias ``challenger``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow.entities import Metric, RunTag
+
+from search.mlflow_runs import MlflowTarget
+from segcore.calibration import tiled_proba
+from segcore.data import Sample, load_samples, load_spec
+from segcore.ensemble import member_halo
+from segcore.metrics import ConfusionMatrix
+from segcore.modeldir import TTA_KEY, LoadedModel, read_card
+from segcore.modelref import load_model
+from segcore.tiling import round_up
+
+log = logging.getLogger(__name__)
+
+CHALLENGER = "challenger"
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Labelled images to score on: a dataset folder, optionally only some image names, bounded in px."""
+
+    data_dir: Path
+    names: tuple[str, ...] | None = None
+    max_pixels: int = 2_000_000
+    what: str = "validation"
+
+
+@dataclass
+class GateResult:
+    """What :func:`gate_and_register` did: the version registered, its alias and both scores."""
+
+    uri: str
+    version: str
+    alias: str
+    promoted: bool
+    new_score: float
+    old_score: float | None = None
+
+
+@dataclass
+class Candidate:
+    """One completed trial's model on this machine, with its validation probabilities."""
+
+    trial_id: str
+    model_dir: Path
+    proba: np.ndarray | None = None  # (K, P) float16 over the bounded validation pixels
+    seconds: float = 0.0  # forward time over those pixels
+    score: float = float("nan")
+
+
+@dataclass
+class ChampionReport:
+    """What was chosen and why; logged on the parent run."""
+
+    model_dir: Path
+    members: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    best_single: float = float("nan")
+    score: float = float("nan")
+    throughput_cost: float = 1.0
+    calibration: dict[str, float] = field(default_factory=dict)
+    tta_gain: float | None = None
+
+
+def validation_heldout(card_dir: Path, train_dir: Path, val_dir: Path | None, max_pixels: int) -> HeldOut:
+    """The validation split trials used: ``val_dir``, else the images ``split_samples`` held out."""
+    if val_dir is not None:
+        return HeldOut(Path(val_dir), None, max_pixels)
+    from segcore.train import split_samples
+
+    card = read_card(card_dir)
+    samples = load_samples(train_dir, load_spec(train_dir).model_copy(update={"normalize": card.train.normalize}))
+    _, val = split_samples(samples, card.train.data.val_fraction, card.train.seed)
+    return HeldOut(Path(train_dir), tuple(s.name for s in val), max_pixels)
+
+
+def heldout_samples(heldout: HeldOut, loaded: LoadedModel) -> list[Sample]:
+    """The held-out images normalised as ``loaded`` was trained, cropped to ``max_pixels`` in all."""
+    spec = load_spec(heldout.data_dir).model_copy(update={"normalize": loaded.card.train.normalize})
+    samples = [s for s in load_samples(heldout.data_dir, spec) if heldout.names is None or s.name in heldout.names]
+    out, left = [], heldout.max_pixels
+    for s in samples:
+        if left <= 0:
+            break
+        h, w = s.mask.shape
+        rows = min(h, max(1, left // w))
+        out.append(Sample(name=s.name, image=s.image[:, :rows], mask=s.mask[:rows], source=s.source))
+        left -= rows * w
+    return out
+
+
+def tiling_for(loaded: LoadedModel) -> tuple[int, int]:
+    """(tile, halo) as ``segment`` chooses them by default: the card's halo and validation tile,
+    rounded up to the size multiple."""
+    m = loaded.size_multiple
+    return round_up(loaded.card.train.data.val_tile, m), round_up(member_halo(loaded.card), m)
+
+
+def score_model(ref: str | Path, heldout: HeldOut, tracking_uri: str | None = None,
+                tta: bool | None = None) -> float:
+    """Held-out mIoU of a model reference, tiled as ``segment`` predicts (the card's TTA choice
+    unless ``tta`` is given; labels via ``segcore.evaluate.predict_labels`` without TTA)."""
+    from segcore.evaluate import predict_labels
+
+    loaded = load_model(ref, device="cpu", tracking_uri=tracking_uri)
+    tta = bool(loaded.card.extra.get(TTA_KEY)) if tta is None else tta
+    tile, halo = tiling_for(loaded)
+    cm = ConfusionMatrix(loaded.num_classes)
+    for s in heldout_samples(heldout, loaded):
+        if tta:
+            pred = loaded.labels_from_proba(tiled_proba(loaded, s.image, tile, halo, tta=True))
+        else:
+            pred = predict_labels(loaded, s.image, tile, halo, loaded.card.train.data.batch_size)
+        cm.update(pred, s.mask)
+    return float(cm.compute()["miou"])
+
+
+def current_version(client: Any, name: str, alias: str) -> str | None:
+    """The version ``name@alias`` points at, or None (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        return None
+
+
+def log_on_parent(target: MlflowTarget, model_dir: Path, name: str) -> str:
+    """Log ``model_dir`` as a pyfunc model on the parent run and register it; returns the version."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from segcore.mlflow_model import log_model_dir
+
+    with _use_tracking_uri(target.uri), mlflow.start_run(run_id=target.parent_run_id):
+        info = log_model_dir(model_dir, name="champion_model", registered_model_name=name)
+    return str(info.registered_model_version)
+
+
+def gate_and_register(target: MlflowTarget, model_dir: Path, name: str, alias: str, heldout: HeldOut,
+                      gate: bool = True) -> GateResult:
+    """Register ``model_dir``; point ``alias`` at it only if ``name@alias`` does not exist yet, or
+    the new model scores higher on ``heldout`` than the one it points at. Otherwise the new version
+    gets the alias ``challenger``. Both scores are logged (and put on the parent run)."""
+    client = target.client()
+    old_version = current_version(client, name, alias)
+    new_score = score_model(model_dir, heldout)
+    old_score = score_model(f"models:/{name}/{old_version}", heldout, target.uri) if old_version else None
+    version = log_on_parent(target, model_dir, name)
+    promoted = old_score is None or not gate or new_score > old_score
+    chosen = alias if promoted else CHALLENGER
+    client.set_registered_model_alias(name, chosen, version)
+    if old_score is None:
+        log.info("registered %s version %s as @%s (%s mIoU %.4f; no previous @%s)", name, version, alias,
+                 heldout.what, new_score, alias)
+    else:
+        log.info("%s version %s: %s mIoU %.4f vs @%s (version %s) %.4f -> %s", name, version, heldout.what,
+                 new_score, alias, old_version, old_score,
+                 f"@{alias} moves to it" if promoted else f"@{alias} stays; registered as @{CHALLENGER}")
+    metrics = {"gate_new_score": new_score, **({"gate_champion_score": old_score} if old_score is not None else {})}
+    client.log_batch(target.parent_run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()],
+                     tags=[RunTag("gigaseg.gate", f"{'promoted' if promoted else 'challenger'} version {version}")])
+    return GateResult(f"models:/{name}@{chosen}", version, chosen, promoted, new_score, old_score)
