@@ -10,7 +10,7 @@ from PIL import Image
 
 from segcore.cli import main
 from segcore.data import load_samples, load_spec
-from segcore.simulate import ccd, render_sem, sem, shapes, write_ccd_fits, write_sem_bigtiff
+from segcore.simulate import ccd, lines, render_sem, sem, shapes, write_ccd_fits, write_sem_bigtiff
 
 
 @pytest.mark.parametrize(("kind", "classes", "size", "n_samples"), [
@@ -85,3 +85,37 @@ def test_write_sem_bigtiff_is_tiled_and_matches_render(tmp_path):
 def test_write_sem_bigtiff_rejects_bad_tile(tmp_path):
     with pytest.raises(ValueError, match="multiple of 16"):
         write_sem_bigtiff(tmp_path / "x.tif", 64, 64, tile=100)
+
+
+def test_lines_cli_writes_seed_003_like_rgb_data(tmp_path):
+    """400 x 200 RGB, classes background/line/ellipse, lines 1.5-4 % of pixels, same seed same bytes."""
+    out = tmp_path / "lines"
+    assert main(["simulate", "lines", "--out", str(out), "--n", "6", "--seed", "2"]) == 0
+    assert load_spec(out).class_names == lines.CLASSES == ["background", "line", "ellipse"]
+    samples = load_samples(out)
+    assert len(samples) == 6
+    assert all(s.image.shape == (3, 200, 400) and s.mask.shape == (200, 400) for s in samples)
+    masks = np.stack([s.mask for s in samples])
+    assert set(np.unique(masks).tolist()) == {0, 1, 2}
+    assert 0.015 <= (masks == 1).mean() <= 0.04
+    rgb = np.array(Image.open(out / "images" / "lines_0000.png"))
+    assert rgb.shape == (200, 400, 3) and rgb.dtype == np.uint8
+    assert np.abs(rgb.astype(int) - rgb.mean(axis=2, keepdims=True)).max() > 10  # colour, not grey
+    again = tmp_path / "again"
+    main(["simulate", "lines", "--out", str(again), "--n", "2", "--seed", "2"])
+    other = tmp_path / "other"
+    main(["simulate", "lines", "--out", str(other), "--n", "1", "--seed", "3"])
+    for name in ("images/lines_0001.png", "masks/lines_0001.png"):
+        assert (out / name).read_bytes() == (again / name).read_bytes()
+    assert (out / "images/lines_0000.png").read_bytes() != (other / "images/lines_0000.png").read_bytes()
+
+
+def test_lines_are_3_to_5_px_wide_with_anti_aliased_edges():
+    from segcore.plan import object_sizes
+
+    image, mask = lines.render_lines(np.random.default_rng(7))
+    line = mask == 1
+    _, thickness, _ = object_sizes(line)  # what `gigaseg plan` measures
+    assert thickness is not None and 2.5 <= thickness <= 5.5
+    grey = image.astype(np.float32).mean(axis=2)
+    assert len(np.unique(grey[line])) > 20  # blended and noisy, not flat fills

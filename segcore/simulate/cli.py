@@ -1,4 +1,4 @@
-"""``gigaseg simulate {sem,ccd,shapes} --out DIR --n N --size S --seed S``: write a synthetic
+"""``gigaseg simulate {sem,ccd,shapes,lines} --out DIR --n N --size S --seed S``: write a synthetic
 dataset folder (images/, masks/, dataset.yaml) that ``segcore.data.load_samples`` reads."""
 
 from __future__ import annotations
@@ -8,19 +8,22 @@ import logging
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIZE = {"shapes": 128, "sem": 256, "ccd": 256}
+DEFAULT_SIZE = {"shapes": 128, "sem": 256, "ccd": 256, "lines": 400}
 HELP = {
     "shapes": "lines and ellipses on noise (3 classes, 8-bit PNG)",
     "sem": "SEM-like sandstone (pore/quartz/albite/clay, 16-bit TIFF, colour-coded RGB masks)",
     "ccd": "CCD-like multi-HDU FITS in ADU (background/glow/hot/cluster, per-HDU PNG masks)",
+    "lines": "thin lines (3-5 px) and ellipses in RGB, SIZE x SIZE/2 px (seed 003; 3 classes, 8-bit PNG)",
 }
 
 
 def _run(args: argparse.Namespace) -> int:
-    from segcore.simulate import ccd, sem, shapes
+    from segcore.simulate import ccd, lines, sem, shapes
 
     size = args.size or DEFAULT_SIZE[args.kind]
-    if args.kind == "shapes":
+    if args.kind == "lines":
+        lines.generate_lines(args.out, args.n, size, args.seed)
+    elif args.kind == "shapes":
         shapes.generate_shapes(args.out, args.n, size, args.seed)
     elif args.kind == "sem" and args.label_scale is not None:
         sem.generate_sem_qemscan(args.out, args.n, size, args.seed, label_scale=args.label_scale)
@@ -40,16 +43,17 @@ def _positive(text: str) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``simulate`` and its three generators to the ``gigaseg`` command."""
-    parser = subparsers.add_parser("simulate", help="write a synthetic dataset (sem, ccd, shapes)",
+    """Add ``simulate`` and its generators to the ``gigaseg`` command."""
+    parser = subparsers.add_parser("simulate", help="write a synthetic dataset (sem, ccd, shapes, lines)",
                                    description=__doc__.splitlines()[0])
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
-    for kind in ("sem", "ccd", "shapes"):
+    for kind in ("sem", "ccd", "shapes", "lines"):
         p = kinds.add_parser(kind, help=HELP[kind], description=HELP[kind])
         p.add_argument("--out", required=True, help="dataset folder to create")
         p.add_argument("--n", type=_positive, default=8, help="number of images (files) [8]")
         p.add_argument("--size", type=_positive, default=None,
-                       help=f"image side in px [{DEFAULT_SIZE[kind]}]")
+                       help=f"image {'width (height: half)' if kind == 'lines' else 'side'} in px "
+                            f"[{DEFAULT_SIZE[kind]}]")
         p.add_argument("--seed", type=int, default=0, help="random seed [0]")
         if kind == "sem":
             p.add_argument("--label-scale", type=float, default=None, metavar="K",
