@@ -179,6 +179,7 @@ def resolve_tiling(loaded: LoadedModel, options: dict[str, Any], actors: int | N
     the tile (``--tile`` if given, which must be a multiple of it, else :func:`choose_tile` within
     the memory budget) and a ``batch_size`` that fits the budget; ``max_overhead`` is consumed."""
     out, multiple = dict(options), loaded.size_multiple
+    out["tta"] = card_tta(loaded, out.get("tta"))
     max_overhead = out.pop("max_overhead", None) or DEFAULT_MAX_OVERHEAD
     given = out.get("halo") is not None
     halo = out["halo"] = _round_halo(int(out["halo"]) if given else default_halo(loaded), multiple, given)
@@ -201,6 +202,17 @@ def resolve_tiling(loaded: LoadedModel, options: dict[str, Any], actors: int | N
             tile, halo, tile_overhead(tile, halo), max_overhead, out["batch_size"], window_bytes / 1e9,
             budget / 1e9, per_px)
     return out
+
+
+def card_tta(loaded: LoadedModel, given: bool | None) -> bool:
+    """``--tta``/``--no-tta`` if given, else the card's ``extra["tta"]`` (a search sets it when flip
+    TTA gained on validation)."""
+    if given is not None:
+        return bool(given)
+    on = bool(loaded.card.extra.get("tta", False))
+    if on:
+        log.info("flip TTA on: the model card says it gained on validation (--no-tta turns it off)")
+    return on
 
 
 def load_for_run(ref: str, tracking_uri: str | None) -> tuple[LoadedModel, ModelInfo]:

@@ -44,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 1.35)")
     g.add_argument("--batch-size", type=int, default=8,
                    help="windows per model call (default 8; fewer when a chosen tile needs it to fit memory)")
-    g.add_argument("--tta", action="store_true", help="average predictions over flips (4x compute)")
+    g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average predictions over flips (4x compute); default: the model card's choice "
+                        "(extra.tta, set by a search when TTA gained on validation), else off")
     g.add_argument("--blend-tile", type=int, default=None,
                    help="predict each window as Gaussian-blended sub-tiles of this size (models with global context)")
     g.add_argument("--blend-overlap", type=float, default=0.5, help="sub-tile overlap fraction (default 0.5)")

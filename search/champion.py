@@ -17,22 +17,26 @@ After the search (driver side, :func:`search.summary.summarize`):
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric, Param, RunTag
 
-from search.mlflow_runs import MlflowTarget
-from segcore.calibration import tiled_proba
+from search.mlflow_runs import MODEL_URI_TAG, MlflowTarget, find_trial_run
+from segcore.calibration import calibrate_model, log_of, set_card_extra, tiled_proba
 from segcore.data import Sample, load_samples, load_spec
-from segcore.ensemble import member_halo
+from segcore.ensemble import greedy_select, member_halo, miou_of, save_ensemble_dir
 from segcore.metrics import ConfusionMatrix
 from segcore.modeldir import TTA_KEY, LoadedModel, read_card
-from segcore.modelref import load_model
+from segcore.modelref import load_model, local_dir
 from segcore.tiling import round_up
 
 log = logging.getLogger(__name__)
@@ -186,3 +190,125 @@ def gate_and_register(target: MlflowTarget, model_dir: Path, name: str, alias: s
     client.log_batch(target.parent_run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()],
                      tags=[RunTag("gigaseg.gate", f"{'promoted' if promoted else 'challenger'} version {version}")])
     return GateResult(f"models:/{name}@{chosen}", version, chosen, promoted, new_score, old_score)
+
+
+# ----------------------------------------------------------------------------- after the search
+
+
+def trial_models(target: MlflowTarget, trial_ids: list[str]) -> list[Candidate]:
+    """The completed trials' logged model directories, downloaded here (trials without one skipped)."""
+    client, out = target.client(), []
+    for trial_id in trial_ids:
+        run_id = find_trial_run(target, trial_id)
+        uri = client.get_run(run_id).data.tags.get(MODEL_URI_TAG) if run_id else None
+        if uri:
+            out.append(Candidate(trial_id, local_dir(uri, target.uri)))
+    return out
+
+
+def predict_candidates(cands: list[Candidate], heldout: HeldOut) -> np.ndarray:
+    """Fill each candidate's validation log-probabilities (float16), forward time and mIoU; returns
+    the (P,) labels (the same pixels for every candidate)."""
+    labels = None
+    for c in cands:
+        loaded = load_model(c.model_dir, device="cpu")
+        samples = heldout_samples(heldout, loaded)
+        tile, halo = tiling_for(loaded)
+        start = time.perf_counter()
+        logps = [tiled_proba(loaded, s.image, tile, halo, log=True) for s in samples]
+        c.seconds = time.perf_counter() - start
+        c.proba = np.concatenate([p.reshape(p.shape[0], -1) for p in logps], axis=1).astype(np.float16)
+        labels = np.concatenate([s.mask.reshape(-1) for s in samples]) if labels is None else labels
+        c.score = miou_of(c.proba, labels, _threshold(loaded))
+        log.info("trial %s: validation mIoU %.4f (tiled, %.1f s forward)", c.trial_id, c.score, c.seconds)
+    return labels
+
+
+def _threshold(loaded: LoadedModel) -> float | None:
+    """The binary threshold on log p1 when scoring log-probabilities, else None (argmax)."""
+    return math.log(loaded.card.train.binary_threshold) if loaded.binary else None
+
+
+def choose_candidate(cands: list[Candidate], labels: np.ndarray, k: int, workdir: Path) -> ChampionReport:
+    """Greedy ensemble selection; the ensemble wins only when it beats the best single model."""
+    loaded = load_model(cands[0].model_dir, device="cpu")
+    threshold = loaded.card.train.binary_threshold if loaded.binary else None
+    sel = greedy_select([np.exp(c.proba.astype(np.float32)) for c in cands], labels, k=k, threshold=threshold)
+    best = int(np.argmax(sel.single_scores))
+    if len(sel.members) > 1 and sel.gain > 0:
+        trials = [cands[i].trial_id for i in sel.members]
+        path = save_ensemble_dir(workdir / "ensemble", [cands[i].model_dir for i in sel.members], sel.weights,
+                                 metrics={"val_miou": sel.score}, extra={"trials": trials})
+        cost = sum(cands[i].seconds for i in sel.members) / max(cands[best].seconds, 1e-9)
+        log.info("ensemble of %s (weights %s): validation mIoU %.4f vs best single %.4f (gain %+.4f) at %.1fx the "
+                 "forward time", trials, [round(w, 3) for w in sel.weights], sel.score, sel.best_single, sel.gain, cost)
+        return ChampionReport(path, trials, sel.weights, sel.best_single, sel.score, cost)
+    path = Path(shutil.copytree(cands[best].model_dir, workdir / "single"))
+    log.info("ensemble selection: no gain over the best single model (trial %s, validation mIoU %.4f); it stays "
+             "the champion", cands[best].trial_id, sel.best_single)
+    return ChampionReport(path, [cands[best].trial_id], [1.0], sel.best_single, sel.best_single, 1.0)
+
+
+def _candidate_logp(report: ChampionReport, cands: list[Candidate]) -> np.ndarray:
+    """Validation log-probabilities of the chosen model, from the cached members'."""
+    by_id = {c.trial_id: c for c in cands}
+    mean = sum(w * np.exp(by_id[t].proba.astype(np.float32)) for t, w in zip(report.members, report.weights,
+                                                                            strict=True))
+    return log_of(mean)
+
+
+def calibrate_and_tta(report: ChampionReport, cands: list[Candidate], labels: np.ndarray, heldout: HeldOut,
+                      spec_champion: Any) -> None:
+    """Fit the temperature (card) on validation, then keep flip TTA on the card if it gains."""
+    if spec_champion.calibrate:
+        loaded = load_model(report.model_dir, device="cpu")
+        result = calibrate_model(loaded, report.model_dir, [_candidate_logp(report, cands)], [labels])
+        if result is not None:
+            report.calibration = {"temperature": result.temperature, "ece_before": result.ece_before,
+                                  "ece_after": result.ece_after}
+    if spec_champion.tta == "auto":
+        plain, flipped = score_model(report.model_dir, heldout, tta=False), score_model(report.model_dir, heldout,
+                                                                                        tta=True)
+        report.tta_gain = flipped - plain
+        if flipped > plain:
+            set_card_extra(report.model_dir, TTA_KEY, True)
+        log.info("flip TTA: validation mIoU %.4f with, %.4f without (%+.4f) -> %s at 4x the forward time", flipped,
+                 plain, report.tta_gain, "on by default (card)" if flipped > plain else "off")
+
+
+def log_report(target: MlflowTarget, report: ChampionReport) -> None:
+    """Members, weights, gain and costs as params/metrics on the parent run, and ``champion.json``."""
+    client, run_id, now = target.client(), target.parent_run_id, int(time.time() * 1000)
+    metrics = {"ensemble_val_miou": report.score, "best_single_val_miou": report.best_single,
+               "ensemble_gain": report.score - report.best_single, "ensemble_members": float(len(report.members)),
+               "ensemble_throughput_cost": report.throughput_cost,
+               **{f"calibration_{k}": v for k, v in report.calibration.items()},
+               **({"tta_gain": report.tta_gain} if report.tta_gain is not None else {})}
+    params = {"ensemble.members": ",".join(report.members), "ensemble.weights": ",".join(f"{w:.4f}" for w in
+                                                                                         report.weights)}
+    try:
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    except Exception as exc:  # a resumed search logged other values before
+        log.warning("ensemble params not logged on the parent run: %s", exc)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    payload = {**params, **metrics, "model_dir_config": json.loads((report.model_dir / "config.json").read_text())}
+    client.log_text(run_id, json.dumps(payload, indent=2, default=str), "champion.json")
+
+
+def finish_champion(spec: Any, target: MlflowTarget, trial_ids: list[str]) -> str | None:
+    """Ensemble, calibrate, TTA and gate-register the completed trials (best first); the alias URI
+    the new model got, or None when no trial logged a model."""
+    cands = trial_models(target, trial_ids)
+    if not cands:
+        log.warning("no completed trial has a logged model; nothing registered")
+        return None
+    val = validation_heldout(cands[0].model_dir, spec.data.train, spec.data.val, spec.champion.val_pixels)
+    labels = predict_candidates(cands, val)
+    with tempfile.TemporaryDirectory(prefix="gigaseg-champion-") as tmp:
+        report = choose_candidate(cands, labels, spec.champion.ensemble_size, Path(tmp))
+        calibrate_and_tta(report, cands, labels, val, spec.champion)
+        log_report(target, report)
+        test = HeldOut(spec.data.test, None, spec.champion.val_pixels, "test") if spec.data.test else val
+        result = gate_and_register(target, report.model_dir, spec.mlflow.registered_model_name, spec.mlflow.alias,
+                                   test, gate=spec.champion.gate)
+    return result.uri

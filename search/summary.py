@@ -103,6 +103,22 @@ def register_champion(target: MlflowTarget, trial_id: str, name: str, alias: str
     return f"models:/{name}@{alias}"
 
 
+def _champion(results: Any, spec: Any, target: MlflowTarget, best_trial_id: str) -> str | None:
+    """Ensemble / calibrate / TTA / gate the completed trials (search.champion); if that breaks,
+    register the best trial as before, so a finished search still yields a champion."""
+    from search.champion import finish_champion
+
+    done = sorted((r for r in results if trial_status(r) == COMPLETED and r.metrics.get(spec.metric) is not None),
+                  key=lambda r: r.metrics[spec.metric], reverse=spec.mode == "max")
+    trial_ids = [r.metrics["trial_id"] for r in done]
+    try:
+        return finish_champion(spec, target, trial_ids)
+    except Exception as exc:  # the trials are done; don't lose them to a post-processing bug
+        log.warning("champion selection failed (%s: %s); registering the best trial %s as is", type(exc).__name__,
+                    exc, best_trial_id, exc_info=True)
+        return register_champion(target, best_trial_id, spec.mlflow.registered_model_name, spec.mlflow.alias)
+
+
 def failure_reason(results: Any, outcome: SearchOutcome, spec: Any, stopped_because: str | None) -> str | None:
     """None if the search produced what it was asked for (a completed best trial, and the champion
     when a registered model name is set); else why not, with the commonest trial error."""
@@ -137,9 +153,7 @@ def summarize(results: Any, spec: Any, target: MlflowTarget, path: str,
         outcome.best_value = float(best.metrics[spec.metric])
         outcome.best_params = dict(best.config.get("params", {}))
         if spec.mlflow.registered_model_name:
-            outcome.champion_uri = register_champion(
-                target, outcome.best_trial_id, spec.mlflow.registered_model_name, spec.mlflow.alias
-            )
+            outcome.champion_uri = _champion(results, spec, target, outcome.best_trial_id)
     outcome.failure = failure_reason(results, outcome, spec, stopped_because)
     _log_outcome(target, outcome, spec.metric)
     return outcome

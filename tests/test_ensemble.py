@@ -108,3 +108,13 @@ def test_greedy_selection_keeps_a_dominant_single_model():
     probas = [_noisy_probas(labels, 3, 0.4, 5), perfect]
     sel = greedy_select(probas, labels, k=4)
     assert sel.members == [1] and sel.weights == [1.0] and sel.score == pytest.approx(1.0)
+
+
+def test_segment_takes_tta_from_the_card_unless_told(tmp_path):
+    from pipelines.options import resolve_tiling
+
+    loaded = load_model(make_model(tmp_path / "m", extra={"tta": True}), device="cpu")
+    assert resolve_tiling(loaded, {"tile": 64, "halo": 32})["tta"] is True
+    assert resolve_tiling(loaded, {"tile": 64, "halo": 32, "tta": False})["tta"] is False
+    plain = load_model(make_model(tmp_path / "p"), device="cpu")
+    assert resolve_tiling(plain, {"tile": 64, "halo": 32, "tta": None})["tta"] is False
