@@ -298,6 +298,9 @@ def log_report(target: MlflowTarget, report: ChampionReport) -> None:
 def finish_champion(spec: Any, target: MlflowTarget, trial_ids: list[str]) -> str | None:
     """Ensemble, calibrate, TTA and gate-register the completed trials (best first); the alias URI
     the new model got, or None when no trial logged a model."""
+    if spec.refit.budget_fraction > 0:
+        log.warning("refit.budget_fraction %.2f: refitting the best configuration is not implemented yet; "
+                    "the champion is chosen from the trials alone", spec.refit.budget_fraction)
     cands = trial_models(target, trial_ids)
     if not cands:
         log.warning("no completed trial has a logged model; nothing registered")
