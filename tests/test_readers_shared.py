@@ -154,3 +154,99 @@ def test_segment_at_model_scale_writes_input_resolution(tmp_path, ray_local):
     ome = dict(group.attrs)["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
     assert ome[0]["scale"] == [1.0, 1.0]
     assert dict(group.attrs)["gigaseg"]["model_scale"] == 4
+
+
+def _block_mean(image: np.ndarray, f: int) -> np.ndarray:
+    h, w = image.shape[0] // f * f, image.shape[1] // f * f
+    return image[:h, :w].astype(np.float64).reshape(h // f, f, w // f, f).mean(axis=(1, 3))
+
+
+def _pyramid_tiff(path, image: np.ndarray, factors=(2, 4), tile=(32, 32)) -> list[np.ndarray]:
+    """``image`` with SubIFD levels of ``factors`` holding its rounded block means (floor sizes)."""
+    levels = [np.round(_block_mean(image, f)).astype(image.dtype) for f in factors]
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, tile=tile, subifds=len(factors), photometric="minisblack")
+        for level in levels:
+            tif.write(level, tile=tile, subfiletype=1, photometric="minisblack")
+    return levels
+
+
+@pytest.mark.parametrize("kind", ["tiled", "striped", "zlib", "rgb", "sparse"])
+def test_tiff_chunk_reads_equal_tifffile(tmp_path, kind):
+    """TIFFs are read chunk by chunk (no zarr): every window equals tifffile's whole-image read."""
+    image = _ramp(150, 170, np.uint16)
+    opts = {"tiled": {"tile": (32, 48)}, "striped": {"rowsperstrip": 7}, "rgb": {"tile": (32, 32)},
+            "zlib": {"tile": (64, 64), "compression": "zlib"}, "sparse": {"tile": (32, 32)}}[kind]
+    if kind == "rgb":
+        image = np.stack([image % 256, image // 256, image % 97], -1).astype(np.uint8)
+        opts["photometric"] = "rgb"
+    if kind == "sparse":
+        image[:64] = 0  # tifffile writes empty tiles as zero-byte chunks
+        opts["photometric"] = "minisblack"
+    tifffile.imwrite(tmp_path / "s.tif", image, **opts)
+    (source,) = open_sources(tmp_path / "s.tif")
+    assert source.dtype == image.dtype
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        r0, c0 = int(rng.integers(0, 149)), int(rng.integers(0, 169))
+        r1, c1 = int(rng.integers(r0 + 1, 151)), int(rng.integers(c0 + 1, 171))
+        np.testing.assert_array_equal(source.read(slice(r0, r1), slice(c0, c1)), image[r0:r1, c0:c1])
+
+
+def test_chunk_cache_stays_within_its_byte_budget():
+    from segcore.readers.cache import ChunkCache
+
+    cache = ChunkCache(10_000)
+    for i in range(50):
+        chunk = cache.get(("f", i), lambda i=i: np.full(1000, i, np.uint8))
+        assert chunk[0] == i and not chunk.flags.writeable
+        assert cache.nbytes <= 10_000
+    assert cache.get(("f", 49), lambda: np.zeros(1, np.uint8))[0] == 49 and cache.hits == 1
+    assert cache.get(("f", 0), lambda: np.zeros(1000, np.uint8))[0] == 0  # evicted: loaded again
+
+
+def test_scaled_reads_use_the_matching_pyramid_level(tmp_path):
+    """At scale >= 2 a pyramid TIFF is read from its level of that factor: a patch equals the
+    stored level (so the block mean of level 0 within the level's rounding), from scale^2 fewer px."""
+    from segcore.readers.scaled import pick_level, read_scaled
+
+    image = _ramp(200, 260, np.uint16)
+    level2, level4 = _pyramid_tiff(tmp_path / "p.tif", image)
+    (source,) = open_sources(tmp_path / "p.tif")
+    assert source.level_factors == (2, 4) and source.level_shape(4) == (50, 65)
+    rows, cols = slice(3, 40), slice(5, 60)
+    for scale, level in [(4, level4), (2, level2)]:
+        before = source.pixels_read
+        patch = read_scaled(source, rows, cols, scale)
+        np.testing.assert_array_equal(patch, level[rows, cols])  # exactly the stored level
+        np.testing.assert_allclose(patch, _block_mean(image, scale)[rows, cols], atol=0.5)
+        assert source.pixels_read - before == 37 * 55  # one level px per model px
+    before = source.pixels_read
+    patch8 = read_scaled(source, slice(2, 20), slice(4, 30), 8)  # level 4, then 2 x 2 means
+    np.testing.assert_allclose(patch8, _block_mean(level4, 2)[2:20, 4:30])
+    assert source.pixels_read - before == 36 * 52
+    assert pick_level(source, slice(1, 4), slice(2, 5), 12) == 4 and pick_level(source, slice(1, 4), slice(2, 5), 6) == 2
+    # a level whose px straddle model px edges would blur them: scales it does not divide read level 0
+    assert pick_level(source, rows, cols, 3) == 1 and pick_level(source, rows, cols, 5.5) == 1
+    np.testing.assert_allclose(read_scaled(source, slice(0, 10), slice(0, 10), 5.5), _area_mean(image, 5.5, 10))
+
+
+def _area_mean(image: np.ndarray, scale: float, n: int) -> np.ndarray:
+    from segcore.readers.scaled import _area_weights
+
+    wy = _area_weights(0.0, n, scale, 0, image.shape[0])
+    wx = _area_weights(0.0, n, scale, 0, image.shape[1])
+    return wy @ image.astype(np.float64) @ wx.T
+
+
+def test_levels_of_no_whole_factor_are_not_used(tmp_path):
+    """A SubIFD that is no f-times-smaller copy of level 0 (here 70 x 90 of 200 x 260) is ignored."""
+    from segcore.readers.scaled import read_scaled
+
+    image = _ramp(200, 260, np.uint16)
+    with tifffile.TiffWriter(tmp_path / "p.tif") as tif:
+        tif.write(image, tile=(32, 32), subifds=1, photometric="minisblack")
+        tif.write(image[:70, :90], tile=(32, 32), subfiletype=1, photometric="minisblack")
+    (source,) = open_sources(tmp_path / "p.tif")
+    assert source.level_factors == ()
+    np.testing.assert_allclose(read_scaled(source, slice(0, 20), slice(0, 30), 3), _block_mean(image, 3)[:20, :30])

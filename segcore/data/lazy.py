@@ -35,7 +35,7 @@ from segcore.config import NormalizeConfig
 from segcore.data.errors import DataError
 from segcore.data.normalize import NormStats, apply_norm, compute_norm_stats
 from segcore.data.spec import IGNORE, DatasetSpec
-from segcore.readers.scaled import area_resample
+from segcore.readers.scaled import read_scaled
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,26 @@ def mask_indices(start: int, n: int, scale: float, mask_scale: float, size: int)
     """Mask px under the centres of model px ``start .. start + n - 1`` (nearest, clipped)."""
     centres = (start + np.arange(n) + 0.5) * scale / mask_scale
     return np.clip(np.floor(centres).astype(np.int64), 0, size - 1)
+
+
+def gather(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """``mask[rows][:, cols]`` (sorted indices) as ``dtype``: the axis with the smaller span is
+    expanded first, on the small sub-block under the patch, and the cast happens there too, so
+    the full-size result is written once, by whole-row copies."""
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    sub = mask[r0:r1, c0:c1]
+    if (r1 - r0) * cols.size <= rows.size * (c1 - c0):
+        return sub.take(cols - c0, axis=1).astype(dtype or mask.dtype, copy=False).take(rows - r0, axis=0)
+    return sub.take(rows - r0, axis=0).astype(dtype or mask.dtype, copy=False).take(cols - c0, axis=1)
+
+
+def normalise(region: np.ndarray, stats: NormStats) -> np.ndarray:
+    """:func:`apply_norm` in fewer passes for pixel types float32 holds exactly (same values)."""
+    if np.result_type(region.dtype, np.float32) != np.float32:
+        return apply_norm(region, stats)
+    out = np.subtract(region, np.float32(stats.offset), dtype=np.float32)
+    out *= np.float32(stats.scale)
+    return out
 
 
 def ignore_boundaries(mask: np.ndarray, k: int) -> np.ndarray:
@@ -248,17 +268,15 @@ class PatchReader:
         return self._open[k]
 
     def image(self, k: int, top: int, left: int, h: int, w: int) -> np.ndarray:
-        """Normalised (C, h, w) float32 pixels of model px ``[top:top+h, left:left+w]``."""
-        im, s = self.images[k], self.scale
-        y0, x0, y1, x1 = top * s, left * s, (top + h) * s, (left + w) * s
-        r0, c0 = int(math.floor(y0)), int(math.floor(x0))
-        r1, c1 = min(int(math.ceil(y1)), im.shape[0]), min(int(math.ceil(x1)), im.shape[1])
-        region = self._source(k).read(slice(r0, r1), slice(c0, c1))
-        self.pixels_read += region.shape[0] * region.shape[1]
+        """Normalised (C, h, w) float32 pixels of model px ``[top:top+h, left:left+w]``: the
+        region read as is at scale 1, else area means from the best pyramid level (or level 0)."""
+        source = self._source(k)
+        before = source.pixels_read
+        rows, cols = slice(top, top + h), slice(left, left + w)
+        region = source.read(rows, cols) if self.scale == 1 else read_scaled(source, rows, cols, self.scale)
+        self.pixels_read += source.pixels_read - before
         region = region if region.ndim == 3 else region[..., None]
-        if s != 1:
-            region = area_resample(region, s, (y0, x0), (r0, c0), (h, w))
-        return np.ascontiguousarray(apply_norm(region, im.stats).transpose(2, 0, 1))
+        return np.ascontiguousarray(normalise(region, self.images[k].stats).transpose(2, 0, 1))
 
     def mask(self, k: int, top: int, left: int, h: int, w: int) -> np.ndarray:
         """int64 (h, w) labels of model px ``[top:top+h, left:left+w]`` (nearest from the mask;
@@ -266,10 +284,9 @@ class PatchReader:
         im, b = self.images[k], self.boundary_ignore
         rows = mask_indices(top - b, h + 2 * b, self.scale, im.mask_scale, im.mask.shape[0])
         cols = mask_indices(left - b, w + 2 * b, self.scale, im.mask_scale, im.mask.shape[1])
-        labels = im.mask[np.ix_(rows, cols)].astype(np.int64)
         if b:
-            labels = ignore_boundaries(labels, b)[b:b + h, b:b + w]
-        return labels
+            return ignore_boundaries(gather(im.mask, rows, cols), b)[b:b + h, b:b + w].astype(np.int64)
+        return gather(im.mask, rows, cols, np.int64)
 
     def patch(self, k: int, top: int, left: int, p: int) -> tuple[np.ndarray, np.ndarray]:
         """(C, p, p) image and (p, p) mask; parts beyond a small image are padded (mask: ignore)."""
@@ -355,10 +372,22 @@ def _has_training_room(shape: tuple[int, int], blocks: list[Block], k: int, patc
 
 @dataclass
 class _Sampler:
-    """Where training patches may come from: per-class block weights outside validation zones."""
+    """Where training patches may come from: per-class block weights outside validation zones,
+    as cumulative distributions so a draw is one binary search (not a pass over the blocks)."""
 
-    weights: list[np.ndarray] = field(default_factory=list)  # per image (by, bx, K) counts
-    present: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    present: np.ndarray  # classes with weight somewhere
+    image_cdf: dict[int, np.ndarray] = field(default_factory=dict)  # class -> cdf over images
+    block_cdf: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (image, class) -> cdf
+
+    @staticmethod
+    def draw(cdf: np.ndarray, rng: np.random.Generator) -> int:
+        """An index drawn with the probabilities whose normalised cumulative sum is ``cdf``."""
+        return min(int(np.searchsorted(cdf, rng.random(), side="right")), cdf.size - 1)
+
+
+def _cdf(weights: np.ndarray) -> np.ndarray:
+    cdf = np.cumsum(weights, dtype=np.float64)
+    return cdf / cdf[-1]
 
 
 class LazyPatchDataset(Dataset):
@@ -399,8 +428,14 @@ class LazyPatchDataset(Dataset):
                 x1 = int(math.ceil((b.left + b.size + self.patch_size) / edge))
                 counts[y0:y1, x0:x1] = 0
             weights.append(counts)
-        totals = sum(w.sum(axis=(0, 1)) for w in weights)
-        return _Sampler(weights, np.flatnonzero(totals > 0))
+        per_image = np.stack([w.sum(axis=(0, 1)) for w in weights])  # (images, K)
+        sampler = _Sampler(np.flatnonzero(per_image.sum(axis=0) > 0))
+        for cls in sampler.present.tolist():
+            sampler.image_cdf[cls] = _cdf(per_image[:, cls])
+            for k, w in enumerate(weights):
+                if per_image[k, cls] > 0:
+                    sampler.block_cdf[k, cls] = _cdf(w[..., cls].ravel())
+        return sampler
 
     def __len__(self) -> int:
         return self.patches_per_epoch
@@ -419,17 +454,15 @@ class LazyPatchDataset(Dataset):
     def _balanced(self, rng: np.random.Generator) -> tuple[int, int, int] | None:
         s = self._sampler
         cls = int(rng.choice(s.present))
-        per_image = np.array([w[..., cls].sum() for w in s.weights])
-        k = int(rng.choice(len(per_image), p=per_image / per_image.sum()))
-        grid = s.weights[k][..., cls]
-        flat = int(rng.choice(grid.size, p=(grid / grid.sum()).ravel()))
-        by, bx = divmod(flat, grid.shape[1])
+        k = s.draw(s.image_cdf[cls], rng)
+        by, bx = divmod(s.draw(s.block_cdf[k, cls], rng), self.images[k].counts.shape[1])
         im, p = self.images[k], self.patch_size
         edge = INDEX_BLOCK * im.mask_scale / self.scale
         cy, cx = (by + rng.random()) * edge, (bx + rng.random()) * edge
         mh, mw = im.model_shape(self.scale)
-        top = int(np.clip(cy - p / 2 + rng.integers(-(p // 4), p // 4 + 1), 0, max(mh - p, 0)))
-        left = int(np.clip(cx - p / 2 + rng.integers(-(p // 4), p // 4 + 1), 0, max(mw - p, 0)))
+        jitter = rng.integers(-(p // 4), p // 4 + 1, size=2)
+        top = int(min(max(cy - p / 2 + int(jitter[0]), 0), max(mh - p, 0)))
+        left = int(min(max(cx - p / 2 + int(jitter[1]), 0), max(mw - p, 0)))
         return (k, top, left) if self._clear(k, top, left) else None
 
     def _uniform(self, rng: np.random.Generator) -> tuple[int, int, int]:

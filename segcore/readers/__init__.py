@@ -50,6 +50,8 @@ class ImageSource:
         self.dtype = np.dtype(np.uint8)
         self.slow_random_access = False
         self.block_rows = 0  # native read granularity along rows (0: none)
+        self.level_factors: tuple[int, ...] = ()  # downsampling factors of stored pyramid levels
+        self.pixels_read = 0  # pixels returned by read / read_level (to check reads stay minimal)
         self._lock = threading.Lock()
 
     @property
@@ -63,10 +65,27 @@ class ImageSource:
         if not (0 <= rows.start < rows.stop <= height and 0 <= cols.start < cols.stop <= width):
             raise IndexError(f"{self.label}: region {rows}, {cols} outside image of shape {self.shape}")
         with self._lock:  # file handles of tifffile/astropy are not safe for concurrent reads
+            self.pixels_read += (rows.stop - rows.start) * (cols.stop - cols.start)
             return self._read(rows, cols)
 
     def _read(self, rows: slice, cols: slice) -> np.ndarray:
         raise NotImplementedError
+
+    def level_shape(self, factor: int) -> tuple[int, int]:
+        """Shape of the stored pyramid level ``factor`` times smaller (one of ``level_factors``)."""
+        raise KeyError(factor)
+
+    def read_level(self, factor: int, rows: slice, cols: slice) -> np.ndarray:
+        """Pixels ``[rows, cols]`` of the stored pyramid level ``factor`` (in that level's px)."""
+        height, width = self.level_shape(factor)
+        if not (0 <= rows.start < rows.stop <= height and 0 <= cols.start < cols.stop <= width):
+            raise IndexError(f"{self.label}: region {rows}, {cols} outside level {factor} of shape {(height, width)}")
+        with self._lock:
+            self.pixels_read += (rows.stop - rows.start) * (cols.stop - cols.start)
+            return self._read_level(factor, rows, cols)
+
+    def _read_level(self, factor: int, rows: slice, cols: slice) -> np.ndarray:
+        raise KeyError(factor)
 
     def sample(self, max_pixels: int = SAMPLE_PIXELS) -> np.ndarray:
         """A deterministic subsample of about ``max_pixels`` pixels spread over the image:

@@ -44,17 +44,42 @@ def model_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
     return max(1, int(shape[0] // scale)), max(1, int(shape[1] // scale))
 
 
+EPS = 1e-9  # float slack when mapping model px to image px
+
+
+def pick_level(source: ImageSource, rows: slice, cols: slice, scale: float) -> int:
+    """The largest stored pyramid level factor ``f`` dividing ``scale`` of ``source`` that holds
+    all the pixels under model px ``[rows, cols]`` (1: level 0). A level ``f`` times smaller is
+    taken to hold ``f x f`` block means of level 0, so (model px edges falling on level px edges)
+    means over it equal those over level 0 up to the level's own rounding, from ``f**2`` times
+    fewer pixels. Non-integer ratios would blur model px edges, so they read level 0."""
+    for f in sorted(source.level_factors, reverse=True):
+        if f <= scale + EPS and abs(scale / f - round(scale / f)) < EPS:
+            height, width = source.level_shape(f)
+            s = scale / f
+            if math.ceil(rows.stop * s - EPS) <= height and math.ceil(cols.stop * s - EPS) <= width:
+                return f
+    return 1
+
+
 def read_scaled(source: ImageSource, rows: slice, cols: slice, scale: float) -> np.ndarray:
     """Model px ``[rows, cols]`` of ``source`` at ``scale``: (h, w) or (h, w, C) float64 area means
-    of the image px under them (only that region is read)."""
+    of the image px under them, read from the best stored pyramid level (:func:`pick_level`);
+    only that region is read."""
+    f = pick_level(source, rows, cols, scale)
+    s = scale / f
+    height, width = source.shape if f == 1 else source.level_shape(f)
     h, w = rows.stop - rows.start, cols.stop - cols.start
-    y0, x0 = rows.start * scale, cols.start * scale
-    r0, c0 = int(math.floor(y0)), int(math.floor(x0))
-    r1 = min(int(math.ceil(rows.stop * scale)), source.shape[0])
-    c1 = min(int(math.ceil(cols.stop * scale)), source.shape[1])
-    region = source.read(slice(r0, r1), slice(c0, c1))
+    y0, x0 = rows.start * s, cols.start * s
+    r0, c0 = int(math.floor(y0 + EPS)), int(math.floor(x0 + EPS))
+    r1 = min(int(math.ceil(rows.stop * s - EPS)), height)
+    c1 = min(int(math.ceil(cols.stop * s - EPS)), width)
+    if f == 1:
+        region = source.read(slice(r0, r1), slice(c0, c1))
+    else:
+        region = source.read_level(f, slice(r0, r1), slice(c0, c1))
     flat = region.ndim == 2
-    out = area_resample(region[..., None] if flat else region, scale, (y0, x0), (r0, c0), (h, w))
+    out = area_resample(region[..., None] if flat else region, s, (y0, x0), (r0, c0), (h, w))
     return out[..., 0] if flat else out
 
 
