@@ -1,4 +1,5 @@
-"""Search algorithms, the ASHA scheduler and the trial-epoch budget for one search.
+"""Search algorithms, the ASHA scheduler (its clock in the trial budget's unit) and the
+trial-epoch budget for one search.
 
 * ``tpe``: Optuna TPE (multivariate, grouped for the conditional space) via Ray Tune's
   OptunaSearch with a define-by-run space; seed configurations are enqueued first.
@@ -119,13 +120,19 @@ def build_searcher(spec: SearchSpec, space: SearchSpace) -> tuple[Searcher, dict
 
 
 def build_scheduler(spec: SearchSpec, space: SearchSpace) -> TrialScheduler:
-    """ASHA on the metric per epoch (``training_iteration``), or FIFO when disabled."""
+    """ASHA on the metric in the budget's unit (``training_iteration`` for epochs, ``steps`` or
+    ``train_minutes``; see :func:`search.budget.asha_clock`), or FIFO when disabled."""
+    from search.budget import asha_clock
+
     if not spec.asha.enabled:
         return FIFOScheduler()
+    clock = asha_clock(spec, space.to_train_config({}, source="base"), space.max_epochs())
+    log.info("ASHA on %s: grace_period %.4g, max_t %.4g (%s)", clock.time_attr, clock.grace_period, clock.max_t,
+             clock.why)
     return ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=spec.asha.max_t or space.max_epochs(),
-        grace_period=spec.asha.grace_period,
+        time_attr=clock.time_attr,
+        max_t=clock.max_t,
+        grace_period=clock.grace_period,
         reduction_factor=spec.asha.reduction_factor,
     )
 

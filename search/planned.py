@@ -96,7 +96,8 @@ def plan_search(spec: SearchSpec, space: SearchSpace) -> tuple[SearchSpec, Searc
 
     if not spec.plan.enabled:
         return spec, space, None
-    plan = plan_training(spec.data.train, spec.plan.budget_min, base=_planning_base(spec))
+    minutes = getattr(spec.budget, "minutes", None)  # a minutes budget: the plan fills a trial's minutes
+    plan = plan_training(spec.data.train, minutes or spec.plan.budget_min, base=_planning_base(spec))
     planned = {k: v for k, v in plan.overrides.items() if k != "model"}
     explicit = sorted(set(flatten(spec.base)) & set(flatten(planned)))
     spec = spec.model_copy(update={"base": merge_under(spec.base, planned)})

@@ -148,7 +148,7 @@ def _fit(spec: SearchSpec, target: MlflowTarget, exp_dir: Path, restore: bool, s
     ctx = TrialContext(
         space=space, train_dir=str(spec.data.train), val_dir=str(spec.data.val) if spec.data.val else None,
         mlflow=target, resources=spec.resources, train_storage=str(exp_dir / "_train"),
-        ledger_name=ledger_name, testing=spec.testing,
+        ledger_name=ledger_name, testing=spec.testing, budget=spec.budget,
     )
     trainable = make_trainable(ctx, spec.resources)
     same_errors = SameErrorStop(spec.failure.stop_after_same_errors)

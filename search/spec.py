@@ -8,9 +8,9 @@ YAML key that is wrong. The dimension syntax itself lives in :mod:`search.space`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from segcore.config import ConfigError, Strict, parse_config, read_yaml_mapping
 
@@ -25,13 +25,45 @@ class DataSection(Strict):
     test: Path | None = Field(None, description="held-out data the champion alias is gated on; default: validation")
 
 
+class StepsBudget(Strict):
+    """Each trial trains for ``steps`` optimizer steps (search/budget.py sets epochs and patches per epoch)."""
+
+    unit: Literal["steps"] = "steps"
+    steps: int = Field(ge=1, description="optimizer steps per trial (per worker with DDP)")
+
+
+class MinutesBudget(Strict):
+    """Each trial stops training at the first epoch end after ``minutes`` of wall time (``max_minutes``)."""
+
+    unit: Literal["minutes"] = "minutes"
+    minutes: float = Field(gt=0, description="training wall time per trial, epochs' validation included")
+
+
+def _budget_kind(value: Any) -> str | None:
+    """``{steps: N}`` -> steps, ``{minutes: M}`` -> minutes (a ``unit`` key, if written, decides)."""
+    if isinstance(value, dict):
+        if "unit" in value:
+            return value["unit"]
+        kinds = [k for k in ("steps", "minutes") if k in value]
+        return kinds[0] if len(kinds) == 1 else None
+    return getattr(value, "unit", None)
+
+
+Budget = Annotated[
+    Annotated[StepsBudget, Tag("steps")] | Annotated[MinutesBudget, Tag("minutes")],
+    Discriminator(_budget_kind, custom_error_type="budget_kind",
+                  custom_error_message="write exactly one of {steps: N} or {minutes: M}"),
+]
+
+
 class AshaSection(Strict):
-    """Asynchronous successive halving on ``metric`` per epoch (``training_iteration``)."""
+    """Asynchronous successive halving on ``metric``; its clock follows the trial budget's unit
+    (``training_iteration`` = epochs, ``steps`` or ``train_minutes``, see search/budget.py)."""
 
     enabled: bool = True
-    grace_period: int = Field(1, ge=1)
+    grace_period: int = Field(1, ge=1, description="in epochs; converted to the budget's unit")
     reduction_factor: float = Field(2.0, gt=1.0)
-    max_t: int | None = Field(None, ge=1, description="default: the largest epochs budget in the space")
+    max_t: int | None = Field(None, ge=1, description="in epochs; default: the largest epochs (or the budget)")
 
 
 class ResourcesSection(Strict):
@@ -127,10 +159,20 @@ class SearchSpec(Strict):
     champion: ChampionSection = Field(default_factory=ChampionSection)
     refit: RefitSection = Field(default_factory=RefitSection)
     testing: TestingSection | None = None
+    budget: Budget | None = Field(None, description="per trial: {steps: N} or {minutes: M}; None: epochs")
 
     @property
     def experiment(self) -> str:
         return self.mlflow.experiment or self.name
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> SearchSpec:
+        if isinstance(self.budget, StepsBudget):
+            for key in ("epochs", "data.patches_per_epoch", "patches_per_epoch"):
+                if key in self.space:
+                    raise ValueError(f"space.{key} conflicts with budget.steps, which sets epochs and "
+                                     "patches per epoch; remove one of them")
+        return self
 
 
 def _resolve_paths(spec: SearchSpec, root: Path) -> SearchSpec:

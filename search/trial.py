@@ -3,9 +3,11 @@
 Single-worker trials train inside the trial actor; ``workers_per_trial > 1`` launches a
 TorchTrainer from here (:mod:`search.ddp`). Either way every epoch is relayed by an
 :class:`EpochRelay`: logged to the trial's MLflow run (rank 0), checkpointed, and reported
-(``tune.report`` or ``ray.train.report``). The final epoch's report is held back until the
-model, preview and confusion matrix are logged, because Tune may stop the trial actor as soon
-as it sees a result (ASHA at ``max_t``), and nothing after the last report is guaranteed to run.
+(``tune.report`` or ``ray.train.report``), with segcore.train's cumulative ``steps`` (optimizer
+steps) and ``train_minutes``, the clocks of step and minute budgets (:mod:`search.budget`). The
+final epoch's report is held back until the model, preview and confusion matrix are logged,
+because Tune may stop the trial actor as soon as it sees a result (ASHA at ``max_t``), and
+nothing after the last report is guaranteed to run.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from search.hooks import FailOnce, barrier_arrive, barrier_done
 from search.mlflow_runs import COMPLETED, MlflowTarget, TrialRun
 from search.quiet_exit import guard_current_thread
 from search.space import SearchSpace
-from search.spec import ResourcesSection, TestingSection
+from search.spec import Budget, ResourcesSection, TestingSection
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class TrialContext:
     train_storage: str  # Ray Train run storage for multi-worker trials (shared on a cluster)
     ledger_name: str
     testing: TestingSection | None = None
+    budget: Budget | None = None  # per trial: steps or minutes (None: the config's epochs)
 
 
 class EpochRelay:
@@ -89,9 +92,11 @@ def run_epochs(ctx: TrialContext, params: dict[str, Any], report: ReportFn, *, t
     Returns the relay still holding the final report: the caller sends it with ``flush()`` as
     its very last action.
     """
+    from search.budget import apply_budget
     from segcore.train import train
 
     cfg = ctx.space.to_train_config(params, source=f"trial {trial_id}")
+    cfg = apply_budget(cfg, ctx.budget, ctx.resources.workers_per_trial)
     run = TrialRun(ctx.mlflow, trial_id, trial_name) if rank == 0 else None
     if run is not None:
         run.log_params(params, cfg.model_dump(mode="json"))

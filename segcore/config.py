@@ -142,6 +142,8 @@ class TrainConfig(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     epochs: int = Field(10, ge=1)
+    max_minutes: float | None = Field(None, gt=0, description="stop at the first epoch end after this many "
+                                      "minutes of training wall time (search budgets); None: run every epoch")
     seed: int = 0
     device: str = "auto"
     amp: bool = True

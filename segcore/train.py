@@ -409,6 +409,17 @@ def load_checkpoint(run: _Run, directory: Path) -> int:
     return int(state["epoch"]) + 1
 
 
+def _clock(run: _Run, epoch: int, epoch_s: float) -> dict[str, float]:
+    """Cumulative optimizer steps and training minutes after ``epoch`` (search budgets and ASHA count
+    these); minutes sum the epochs' wall times, so a resumed run continues its clock."""
+    before = run.history[-1].get("train_minutes", 0.0) if run.history else 0.0
+    return {"steps": float((epoch + 1) * len(run.loader)), "train_minutes": before + epoch_s / 60.0}
+
+
+def _out_of_time(metrics: dict[str, float], cfg: TrainConfig) -> bool:
+    return cfg.max_minutes is not None and metrics.get("train_minutes", 0.0) >= cfg.max_minutes
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -428,20 +439,28 @@ def train(
     cm, keep = ConfusionMatrix(len(run.card.class_names)), []
     scored = False  # same on every rank (unlike ``keep``: a rank may hold no validation image)
     for epoch in range(start, run.cfg.epochs):
+        if run.history and _out_of_time(run.history[-1], run.cfg):  # resumed after the budget's last epoch
+            break
         t0 = time.perf_counter()
         train_loss = train_one_epoch(run, epoch)
         metrics, cm, keep = validate(run)
         scored = True
+        epoch_s = _all_reduce_mean(run, time.perf_counter() - t0, 1)  # one value on all ranks: one stop decision
         metrics.update(train_loss=_all_reduce_mean(run, train_loss, 1), lr=run.optimizer.param_groups[-1]["lr"],
-                       epoch_time_s=time.perf_counter() - t0)
+                       epoch_time_s=epoch_s, **_clock(run, epoch, epoch_s))
         metrics.update(run.adversarial.epoch_metrics() if run.adversarial is not None else {})
         run.history.append(metrics)
         log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_miou %.4f (%.1fs)", epoch + 1, run.cfg.epochs,
                  metrics["train_loss"], metrics["val_loss"], metrics["val_miou"], metrics["epoch_time_s"])
-        report = EpochReport(epoch, dict(metrics), epoch == run.cfg.epochs - 1, partial(save_checkpoint, run, epoch),
+        last = epoch == run.cfg.epochs - 1 or _out_of_time(metrics, run.cfg)
+        report = EpochReport(epoch, dict(metrics), last, partial(save_checkpoint, run, epoch),
                              run.rank, run.world_size)
         for callback in callbacks:
             callback(report)
+        if last and epoch < run.cfg.epochs - 1:
+            log.info("max_minutes %.3g reached after epoch %d (%.2f min): training stops", run.cfg.max_minutes,
+                     epoch + 1, metrics["train_minutes"])
+            break
     if not scored:  # resumed from the final checkpoint: score it once so the outputs are complete
         metrics, cm, keep = validate(run)
     run.card.metrics = metrics

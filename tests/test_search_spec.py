@@ -183,3 +183,82 @@ def test_cli_dry_run_validates_and_reports_the_bad_key(data_dir: Path, tmp_path:
     bad.write_text(yaml.safe_dump(spec_dict(data_dir, asha={"grace_perod": 2})))
     assert gigaseg(["search", "--config", str(bad)]) == 2
     assert "asha.grace_perod" in caplog.text
+
+
+# ----------------------------------------------------------------------------- budgets (issue 9 item 2)
+
+
+@pytest.mark.parametrize(("budget", "unit"), [({"steps": 300}, "steps"), ({"minutes": 2.5}, "minutes"),
+                                              ({"unit": "steps", "steps": 5}, "steps"), (None, None)])
+def test_budget_accepts_steps_or_minutes(data_dir: Path, budget, unit) -> None:
+    space = {k: v for k, v in spec_dict(data_dir)["space"].items() if k != "epochs"}
+    spec = parse_search_spec(spec_dict(data_dir, space=space, budget=budget), source="s.yaml")
+    assert (spec.budget.unit if spec.budget else None) == unit
+
+
+@pytest.mark.parametrize(("budget", "needle"), [
+    ({"steps": 0}, "budget.steps.steps"),
+    ({"minutes": -1}, "budget.minutes.minutes"),
+    ({"epochs": 3}, "exactly one of {steps: N} or {minutes: M}"),
+    ({"steps": 3, "minutes": 1}, "exactly one of"),
+    ({"steps": 10, "minuts": 1}, "minuts"),
+    (5, "exactly one of"),
+])
+def test_bad_budget_names_the_key(data_dir: Path, budget, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_search_spec(spec_dict(data_dir, budget=budget), source="s.yaml")
+    assert needle in str(err.value)
+
+
+def test_steps_budget_refuses_a_searched_epochs(data_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="space.epochs conflicts with budget.steps"):
+        parse_search_spec(spec_dict(data_dir, budget={"steps": 100}), source="s.yaml")
+    minutes = parse_search_spec(spec_dict(data_dir, budget={"minutes": 3}), source="s.yaml")
+    assert minutes.budget.minutes == 3  # epochs is then the cap
+
+
+@pytest.mark.parametrize(("steps", "ppe", "batch", "world", "expected"), [
+    (1000, 512, 16, 1, (31, 528)),  # 32 steps/epoch: round(31.25) = 31 epochs of ceil(1000/31) = 33 steps
+    (64, 512, 16, 1, (2, 512)),  # exact
+    (5, 512, 16, 1, (1, 80)),  # fewer steps than one epoch: one shorter epoch
+    (6, 16, 4, 1, (2, 12)),  # round(1.5) = 2 epochs of 3 steps
+    (100, 512, 16, 2, (6, 544)),  # DDP: 16 steps/epoch per rank
+    (7, 10, 16, 1, (7, 16)),  # patches below one batch: 1 step per epoch
+])
+def test_fit_steps_rounding(steps, ppe, batch, world, expected) -> None:
+    from search.budget import fit_steps, steps_per_epoch
+
+    epochs, new_ppe = fit_steps(steps, ppe, batch, world)
+    assert (epochs, new_ppe) == expected
+    total = epochs * steps_per_epoch(new_ppe, batch, world)
+    assert steps <= total < steps + epochs
+
+
+def test_apply_budget_and_asha_clock(data_dir: Path) -> None:
+    from search.budget import apply_budget, asha_clock
+    from search.engines import build_scheduler
+    from segcore.config import TrainConfig
+
+    cfg = TrainConfig.model_validate({"epochs": 7, "data": {"patches_per_epoch": 64, "batch_size": 8}})
+    stepped = apply_budget(cfg, parse_search_spec(spec_dict(data_dir, space={"patch_size": 64},
+                                                            budget={"steps": 40}), "s").budget)
+    assert (stepped.epochs, stepped.data.patches_per_epoch, stepped.max_minutes) == (5, 64, None)
+    assert apply_budget(cfg, None) == cfg
+
+    raw = spec_dict(data_dir, space={"patch_size": 64, "batch_size": {"choice": [4, 8]}},
+                    base={"epochs": 4, "data": {"patches_per_epoch": 64, "batch_size": 8}},
+                    asha={"grace_period": 2, "reduction_factor": 2})
+    spec = parse_search_spec({**raw, "budget": {"steps": 40}}, "s")
+    space = SearchSpace.from_spec(spec)
+    clock = asha_clock(spec, space.to_train_config({}), space.max_epochs())
+    assert (clock.time_attr, clock.grace_period, clock.max_t) == ("steps", 16, 40)  # 8 steps/epoch x 2
+    assert build_scheduler(spec, space)._time_attr == "steps"
+
+    spec = parse_search_spec({**raw, "budget": {"minutes": 6}}, "s")
+    clock = asha_clock(spec, space.to_train_config({}), space.max_epochs())
+    assert (clock.time_attr, clock.grace_period, clock.max_t) == ("train_minutes", 3.0, 6.0)  # 6 min / 4 epochs x 2
+    assert apply_budget(cfg, spec.budget).max_minutes == 6
+
+    spec = parse_search_spec(raw, "s")
+    clock = asha_clock(spec, space.to_train_config({}), space.max_epochs())
+    assert (clock.time_attr, clock.grace_period, clock.max_t) == ("training_iteration", 2, 4)

@@ -1,0 +1,89 @@
+"""Per-trial budgets in epochs, optimizer steps or minutes, and ASHA's clock in the same unit.
+
+* ``epochs`` (no ``budget:``): the TrainConfig's ``epochs``; ASHA counts ``training_iteration``.
+* ``budget: {steps: N}``: :func:`apply_budget` sets ``epochs`` and ``data.patches_per_epoch`` so a
+  trial makes at least N and fewer than N + epochs optimizer steps (see :func:`fit_steps`); ASHA
+  counts the reported ``steps``, so trials with different batch sizes meet at equal steps.
+* ``budget: {minutes: M}``: ``max_minutes = M`` (``segcore.train`` stops at the first epoch end
+  after M minutes of training wall time); ASHA counts the reported ``train_minutes``.
+
+``asha.grace_period`` and ``asha.max_t`` are written in epochs and converted with the base
+configuration's epoch length in that unit (:func:`asha_clock`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from search.spec import Budget, MinutesBudget, SearchSpec, StepsBudget
+from segcore.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+TIME_ATTR = {"epochs": "training_iteration", "steps": "steps", "minutes": "train_minutes"}
+
+
+def steps_per_epoch(patches_per_epoch: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch on each rank, as segcore.train's loader makes them (drop_last
+    when a rank holds at least one full batch, else one short batch)."""
+    per_rank = math.ceil(patches_per_epoch / world_size)
+    return max(1, per_rank // batch_size)
+
+
+def fit_steps(steps: int, patches_per_epoch: int, batch_size: int, world_size: int = 1) -> tuple[int, int]:
+    """``(epochs, patches_per_epoch)`` that make at least ``steps`` optimizer steps per rank.
+
+    Rounding: epochs = max(1, round(steps / steps per epoch at the configured patches_per_epoch)),
+    so validation keeps about the configured cadence; then each epoch gets ceil(steps / epochs)
+    steps, i.e. patches_per_epoch = that x batch_size x world_size. The total overshoots ``steps``
+    by less than one step per epoch.
+    """
+    epochs = max(1, round(steps / steps_per_epoch(patches_per_epoch, batch_size, world_size)))
+    per_epoch = math.ceil(steps / epochs)
+    return epochs, per_epoch * batch_size * world_size
+
+
+def apply_budget(cfg: TrainConfig, budget: Budget | None, world_size: int = 1) -> TrainConfig:
+    """The trial's TrainConfig under ``budget`` (unchanged without one)."""
+    if isinstance(budget, StepsBudget):
+        epochs, ppe = fit_steps(budget.steps, cfg.data.patches_per_epoch, cfg.data.batch_size, world_size)
+        data = cfg.data.model_copy(update={"patches_per_epoch": ppe})
+        return cfg.model_copy(update={"epochs": epochs, "data": data})
+    if isinstance(budget, MinutesBudget):
+        return cfg.model_copy(update={"max_minutes": budget.minutes})
+    return cfg
+
+
+@dataclass(frozen=True)
+class AshaClock:
+    """ASHA's ``time_attr`` and its ``grace_period`` / ``max_t`` in that unit, and how they were made."""
+
+    time_attr: str
+    grace_period: float
+    max_t: float
+    why: str
+
+
+def asha_clock(spec: SearchSpec, base: TrainConfig, max_epochs: int) -> AshaClock:
+    """ASHA's clock for ``spec.budget``; ``base`` is the base configuration (plan merged in).
+
+    One epoch is converted with the base configuration: under a steps budget its steps per epoch
+    after :func:`fit_steps`; under a minutes budget M / base epochs (the plan fits the base's
+    epochs to the budget's minutes). ``max_t`` defaults to the whole budget.
+    """
+    asha, budget = spec.asha, spec.budget
+    if budget is None:
+        return AshaClock(TIME_ATTR["epochs"], asha.grace_period, asha.max_t or max_epochs, "epochs")
+    if isinstance(budget, StepsBudget):
+        world = spec.resources.workers_per_trial
+        epochs, ppe = fit_steps(budget.steps, base.data.patches_per_epoch, base.data.batch_size, world)
+        per_epoch: float = steps_per_epoch(ppe, base.data.batch_size, world)
+        total: float = budget.steps
+        why = f"1 epoch = {per_epoch:g} steps of the base config ({epochs} epochs for {budget.steps} steps)"
+    else:
+        per_epoch, total = budget.minutes / base.epochs, budget.minutes
+        why = f"1 epoch = {per_epoch:.3g} min ({budget.minutes:g} min over the base's {base.epochs} epochs)"
+    max_t = min(asha.max_t * per_epoch, total) if asha.max_t else total
+    return AshaClock(TIME_ATTR[budget.unit], asha.grace_period * per_epoch, max_t, why)
