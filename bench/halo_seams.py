@@ -81,7 +81,7 @@ def seam_rows(name: str, loaded: LoadedModel, image: np.ndarray, settings: list[
     return rows
 
 
-def model_rows(ref: str, raw: np.ndarray, before: tuple[int, int]) -> list[dict]:
+def model_rows(ref: str, raw: np.ndarray, before: tuple[int, int], which: set[str]) -> list[dict]:
     loaded = load_model(ref, device="cpu")
     image = apply_norm(raw[None], compute_norm_stats(raw, loaded.card.train.normalize))
     chosen = resolve_tiling(loaded, {"tile": None, "halo": None, "batch_size": 8})
@@ -92,6 +92,7 @@ def model_rows(ref: str, raw: np.ndarray, before: tuple[int, int]) -> list[dict]
     settings = [(f"before: tile {before[0]}, halo {before[1]}", before[0], before[1], 4),
                 ("measured halo, tile 512", 512, halo, 4),
                 ("measured halo, chosen tile", chosen["tile"], halo, chosen["batch_size"])]
+    settings = [s for s, key in zip(settings, ("before", "stress", "chosen"), strict=True) if key in which]
     rows = seam_rows(name, loaded, image, settings)
     for r in rows:
         r["measured"] = {"halo": loaded.card.extra.get("halo"), **on}
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default="/tmp/gigaseg-halo-seams", help="training data and models (reused)")
     p.add_argument("--size", type=int, default=2560, help="test scan edge (px)")
     p.add_argument("--before", default="512,128", help="tile,halo of the previous segment defaults")
+    p.add_argument("--rows", default="before,stress,chosen",
+                   help="which rows: previous defaults, measured halo at tile 512, measured halo at the chosen tile")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     refs = args.model or train_models(workdir, args.encoders.split(","), args.epochs)
     raw, _ = render_sem((args.size, args.size), seed=args.seed)
     tile, halo = (int(v) for v in args.before.split(","))
-    rows = [r for ref in refs for r in model_rows(ref, raw, (tile, halo))]
+    rows = [r for ref in refs for r in model_rows(ref, raw, (tile, halo), set(args.rows.split(",")))]
     print_table(rows)
     print(json.dumps(rows))
 
