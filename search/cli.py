@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--resume", type=Path, metavar="PATH",
                       help="continue a stopped search from its folder (<storage_path>/<name>)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="validate the YAML and the data, print the dimensions (and grid size), start nothing")
+                        help="validate the YAML and the data, plan (as a real run does: a few timed steps), "
+                             "print the plan, trial 0, the budget, the dimensions (and grid size); start nothing")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,7 +50,34 @@ def _dry_run(config: Path) -> int:
         print(f"  valid encoders for {arch}: {', '.join(encoders)}")
     if spec.engine == "grid":
         print(f"  grid: {len(space.grid(spec.seed))} configurations")
+    _print_plan(spec, space)
     return 0
+
+
+def _print_plan(spec: Any, space: Any) -> None:
+    """The plan a real run would start from (search/planned.py), trial 0, and the budget's clock."""
+    from search.budget import apply_budget, asha_clock
+    from search.planned import plan_search
+
+    planned, planned_space, plan = plan_search(spec, space)
+    if plan is None:
+        print("  plan: disabled (plan.enabled: false); the search starts from base alone")
+    else:
+        print(f"  plan for {spec.data.train} ({plan.budget_min:g} min per trial), merged under base:")
+        for line in plan.lines():
+            print(f"    {line}")
+    trial0 = planned.seed_configs[0] if plan is not None and spec.engine != "grid" else None
+    if trial0 is not None:
+        print(f"  trial 0 = the plan: {trial0 or '(no searched dimension takes a planned value)'}")
+    cfg = apply_budget(planned_space.to_train_config(trial0 or {}, source="trial 0"), spec.budget,
+                       spec.resources.workers_per_trial)
+    unit = f"{spec.budget.unit} {getattr(spec.budget, spec.budget.unit):g}" if spec.budget else "epochs"
+    print(f"  budget per trial: {unit} -> epochs {cfg.epochs} x {cfg.data.patches_per_epoch} patches / batch "
+          f"{cfg.data.batch_size}" + (f", max_minutes {cfg.max_minutes:g}" if cfg.max_minutes else ""))
+    if spec.asha.enabled:
+        clock = asha_clock(planned, planned_space.to_train_config({}, source="base"), planned_space.max_epochs())
+        print(f"  ASHA on {clock.time_attr}: grace_period {clock.grace_period:.4g}, max_t {clock.max_t:.4g} "
+              f"({clock.why})")
 
 
 def run_cli(args: argparse.Namespace) -> int:

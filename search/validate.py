@@ -125,6 +125,15 @@ def _check_value(dim: Dimension, choices: tuple[Any, ...], value: Any, where: st
 
 def _check_asha(space: SearchSpace, spec: Any, source: str) -> None:
     asha = spec.asha
+    if asha.enabled and getattr(spec, "budget", None) is not None:  # compared in the budget's unit
+        from search.budget import asha_clock
+
+        clock = asha_clock(spec, space.to_train_config({}, source=source), space.max_epochs())
+        if clock.grace_period > clock.max_t:
+            raise ConfigError(f"{source}: asha.grace_period ({asha.grace_period} epochs = {clock.grace_period:.4g} "
+                              f"{clock.time_attr}; {clock.why}) exceeds max_t ({clock.max_t:.4g}); lower "
+                              "asha.grace_period or raise the budget.")
+        return
     max_t = asha.max_t or space.max_epochs()
     if asha.enabled and asha.grace_period > max_t:
         raise ConfigError(f"{source}: asha.grace_period ({asha.grace_period}) exceeds max_t ({max_t}).")

@@ -179,6 +179,15 @@ def test_cli_dry_run_validates_and_reports_the_bad_key(data_dir: Path, tmp_path:
     out = capsys.readouterr().out
     assert "encoder__" not in out and "valid encoders for FPN" in out and "grid:" in out
     assert "2 samples, 1 channel(s), classes background, line, ellipse" in out
+    assert "merged under base:" in out and "data.patch_size = " in out  # the plan a real run would use
+    assert "budget per trial: epochs -> epochs " in out and "ASHA on training_iteration" in out
+    stepped = tmp_path / "stepped.yaml"
+    space = {k: v for k, v in spec_dict(data_dir)["space"].items() if k != "epochs"}
+    stepped.write_text(yaml.safe_dump(spec_dict(data_dir, space=space, budget={"steps": 40})))
+    assert gigaseg(["search", "--config", str(stepped), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "trial 0 = the plan: {'architecture': 'Unet'" in out
+    assert "budget per trial: steps 40 -> epochs " in out and "ASHA on steps: grace_period " in out
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(spec_dict(data_dir, asha={"grace_perod": 2})))
     assert gigaseg(["search", "--config", str(bad)]) == 2
@@ -262,3 +271,12 @@ def test_apply_budget_and_asha_clock(data_dir: Path) -> None:
     spec = parse_search_spec(raw, "s")
     clock = asha_clock(spec, space.to_train_config({}), space.max_epochs())
     assert (clock.time_attr, clock.grace_period, clock.max_t) == ("training_iteration", 2, 4)
+
+
+def test_asha_grace_is_checked_in_the_budget_unit(data_dir: Path) -> None:
+    space = {"patch_size": 64}
+    base = {"data": {"patches_per_epoch": 64, "batch_size": 8}}  # 8 steps per epoch
+    ok = spec_dict(data_dir, space=space, base=base, budget={"steps": 16}, asha={"grace_period": 2})
+    assert parse_search_spec(ok, "s").budget.steps == 16
+    with pytest.raises(ConfigError, match=r"asha.grace_period \(3 epochs = 24 steps"):
+        parse_search_spec({**ok, "asha": {"grace_period": 3}}, "s")
