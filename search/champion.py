@@ -295,13 +295,12 @@ def log_report(target: MlflowTarget, report: ChampionReport) -> None:
     client.log_text(run_id, json.dumps(payload, indent=2, default=str), "champion.json")
 
 
-def finish_champion(spec: Any, target: MlflowTarget, trial_ids: list[str]) -> str | None:
-    """Ensemble, calibrate, TTA and gate-register the completed trials (best first); the alias URI
-    the new model got, or None when no trial logged a model."""
-    if spec.refit.budget_fraction > 0:
-        log.warning("refit.budget_fraction %.2f: refitting the best configuration is not implemented yet; "
-                    "the champion is chosen from the trials alone", spec.refit.budget_fraction)
-    cands = trial_models(target, trial_ids)
+def finish_champion(spec: Any, target: MlflowTarget, trial_ids: list[str],
+                    extra: list[Candidate] | None = None) -> str | None:
+    """Ensemble, calibrate, TTA and gate-register the completed trials (best first) and ``extra``
+    candidates (a kept refit, search/refit.py); the alias URI the new model got, or None when no
+    trial logged a model."""
+    cands = trial_models(target, trial_ids) + list(extra or [])
     if not cands:
         log.warning("no completed trial has a logged model; nothing registered")
         return None

@@ -27,6 +27,7 @@ from search.mlflow_runs import MlflowTarget, start_parent_run
 from search.pg_guard import LedgerSweeper, get_ledger
 from search.planned import log_plan, plan_search
 from search.preflight import check_search_data
+from search.refit import trial_time_budget_s
 from search.space import SearchSpace
 from search.spec import ResourcesSection, SearchSpec, parse_search_spec
 from search.summary import SearchOutcome, TrialStatusCallback, summarize
@@ -112,7 +113,8 @@ def _tuner(spec: SearchSpec, space: SearchSpace, trainable: Any, target: MlflowT
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=build_scheduler(spec, space),
             num_samples=num_trials(spec, space), max_concurrent_trials=default_concurrency(spec),
-            time_budget_s=spec.time_budget_s, reuse_actors=reuse_actors(spec), trial_dirname_creator=trial_dirname,
+            time_budget_s=trial_time_budget_s(spec),  # less the refit's share (search/refit.py)
+            reuse_actors=reuse_actors(spec), trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=exp_dir.name,

@@ -103,16 +103,30 @@ def register_champion(target: MlflowTarget, trial_id: str, name: str, alias: str
     return f"models:/{name}@{alias}"
 
 
-def _champion(results: Any, spec: Any, target: MlflowTarget, best_trial_id: str) -> str | None:
-    """Ensemble / calibrate / TTA / gate the completed trials (search.champion); if that breaks,
-    register the best trial as before, so a finished search still yields a champion."""
+def _refit(results: Any, spec: Any, target: MlflowTarget, best: Any) -> Any | None:
+    """The kept refit of the best trial (search.refit) as a champion candidate, else None; a refit
+    that breaks is logged and skipped, so the trials still yield a champion."""
+    from search.refit import refit_candidate
+
+    try:
+        return refit_candidate(spec, target, results, best)
+    except Exception as exc:
+        log.warning("refit failed (%s: %s); the champion is chosen from the trials alone", type(exc).__name__, exc,
+                    exc_info=True)
+        return None
+
+
+def _champion(results: Any, spec: Any, target: MlflowTarget, best_trial_id: str,
+              refit: Any | None = None) -> str | None:
+    """Ensemble / calibrate / TTA / gate the completed trials and a kept refit (search.champion); if
+    that breaks, register the best trial as before, so a finished search still yields a champion."""
     from search.champion import finish_champion
 
     done = sorted((r for r in results if trial_status(r) == COMPLETED and r.metrics.get(spec.metric) is not None),
                   key=lambda r: r.metrics[spec.metric], reverse=spec.mode == "max")
     trial_ids = [r.metrics["trial_id"] for r in done]
     try:
-        return finish_champion(spec, target, trial_ids)
+        return finish_champion(spec, target, trial_ids, extra=[refit] if refit is not None else [])
     except Exception as exc:  # the trials are done; don't lose them to a post-processing bug
         log.warning("champion selection failed (%s: %s); registering the best trial %s as is", type(exc).__name__,
                     exc, best_trial_id, exc_info=True)
@@ -152,8 +166,9 @@ def summarize(results: Any, spec: Any, target: MlflowTarget, path: str,
         outcome.best_trial_id = best.metrics["trial_id"]
         outcome.best_value = float(best.metrics[spec.metric])
         outcome.best_params = dict(best.config.get("params", {}))
+        refit = _refit(results, spec, target, best)
         if spec.mlflow.registered_model_name:
-            outcome.champion_uri = _champion(results, spec, target, outcome.best_trial_id)
+            outcome.champion_uri = _champion(results, spec, target, outcome.best_trial_id, refit)
     outcome.failure = failure_reason(results, outcome, spec, stopped_because)
     _log_outcome(target, outcome, spec.metric)
     return outcome

@@ -1,0 +1,66 @@
+"""Refit (search/refit.py): the trials get (1 - f) of the time budget, then the best trial's
+configuration is retrained for longer in a nested MLflow run, kept only if it scores better."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+from tiny_search import tiny_search as tiny
+
+from search import parse_search_spec, run_search
+from search.refit import KEPT_TAG, beats, reserved_seconds, trial_time_budget_s
+from segcore.simulate import generate_shapes
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_shapes(tmp_path_factory.mktemp("shapes") / "train", n=4, size=96, seed=1)
+
+
+def test_refit_budget_split(shapes: Path, tmp_path: Path) -> None:
+    spec = parse_search_spec(tiny("split", shapes, tmp_path, time_budget_s=100, refit={"budget_fraction": 0.3}))
+    assert trial_time_budget_s(spec) == pytest.approx(70.0)
+    assert reserved_seconds(spec, []) == pytest.approx(30.0)
+    # no time budget: the refit's share of trials + refit, from the trials' wall time (first start to last report)
+    spec = parse_search_spec(tiny("split", shapes, tmp_path, refit={"budget_fraction": 0.25}))
+    results = [SimpleNamespace(metrics={"timestamp": 130.0, "time_total_s": 30.0}),
+               SimpleNamespace(metrics={"timestamp": 160.0, "time_total_s": 40.0})]
+    assert trial_time_budget_s(spec) is None
+    assert reserved_seconds(spec, results) == pytest.approx(60.0 / 3)
+    assert beats(0.8, 0.7, "max") and not beats(0.7, 0.7, "max") and beats(0.1, 0.2, "min")
+    assert not beats(float("nan"), 0.1, "max")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_refit_child_run(ray_local, mlflow_sqlite, shapes, tmp_path, caplog) -> None:
+    over = {"num_samples": 2, "asha": {"enabled": False}, "refit": {"budget_fraction": 0.6},
+            "champion": {"tta": "off"}}
+    spec = parse_search_spec(tiny("tiny-refit", shapes, tmp_path / "runs", **over))
+    with caplog.at_level(logging.INFO, logger="search"):
+        outcome = run_search(spec)
+    assert outcome.champion_uri == "models:/tiny-refit-model@champion"
+    client = mlflow.MlflowClient(mlflow_sqlite)
+    exp = client.get_experiment_by_name("tiny-refit")
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    refits = [r for r in children if r.data.tags.get("gigaseg.kind") == "refit"]
+    assert len(refits) == 1 and len(children) == 3
+    refit = refits[0]
+    kept = refit.data.tags[KEPT_TAG]
+    assert kept in {"true", "false"}
+    assert refit.data.params["refit.of_trial"] == outcome.best_trial_id
+    assert int(refit.data.params["epochs"]) > int(refit.data.params["refit.trial_epochs"]) == 2
+    assert len(client.get_metric_history(refit.info.run_id, "val_miou")) > 2
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.tags[KEPT_TAG] == kept and "refit_score" in parent.data.metrics
+    assert ("gigaseg.model_uri" in refit.data.tags) == (kept == "true")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refit kept:")]
+    assert len(lines) == 1
+    assert lines[0].startswith("refit kept: the refit" if kept == "true" else "refit kept: best trial")
+    if kept == "true":  # one more candidate for ensemble selection: its validation score was computed
+        assert any("trial refit: validation mIoU" in r.getMessage() for r in caplog.records)
