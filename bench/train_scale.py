@@ -49,7 +49,8 @@ def make_dataset(folder: Path, gpx: float, mask_scale: int, pyramid: bool = Fals
     import yaml
     from PIL import Image
 
-    side = min(SIDE, int(math.sqrt(gpx * 1e9)) // TILE * TILE)
+    unit = TILE * 4 if pyramid else TILE  # whole tiles at every level
+    side = min(SIDE, int(math.sqrt(gpx * 1e9)) // unit * unit)
     n = max(1, round(gpx * 1e9 / side**2))
     if (folder / "dataset.yaml").is_file():
         return folder
