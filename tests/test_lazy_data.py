@@ -184,3 +184,25 @@ def test_dataloader_workers_open_their_own_sources(tmp_path):
     batches = list(DataLoader(data, batch_size=4, num_workers=2))
     assert sum(b[0].shape[0] for b in batches) == 8
     np.testing.assert_array_equal(batches[0][0][0].numpy(), first[0].numpy())  # same item, same pixels
+
+
+def test_training_at_scale_4_reads_the_pyramid_level_only(tmp_path):
+    """A scan with a stored level 4 trains at data.scale 4 from that level: one px read per model
+    px (16x fewer than block-meaning level 0), and patches equal the block means within rounding."""
+    image, _ = _dataset(tmp_path, size=(256, 320), mask_shape=(64, 80), spec_extra={"mask_scale": 4})
+    level4 = np.round(image.astype(np.float64).reshape(64, 4, 80, 4).mean(axis=(1, 3))).astype(np.uint16)
+    with tifffile.TiffWriter(tmp_path / "images" / "s.tif") as tif:
+        tif.write(image, tile=(64, 64), subifds=1, photometric="minisblack")
+        tif.write(level4, tile=(32, 32), subfiletype=1, photometric="minisblack")
+    images = scan_dataset(tmp_path, load_spec(tmp_path))
+    dataset = LazyPatchDataset(images, 32, 6, scale=4, num_classes=3)
+    for i in range(6):
+        dataset[i]
+    assert dataset.reader.pixels_read == 6 * 32 * 32
+    from segcore.data.normalize import apply_norm
+
+    stats = images[0].stats
+    patch = PatchReader(images, scale=4).image(0, 8, 16, 32, 32)[0]
+    np.testing.assert_array_equal(patch, apply_norm(level4[8:40, 16:48], stats))  # the stored level
+    block = image.astype(np.float64).reshape(64, 4, 80, 4).mean(axis=(1, 3))[8:40, 16:48]
+    np.testing.assert_allclose(patch, apply_norm(block, stats), atol=0.5 * stats.scale + 1e-5)
