@@ -34,6 +34,7 @@ from search.mlflow_runs import MODEL_URI_TAG, MlflowTarget, find_trial_run
 from segcore.calibration import calibrate_model, log_of, set_card_extra, tiled_proba
 from segcore.data import Sample, load_samples, load_spec
 from segcore.ensemble import greedy_select, member_halo, miou_of, save_ensemble_dir
+from segcore.halo import MEASURED_ON_KEY, loaded_halo
 from segcore.metrics import ConfusionMatrix
 from segcore.modeldir import TTA_KEY, LoadedModel, read_card
 from segcore.modelref import load_model, local_dir
@@ -276,6 +277,19 @@ def calibrate_and_tta(report: ChampionReport, cands: list[Candidate], labels: np
                  plain, report.tta_gain, "on by default (card)" if flipped > plain else "off")
 
 
+def measure_champion_halo(model_dir: Path, heldout: HeldOut) -> None:
+    """Trials skip the halo measurement (it cost ~20 % of a short trial); the chosen model is
+    measured once here, on whole validation images, and the card gets its exact halo."""
+    loaded = load_model(model_dir, device="cpu")
+    if MEASURED_ON_KEY in loaded.card.extra:  # the base config asked every trial to measure it
+        return
+    spec = load_spec(heldout.data_dir).model_copy(update={"normalize": loaded.card.train.normalize})
+    images = [s.image for s in load_samples(heldout.data_dir, spec)
+              if heldout.names is None or s.name in heldout.names]
+    for key, value in loaded_halo(loaded, images).items():
+        set_card_extra(model_dir, key, value)
+
+
 def log_report(target: MlflowTarget, report: ChampionReport) -> None:
     """Members, weights, gain and costs as params/metrics on the parent run, and ``champion.json``."""
     client, run_id, now = target.client(), target.parent_run_id, int(time.time() * 1000)
@@ -309,6 +323,7 @@ def finish_champion(spec: Any, target: MlflowTarget, trial_ids: list[str],
     with tempfile.TemporaryDirectory(prefix="gigaseg-champion-") as tmp:
         report = choose_candidate(cands, labels, spec.champion.ensemble_size, Path(tmp))
         calibrate_and_tta(report, cands, labels, val, spec.champion)
+        measure_champion_halo(report.model_dir, val)
         log_report(target, report)
         test = HeldOut(spec.data.test, None, spec.champion.val_pixels, "test") if spec.data.test else val
         result = gate_and_register(target, report.model_dir, spec.mlflow.registered_model_name, spec.mlflow.alias,

@@ -97,6 +97,8 @@ def run_epochs(ctx: TrialContext, params: dict[str, Any], report: ReportFn, *, t
 
     cfg = ctx.space.to_train_config(params, source=f"trial {trial_id}")
     cfg = apply_budget(cfg, ctx.budget, ctx.resources.workers_per_trial)
+    if "measure_halo" not in cfg.data.model_fields_set:  # measured once, on the champion (search/champion.py)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"measure_halo": False})})
     run = TrialRun(ctx.mlflow, trial_id, trial_name) if rank == 0 else None
     if run is not None:
         run.log_params(params, cfg.model_dump(mode="json"))

@@ -113,15 +113,30 @@ def card_halo(model: torch.nn.Module, card: Any, images: Sequence[np.ndarray], d
         log.info("halo: not measured (%s)", "data.measure_halo is off" if images else "no validation image")
         return {}
     multiple = input_multiple(cfg.model.arch, cfg.model.encoder, cfg.model.arch_kwargs)
-    tile = measuring_tile(multiple)
-    crops = measuring_images(images, tile, cap)
     threshold = cfg.binary_threshold if cfg.model.classes == 1 else None
-    labels = argmax_labels if threshold is None else (lambda p: (p[1] >= threshold).astype(np.int64))
     was_training = model.training
     model.eval()
+    try:
+        return halo_entries(model_predictor(model, device), images, multiple, threshold, cap)
+    finally:
+        model.train(was_training)
+
+
+def loaded_halo(loaded: Any, images: Sequence[np.ndarray], cap: int = HALO_CAP) -> dict[str, Any]:
+    """:func:`card_halo` for a loaded model (a single model or an ensemble, with its temperature):
+    how a search measures its champion once instead of every trial."""
+    threshold = loaded.card.train.binary_threshold if loaded.binary else None
+    return halo_entries(loaded.predict_proba, images, loaded.size_multiple, threshold, cap) if images else {}
+
+
+def halo_entries(predict: PredictFn, images: Sequence[np.ndarray], multiple: int, threshold: float | None,
+                 cap: int = HALO_CAP) -> dict[str, Any]:
+    """Measure on crops of ``images`` and return the card entries (see :func:`card_halo`)."""
+    tile = measuring_tile(multiple)
+    crops = measuring_images(images, tile, cap)
+    labels = argmax_labels if threshold is None else (lambda p: (p[1] >= threshold).astype(np.int64))
     t0 = time.perf_counter()
-    halo = measure_exact_halo(model_predictor(model, device), crops, tile, multiple, cap, labels)
-    model.train(was_training)
+    halo = measure_exact_halo(predict, crops, tile, multiple, cap, labels)
     seconds = time.perf_counter() - t0
     shapes = [list(c.shape[-2:]) for c in crops]
     if halo is None:

@@ -25,6 +25,7 @@ from search import parse_search_spec, run_search
 from search.mlflow_runs import COMPLETED, STATUS_TAG, STOPPED, TRIAL_TAG
 from segcore.cli import main as gigaseg
 from segcore.mlflow_model import download_model_dir
+from segcore.modeldir import read_card
 from segcore.modelref import load_model
 from segcore.simulate import generate_shapes
 
@@ -63,6 +64,7 @@ def check_search_in_mlflow(uri: str, name: str, outcome, n_trials: int) -> None:
             # the model directory, logged as the run's pyfunc model (an MLflow 3 LoggedModel)
             model_dir = download_model_dir(f"runs:/{run.info.run_id}/model", tracking_uri=uri)
             assert (model_dir / "model.safetensors").is_file() and (model_dir / "config.json").is_file()
+            assert "halo_measured_on" not in read_card(model_dir).extra  # trials skip it; the champion has it
             assert run.data.tags["gigaseg.model_uri"].startswith("models:/")
         else:
             assert steps == [0]
@@ -76,6 +78,7 @@ def check_champion(uri: str, name: str) -> None:
     mlflow.set_tracking_uri(uri)
     try:
         loaded = load_model(champion)
+        assert loaded.card.extra["halo_measured_on"]["images"] >= 1  # measured once, on the champion
         x = np.random.default_rng(0).random((1, 1, 96, 160), dtype=np.float32)
         proba = loaded.predict_proba(x)
         assert proba.shape == (1, 3, 96, 160)
