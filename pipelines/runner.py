@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 TASK_CPUS = 0.25  # planning and finishing tasks: mostly I/O; small so they schedule next to the actors
 MAX_CPU_ACTORS = 32
+BIG_WINDOW = 1024  # CPU windows (tile + 2 halo) this big or bigger: one actor per node, all its CPUs as threads
 RAY_RETRY_S = 5.0  # pause before the one retry of a failed local Ray start
 PROGRESS_S = 10.0  # seconds between progress lines in the driver
 # Memory requests, so Ray schedules by them and Ray Data stops warning about unrequested memory.
@@ -127,10 +128,35 @@ def _cpu_actors(cpus: float) -> int:
     return max(1, min(int(cpus) if cpus <= 4 else int(cpus) // 2, MAX_CPU_ACTORS))
 
 
+def cpu_pool(cpus: float, nodes: int, window: int) -> tuple[int, int]:
+    """(actors, torch threads per actor) for CPU-only nodes, from the window edge (tile + 2 halo).
+
+    Windows of at least :data:`BIG_WINDOW` px a side: one actor per node with every CPU of the node
+    as a torch thread. A big tile leaves an image few work units (a 4096² scan at tile 2304: 2
+    units), so single-threaded actors sit idle once the units run out (a one-window image used one
+    of two cores), and one model copy per node halves the actors' memory. Smaller windows keep
+    :func:`_cpu_actors`. Measured on a 2-core machine shared with other jobs (load 20+), a
+    resnet18 U-Net forward of two 1536² windows took 59 s in one process with 2 threads against
+    32 s in two 1-thread processes side by side: under heavy oversubscription intra-op threads
+    lose; ``--workers/--threads`` override. A pure function: the same node and tile give the same pool."""
+    nodes = max(1, nodes)
+    if window < BIG_WINDOW:
+        size = _cpu_actors(cpus)
+        return size, max(1, int(cpus // size))
+    return min(nodes, MAX_CPU_ACTORS), max(1, int(cpus / nodes))
+
+
 def actor_memory(opts: SegmentOptions, use_gpu: bool) -> int:
     """Bytes one segmenter actor needs: base + one forward pass of ``batch_size`` windows."""
     edge = opts.tile + 2 * opts.halo
     return ACTOR_BASE_MEMORY + ACTOR_BYTES_PER_PX["gpu" if use_gpu else "cpu"] * opts.batch_size * edge * edge
+
+
+def _cpu_nodes() -> int:
+    """Alive Ray nodes that have CPUs."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
 
 
 def pool_plan(run: RunConfig, opts: SegmentOptions) -> dict[str, Any]:
@@ -141,13 +167,14 @@ def pool_plan(run: RunConfig, opts: SegmentOptions) -> dict[str, Any]:
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 1)), int(res.get("GPU", 0))
     use_gpu = gpus > 0 and device != "cpu"
-    size = run.workers or (gpus if use_gpu else _cpu_actors(cpus))
+    cpu_size, cpu_threads = cpu_pool(cpus, _cpu_nodes(), opts.tile + 2 * opts.halo)
+    size = run.workers or (gpus if use_gpu else cpu_size)
     per_cpu = run.worker_cpus if run.worker_cpus is not None else (0.25 if use_gpu else 0.5)
     free = max(1.0, 0.25 * cpus)  # kept for planning and finishing tasks
     if size * per_cpu > cpus - free:
         per_cpu = max(0.01, (cpus - free) / size) if cpus > free else 0.01
         log.info("actors ask for %.2f CPU each so that %.1f CPU stay free for reads", per_cpu, free)
-    threads = run.threads or (2 if use_gpu else max(1, int(cpus // size)))
+    threads = run.threads or (2 if use_gpu else cpu_threads if not run.workers else max(1, int(cpus // size)))
     memory = actor_memory(opts, use_gpu)
     room = float(res.get("memory", 0)) - 2 * PLAN_MEMORY  # two planning tasks can always start
     if size * memory > room > 0:
