@@ -56,7 +56,8 @@ BARE_TILE, MONAI_ROI, MONAI_BATCH, BARE_BATCH = 512, 512, 4, 4
 REF_MARGIN = 256  # crop border excluded from the seam score (the halo measurement's cap)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MILESTONES = {"model": r"tile \d+ (chosen|\(given\))", "ray": r"actor pool:", "planned": r"planned \d+ input",
-              "first_done": r"\] done ", "finished": r"finished in"}
+              "dataset_done": r"Dataset .* execution finished", "first_file_done": r"\] done ",
+              "finished": r"gigaseg.segment: finished in"}
 
 
 # ---------------------------------------------------------------- process-tree memory
@@ -124,6 +125,7 @@ def run_measured(cmd: list[str], log_path: Path, env: dict[str, str] | None = No
             stamp = time.perf_counter() - t0
             lines.append((stamp, line))
             fh.write(f"{stamp:8.2f} {line}")
+            fh.flush()
     rc = proc.wait()
     wall = time.perf_counter() - t0
     sampler.stop.set()
@@ -408,7 +410,7 @@ def print_table(title: str, rows: list[dict]) -> None:
     for r in rows:
         compute = f"{r['compute_s']:.1f}" if "compute_s" in r else "-"
         print(f"| {r['method']} | {r['wall_s']:.1f} | {compute} | {r['px'] / 1e6 / r['wall_s']:.3f} | {r['fwd']:.2f} "
-              f"| {r['rss'] / 1e9:.2f} | {r['pss'] / 1e9:.2f} | {r['procs']} | {100 * r['differ']:.4f} | {r['load']:.1f} |")
+              f"| {r['rss'] / 1e9:.2f} | {r['pss'] / 1e9:.2f} | {r['procs']} | {100 * r['differ']:.3g} | {r['load']:.1f} |")
     for r in rows:
         if "milestones" in r:
             print(f"  {r['method']}: tile {r['tile']}, halo {r['halo']}; s since start: {r['milestones']}; pool {r['pool']}")
