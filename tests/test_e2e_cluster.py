@@ -174,9 +174,11 @@ def _check_mlflow(uri: str, artifacts: Path) -> tuple[str, set[str]]:
             assert all(np.isfinite(m.value) for m in history)
     version = client.get_model_version_by_alias(MODEL, "champion")
     trial_ids = {t.info.run_id for t in trials}
-    assert version.run_id in trial_ids and version.status == "READY"
+    # the champion (calibrated, maybe an ensemble) is logged on the parent run; the best trial is in it
+    assert version.run_id == parent.info.run_id and version.status == "READY"
     best = max(trials, key=lambda t: t.data.metrics["val_miou"])
-    assert version.run_id == best.info.run_id
+    members = client.get_run(parent.info.run_id).data.params["ensemble.members"].split(",")
+    assert best.data.tags["gigaseg.trial_id"] in members
     # the trials uploaded through the server: weights and previews are in its artifacts folder
     assert any(artifacts.rglob("model.safetensors")) and any(artifacts.rglob("preview.png"))
     return version.version, trial_ids

@@ -98,7 +98,7 @@ def test_given_tile_is_honoured_or_refused_and_halo_rounded(trained) -> None:
     from segcore.errors import ConfigError
 
     loaded = load_model(trained / "model", device="cpu")
-    given = resolve_tiling(loaded, {"tile": 96, "halo": 60, "max_overhead": 1.2})
+    given = resolve_tiling(loaded, {"tile": 96, "halo": 60, "max_overhead": 1.2, "tta": False})
     assert (given["tile"], given["halo"]) == (96, 64) and "max_overhead" not in given
     with pytest.raises(ConfigError, match="--tile 100: not a multiple of the model's size multiple 8. Use 104"):
         resolve_tiling(loaded, {"tile": 100, "halo": 60})
