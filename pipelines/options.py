@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,6 +53,8 @@ class SegmentOptions(BaseModel):
     only_class: str | None = None  # write a 0/1 mask of this class instead of all labels
     probabilities: bool = False  # also store float16 class probabilities
     uncertainty: bool = False  # also store float16 normalised softmax entropy
+    # where labels of a model trained at data.scale > 1 are written: the input's grid (nearest) or the model's
+    labels_at: Literal["input", "model"] = "input"
     device: str = "auto"
     # MLflow server the actors download an MLflow model URI from: resolved once on the driver and
     # passed to every actor, so a worker node never falls back to its own environment.

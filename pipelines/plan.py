@@ -158,7 +158,7 @@ def _new_plan(source: ImageSource, key: str, stem: str, opts: SegmentOptions, in
         norm_offset=stats.offset, norm_scale=stats.scale,
         group=str(layout.image_group(stem, source.name)), state=str(layout.state(stem, source.name)),
         signature=signature, slow=source.slow_random_access, warnings=warnings,
-        scale=info.scale, out_scale=output_factor(info.scale), input_shape=getattr(source, "base", source).shape,
+        scale=info.scale, out_scale=output_factor(info.scale) if opts.labels_at == "input" else 1, input_shape=getattr(source, "base", source).shape,
     )
 
 

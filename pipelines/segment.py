@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--only-class", default=None, metavar="NAME", help="write a 0/1 mask of this class only")
     g.add_argument("--probabilities", action="store_true", help="also store float16 class probabilities")
     g.add_argument("--uncertainty", action="store_true", help="also store float16 normalised softmax entropy")
+    g.add_argument("--labels-at", choices=["input", "model"], default="input",
+                   help="for a model trained at data.scale > 1: write labels on the input's grid (nearest, "
+                        "default) or on the model's grid (1 px per model px)")
     g.add_argument("--device", default="auto", help="auto (GPU if the actor has one), cpu or cuda")
     r = p.add_argument_group("execution (no effect on the output)")
     r.add_argument("--workers", type=int, default=None, help="model actors (default: one per GPU, else per CPU)")
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         report = segment_archive(
             args.model, args.input, args.output, cfg, tile=args.tile, halo=args.halo, batch_size=args.batch_size,
             tta=args.tta, blend_tile=args.blend_tile, blend_overlap=args.blend_overlap, only_class=args.only_class,
-            probabilities=args.probabilities, uncertainty=args.uncertainty, device=args.device,
+            probabilities=args.probabilities, uncertainty=args.uncertainty, labels_at=args.labels_at, device=args.device,
             tracking_uri=args.tracking_uri, max_overhead=args.max_overhead)
     except Interrupted as stop:  # Ctrl-C: one line with the progress kept, no traceback
         log.error("%s", stop)

@@ -154,6 +154,12 @@ def test_segment_at_model_scale_writes_input_resolution(tmp_path, ray_local):
     ome = dict(group.attrs)["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
     assert ome[0]["scale"] == [1.0, 1.0]
     assert dict(group.attrs)["gigaseg"]["model_scale"] == 4
+    segment_archive(str(model), [str(tmp_path / "scan.tif")], tmp_path / "out-model", RunConfig(progress_bars=False),
+                    tile=TILE, halo=HALO, batch_size=4, labels_at="model")
+    group = zarr.open_group(str(tmp_path / "out-model" / "scan.zarr"), mode="r")
+    np.testing.assert_array_equal(group["0"][:], expected[::4, ::4])  # --labels-at model: one px per model px
+    ome = dict(group.attrs)["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert ome[0]["scale"] == [4.0, 4.0]
 
 
 def _block_mean(image: np.ndarray, f: int) -> np.ndarray:
