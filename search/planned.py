@@ -99,6 +99,11 @@ def plan_search(spec: SearchSpec, space: SearchSpace) -> tuple[SearchSpec, Searc
     minutes = getattr(spec.budget, "minutes", None)  # a minutes budget: the plan fills a trial's minutes
     plan = plan_training(spec.data.train, minutes or spec.plan.budget_min, base=_planning_base(spec))
     planned = {k: v for k, v in plan.overrides.items() if k != "model"}
+    if any(d.path.startswith("loss.terms.") for d in space.dims) and isinstance(planned.get("loss"), dict):
+        # the space searches the loss mix: the plan's terms would be added to every sampled mix
+        planned["loss"] = {k: v for k, v in planned["loss"].items() if k != "terms"}
+        log.info("plan: loss.terms left to the space (it searches %s)",
+                 ", ".join(d.key for d in space.dims if d.path.startswith("loss.terms.")))
     explicit = sorted(set(flatten(spec.base)) & set(flatten(planned)))
     spec = spec.model_copy(update={"base": merge_under(spec.base, planned)})
     space = SearchSpace.from_spec(spec, spec.name)
