@@ -155,6 +155,14 @@ def _check_channels(samples: list[Sample]) -> None:
                             f"{first.image.shape[0]}", "convert all images of a dataset to the same channels")
 
 
+def dataset_files(data_dir: Path) -> tuple[list[Path], dict[str, list[Path]]]:
+    """The image files of ``<data_dir>/images`` and the mask index of ``<data_dir>/masks``."""
+    images = [p for paths in _index_files(data_dir / "images").values() for p in paths]
+    if not images:
+        raise DataError(data_dir / "images", "no images (PNG, JPEG, TIFF or FITS) found", "add images")
+    return images, _index_files(data_dir / "masks")
+
+
 def load_samples(data_dir: str | Path, spec: DatasetSpec | None = None,
                  normalize: NormalizeConfig | None = None) -> list[Sample]:
     """Read every image of ``<data_dir>/images`` with its mask from ``<data_dir>/masks``.
@@ -165,10 +173,7 @@ def load_samples(data_dir: str | Path, spec: DatasetSpec | None = None,
     data_dir = Path(data_dir)
     spec = spec or load_spec(data_dir)
     cfg = normalize or spec.normalize
-    images = [p for paths in _index_files(data_dir / "images").values() for p in paths]
-    masks = _index_files(data_dir / "masks")
-    if not images:
-        raise DataError(data_dir / "images", "no images (PNG, JPEG, TIFF or FITS) found", "add images")
+    images, masks = dataset_files(data_dir)
     samples: list[Sample] = []
     for image in images:
         stem = _mask_stem(image, spec, masks)

@@ -163,15 +163,12 @@ def load_mask_index(data_dir: Path, mask_path: Path, spec: DatasetSpec,
 
 def scan_dataset(data_dir: str | Path, spec: DatasetSpec, normalize: NormalizeConfig | None = None) -> list[LazyImage]:
     """Every image of ``<data_dir>/images`` as a :class:`LazyImage` (pixels stay in the files)."""
-    from segcore.data.dataset import _find_mask, _index_files, _mask_stem, _read_mask_for
+    from segcore.data.dataset import _find_mask, _mask_stem, _read_mask_for, dataset_files
     from segcore.data.io import RawImage, file_stem, is_fits, open_image_sources
 
     data_dir = Path(data_dir)
     cfg = normalize or spec.normalize
-    images = [p for paths in _index_files(data_dir / "images").values() for p in paths]
-    masks = _index_files(data_dir / "masks")
-    if not images:
-        raise DataError(data_dir / "images", "no images (PNG, JPEG, TIFF or FITS) found", "add images")
+    images, masks = dataset_files(data_dir)
     out: list[LazyImage] = []
     for image in images:
         stem = _mask_stem(image, spec, masks)
