@@ -227,7 +227,29 @@ class _ClassIndex:
         return int(self.order[self.start[cls] + min(int(u * self.count[cls]), self.count[cls] - 1)])
 
 
-class PatchDataset(Dataset):
+class EpochPatches(Dataset):
+    """``patches_per_epoch`` random patches whose stream depends on ``(seed, epoch, index)``; the
+    epoch lives in shared memory, so persistent DataLoader workers see :meth:`set_epoch`."""
+
+    patches_per_epoch: int
+    _epoch: torch.Tensor
+
+    def _init_epoch(self) -> None:
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return self.patches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the random stream of ``epoch`` (call before each epoch, like DistributedSampler)."""
+        self._epoch.fill_(int(epoch))
+
+
+class PatchDataset(EpochPatches):
     """``patches_per_epoch`` random ``patch_size`` patches drawn from ``samples``.
 
     With ``class_balanced`` each patch picks a class uniformly among the classes present, then
@@ -252,7 +274,7 @@ class PatchDataset(Dataset):
         self.augment = augment
         self.seed = seed
         # shared memory, so set_epoch reaches persistent DataLoader workers too
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._init_epoch()
         if num_classes is None:
             num_classes = 1 + max(int(m.max(initial=-1, where=m != IGNORE)) for m in (s.mask for s in self.samples))
         self.num_classes = max(num_classes, 1)
@@ -262,18 +284,6 @@ class PatchDataset(Dataset):
         self.present_classes = np.flatnonzero(counts.sum(0)) if counts is not None else np.arange(self.num_classes)
         areas = np.array([s.mask.size for s in self.samples], dtype=np.float64)
         self._area_cdf = np.cumsum(areas) / areas.sum()
-
-    def __len__(self) -> int:
-        return self.patches_per_epoch
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the random stream of ``epoch`` (call before each epoch, like DistributedSampler).
-        The value lives in shared memory, so persistent DataLoader workers see it."""
-        self._epoch.fill_(int(epoch))
 
     def _corner(self, rng: np.random.Generator) -> tuple[int, int, int]:
         p = self.patch_size

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from segcore.config import NormalizeConfig
+from segcore.data.dataset import EpochPatches
 from segcore.data.errors import DataError
 from segcore.data.normalize import NormStats, apply_norm, compute_norm_stats
 from segcore.data.spec import IGNORE, DatasetSpec
@@ -387,7 +387,7 @@ def _cdf(weights: np.ndarray) -> np.ndarray:
     return cdf / cdf[-1]
 
 
-class LazyPatchDataset(Dataset):
+class LazyPatchDataset(EpochPatches):
     """``patches_per_epoch`` random ``patch_size`` patches read on demand (see module doc).
 
     Same contract as :class:`segcore.data.dataset.PatchDataset`: item ``i`` of epoch ``e``
@@ -407,7 +407,7 @@ class LazyPatchDataset(Dataset):
         self.class_balanced, self.augment, self.seed = class_balanced, augment, seed
         self.num_classes = max(num_classes or images[0].counts.shape[-1], 1)
         self.val_blocks = [list(b for b in val_blocks if b.k == k) for k in range(len(self.images))]
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._init_epoch()
         self._sampler = self._build_sampler()
         areas = np.array([math.prod(im.model_shape(scale)) for im in self.images], np.float64)
         self._area_cdf = np.cumsum(areas) / areas.sum()
@@ -433,17 +433,6 @@ class LazyPatchDataset(Dataset):
                 if per_image[k, cls] > 0:
                     sampler.block_cdf[k, cls] = _cdf(w[..., cls].ravel())
         return sampler
-
-    def __len__(self) -> int:
-        return self.patches_per_epoch
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the random stream of ``epoch`` (shared memory: persistent workers see it)."""
-        self._epoch.fill_(int(epoch))
 
     def _clear(self, k: int, top: int, left: int) -> bool:
         return not any(b.overlaps(top, left, self.patch_size, self.patch_size) for b in self.val_blocks[k])
