@@ -50,15 +50,20 @@ def _distance(a: float, b: float) -> float:
     return abs(math.log(a) - math.log(b)) if a > 0 and b > 0 else abs(a - b)
 
 
-def planned_value(space: SearchSpace, dim: Dimension) -> Any:
-    """The value ``dim`` has in the planned base (a loss term the base mix lacks has weight 0)."""
-    if dim.path.startswith("loss.terms.") and isinstance(space.base_value("loss.terms"), dict):
-        return space.base_value("loss.terms").get(dim.path.split(".", 2)[2], 0.0)
+def planned_value(space: SearchSpace, dim: Dimension, terms: dict[str, float] | None = None) -> Any:
+    """The value ``dim`` has in the plan: a loss term from the plan's ``terms`` when given, else
+    from the planned base (a term the mix lacks has weight 0); anything else from the base."""
+    if dim.path.startswith("loss.terms."):
+        mix = terms if terms is not None else space.base_value("loss.terms")
+        if isinstance(mix, dict):
+            return mix.get(dim.path.split(".", 2)[2], 0.0)
     return space.current(dim.key, {})
 
 
-def trial0_point(space: SearchSpace) -> dict[str, Any]:
-    """The planned configuration as a seed: searched, applicable dimensions only, values snapped."""
+def trial0_point(space: SearchSpace, terms: dict[str, float] | None = None) -> dict[str, Any]:
+    """The planned configuration as a seed: searched, applicable dimensions only, values snapped.
+
+    ``terms`` is the plan's loss mix when it was kept out of ``base`` (the space searches it)."""
     point: dict[str, Any] = {}
     for dim in space.dims:
         if dim.fixed:
@@ -67,7 +72,7 @@ def trial0_point(space: SearchSpace) -> dict[str, Any]:
         searched_arch = space.dim("architecture") is not None and not space.dim("architecture").fixed
         if act is None or (dim.key == "encoder" and searched_arch and "architecture" not in point):
             continue  # encoders depend on the architecture: no planned encoder without a planned one
-        value = snap(dim, act.choices, planned_value(space, dim))
+        value = snap(dim, act.choices, planned_value(space, dim, terms))
         if value is not _SKIP:
             point[dim.key] = value
     return point
@@ -99,8 +104,11 @@ def plan_search(spec: SearchSpec, space: SearchSpace) -> tuple[SearchSpec, Searc
     minutes = getattr(spec.budget, "minutes", None)  # a minutes budget: the plan fills a trial's minutes
     plan = plan_training(spec.data.train, minutes or spec.plan.budget_min, base=_planning_base(spec))
     planned = {k: v for k, v in plan.overrides.items() if k != "model"}
+    terms = None
     if any(d.path.startswith("loss.terms.") for d in space.dims) and isinstance(planned.get("loss"), dict):
-        # the space searches the loss mix: the plan's terms would be added to every sampled mix
+        # the space searches the loss mix: the plan's terms would be added to every sampled mix,
+        # so they only set trial 0's values of the searched terms
+        terms = planned["loss"].get("terms")
         planned["loss"] = {k: v for k, v in planned["loss"].items() if k != "terms"}
         log.info("plan: loss.terms left to the space (it searches %s)",
                  ", ".join(d.key for d in space.dims if d.path.startswith("loss.terms.")))
@@ -113,7 +121,7 @@ def plan_search(spec: SearchSpec, space: SearchSpace) -> tuple[SearchSpec, Searc
     if spec.engine == "grid":
         log.info("grid search: the plan is the base, but a grid has no trial 0")
         return spec, space, plan
-    point = trial0_point(space)
+    point = trial0_point(space, terms if isinstance(terms, dict) else None)
     log.info("trial 0 = the plan: %s", point or "(no searched dimension takes a planned value)")
     spec = spec.model_copy(update={"seed_configs": [point, *spec.seed_configs]})
     return spec, SearchSpace.from_spec(spec, spec.name), plan
