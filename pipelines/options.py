@@ -60,10 +60,13 @@ class SegmentOptions(BaseModel):
     # passed to every actor, so a worker node never falls back to its own environment.
     tracking_uri: str | None = None
 
+    def signed(self, model_digest: str) -> dict[str, Any]:
+        """The settings the resume signature covers (saved with each image's plan, so a re-plan can
+        say what changed)."""
+        return {**self.model_dump(mode="json", exclude={"device", "tracking_uri"}), "model_digest": model_digest}
+
     def signature(self, model_digest: str) -> str:
-        data = self.model_dump(mode="json", exclude={"device", "tracking_uri"})
-        data["model_digest"] = model_digest
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.signed(model_digest), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ModelInfo(BaseModel):

@@ -75,6 +75,7 @@ class ImagePlan:
     scale: float = 1.0  # image px per model px: shape, tile and halo are model px (segcore.readers.scaled)
     out_scale: int = 1  # labels are written at model px x out_scale (the input's grid when scale is whole)
     input_shape: tuple[int, int] | None = None  # the input's own size (None: shape)
+    settings: dict[str, Any] = field(default_factory=dict)  # SegmentOptions.signed: what the signature covers
 
     @property
     def out_shape(self) -> tuple[int, int]:
@@ -197,16 +198,25 @@ def prepare_image(source: ImageSource, stem: str, opts: SegmentOptions, info: Mo
         if old.signature == signature and Path(old.group, omezarr.LEVEL0).exists():
             omezarr.remove_partial_files(Path(old.group))
             return old
-        log.info("%s: settings or model changed since the last run; segmenting it again", key)
+        log.info("%s: %s changed since the last run; segmenting it again", key,
+                 changed_settings(old.settings, opts.signed(info.digest)))
     shutil.rmtree(state, ignore_errors=True)
     plan = _new_plan(source, key, stem, opts, info, layout, signature)
-    plan.identity = identity
+    plan.identity, plan.settings = identity, opts.signed(info.digest)
     for warning in plan.warnings:
         log.warning("%s", warning)
     omezarr.create_image_group(Path(plan.group), plan.out_shape, opts.tile * plan.out_scale, len(info.class_names),
                                opts.probabilities, opts.uncertainty)
     plan.save()
     return plan
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``"tile 64 -> 128, model_digest ..."``: the signed settings that differ (for the re-plan log)."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not old or not keys:
+        return "settings or model"
+    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
 
 def unit_rows(plan: ImagePlan, n_images: int, run_id: str) -> list[dict[str, Any]]:

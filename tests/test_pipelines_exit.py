@@ -6,6 +6,7 @@ Each run gets a private RAY_TMPDIR and a marker variable, so its processes are f
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from pipelines_helpers import HALO, TILE, make_model, write_tiled_tiff8
 
-from pipelines.plan import done_units
+from pipelines.plan import PLAN_FILE, changed_settings, done_units
 from pipelines.runner import RunConfig, segment_archive
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -97,9 +98,13 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path: Path, ray_tmp: str, 
     written = len(done_units(state))
     assert f"stopped: {written} of 60 units written" in stopped[0]
 
+    planned = json.loads((state / PLAN_FILE).read_text())
     report = segment_archive(str(model), [str(image)], out, RunConfig(progress_bars=False), tile=TILE,
                              halo=HALO, batch_size=2)
-    assert len(report.done) == 1 and report.windows < 110  # resumed: the recorded units are not redone
+    replanned = json.loads((state / PLAN_FILE).read_text())
+    assert len(report.done) == 1, report
+    # resumed: the recorded units are not redone (if re-planned, the settings diff says why)
+    assert report.windows < 110, changed_settings(planned.get("settings", {}), replanned.get("settings", {}))
     assert len(done_units(state)) == 60
 
 
