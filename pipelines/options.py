@@ -36,6 +36,7 @@ MEMORY_SHARE = 0.5  # of the node's physical RAM, split over the actors, for one
 # bytes (inference frees most activations): resnet18/34 U-Nets at 1024^2 on CPU grew peak RSS by
 # 564/608 B/px against 1726/2026 B/px summed; 0.5 leaves a margin.
 PEAK_SHARE = 0.5
+BIG_WINDOW = 1024  # CPU windows (tile + 2 halo) this big or bigger: one actor per node, all its CPUs as threads
 
 
 class SegmentOptions(BaseModel):
@@ -196,8 +197,9 @@ def resolve_tiling(loaded: LoadedModel, options: dict[str, Any], actors: int | N
         log.info("tile %d (given), halo %d: x%.2f forward px per output px in interior windows",
                  tile, halo, tile_overhead(tile, halo))
         return out
-    budget, per_px = memory_budget_bytes(actors or os.cpu_count() or 1), forward_bytes_per_px(loaded)
-    tile = out["tile"] = choose_tile(halo, multiple, max_overhead, budget / per_px)
+    per_px = forward_bytes_per_px(loaded)
+    budget, tile = tile_within_memory(halo, multiple, max_overhead, per_px, actors)
+    out["tile"] = tile
     window_bytes = (tile + 2 * halo) ** 2 * per_px
     batch = int(out.get("batch_size") or 8)
     out["batch_size"] = max(1, min(batch, int(budget // window_bytes)))
@@ -207,6 +209,19 @@ def resolve_tiling(loaded: LoadedModel, options: dict[str, Any], actors: int | N
             tile, halo, tile_overhead(tile, halo), max_overhead, out["batch_size"], window_bytes / 1e9,
             budget / 1e9, per_px)
     return out
+
+
+def tile_within_memory(halo: int, multiple: int, max_overhead: float, per_px: float,
+                       actors: int | None) -> tuple[float, int]:
+    """(memory budget per actor, tile). With ``actors`` unknown (no ``--workers``) the budget is
+    first the node's for one actor: the pool a CPU node runs for windows of :data:`BIG_WINDOW` px
+    or more (``runner.cpu_pool``); if the tile that gives is smaller, one actor per CPU shares it."""
+    for n in ([actors] if actors else [1, os.cpu_count() or 1]):
+        budget = memory_budget_bytes(n)
+        tile = choose_tile(halo, multiple, max_overhead, budget / per_px)
+        if actors or tile + 2 * halo >= BIG_WINDOW:
+            break
+    return budget, tile
 
 
 def card_tta(loaded: LoadedModel, given: bool | None) -> bool:

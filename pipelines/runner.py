@@ -23,7 +23,7 @@ from typing import Any
 from pipelines.finalize import finalize_file
 from pipelines.layout import STATE_DIR, Layout, Manifest, assign_stems, expand_inputs, input_identity
 from pipelines.lock import OutputLock
-from pipelines.options import ModelInfo, SegmentOptions, load_for_run, resolve_tiling
+from pipelines.options import BIG_WINDOW, ModelInfo, SegmentOptions, load_for_run, resolve_tiling
 from pipelines.plan import OWNER_FIX, PLAN_FILE, ImagePlan, done_units, owner_problem, plan_batch, plan_file
 from pipelines.progress import FileState, Tracker
 from pipelines.worker import TileSegmenter, peak_rss_mb
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 TASK_CPUS = 0.25  # planning and finishing tasks: mostly I/O; small so they schedule next to the actors
 MAX_CPU_ACTORS = 32
-BIG_WINDOW = 1024  # CPU windows (tile + 2 halo) this big or bigger: one actor per node, all its CPUs as threads
 RAY_RETRY_S = 5.0  # pause before the one retry of a failed local Ray start
 # A local Ray starts without its dashboard unless this is "1": measured on a loaded 2-core machine,
 # ray.init took 21-30 s without vs 26-45 s with it, and its process tree 10 processes / 0.88 GB RSS

@@ -1,92 +1,110 @@
-"""The exact halo, measured: the smallest halo at which tiled prediction's labels equal the
-whole-image prediction's labels, found at the end of training and stored on the model card.
+"""The exact halo, measured: the smallest halo at which a window's predicted probabilities equal
+the whole image's (to float tolerance), found at the end of training and stored on the model card.
 
 Why measured: a U-Net's receptive field reaches hundreds of pixels, but how far context really
-changes a *label* depends on the trained weights. Too small a halo leaves seams; too large a one
+changes the output depends on the trained weights. Too small a halo leaves seams; too large a one
 costs forward pixels on every window. ``gigaseg segment`` reads ``card.extra["halo"]``
 (:data:`HALO_KEY`) and picks its tile from it.
 
-The reference is :func:`segcore.tiling.predict_whole`: the image padded only to the model's size
-multiple, in one call; candidate halos are multiples of that size multiple, so every window
-meets the encoder at the whole image's stride phase.
+How: on up to :data:`MAX_IMAGES` validation crops, the whole crop is predicted once (the
+reference, :func:`segcore.tiling.predict_whole`) and then its central ``tile`` square alone, with
+halo 0, m, 2m, ... (m: the model's size multiple, so the window meets the encoder at the whole
+image's stride phase). The first halo at which every crop's window differs from the reference by
+at most :data:`HALO_TOL` in every probability is exact: a label can then only change where two
+classes are within ``2 * HALO_TOL`` of each other. Probabilities, not labels, because a label test
+on a few crops passes by luck: labels of small crops agreed at 256 px for a resnet34 U-Net
+whose windows still moved probabilities by 2.4e-3 there (5 labels differed on a 2560 px scan);
+at 320 px the largest change was 2.4e-5 and no label moved but a float tie (margin 1.8e-7).
+The reference sees at least 1.5x the largest halo tried, so a halo cannot pass merely by
+spanning the crop.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from segcore.tiling import PredictFn, pad_to_multiple, predict_whole, round_up, shape_batches, split_windows
+from segcore.tiling import PredictFn, pad_to_multiple, predict_whole, round_up
 
 log = logging.getLogger(__name__)
 
 HALO_KEY = "halo"  # == pipelines.options.HALO_CARD_KEY
 MEASURED_ON_KEY = "halo_measured_on"
-HALO_CAP = 256  # px: the largest halo tried
-MIN_TILE = 64  # the measuring tile: the smallest multiple of the size multiple >= this
+HALO_CAP = 512  # px: the largest halo tried
+HALO_TOL = 1e-4  # largest probability change that counts as equal
+MIN_TILE = 128  # the measured window's write square: the smallest multiple of the size multiple >= this
 MAX_IMAGES = 2  # validation images measured on (each cropped, see measuring_images)
-Labels = Callable[[np.ndarray], np.ndarray]  # (K, h, w) probabilities -> (h, w) class ids
-
-
-def argmax_labels(proba: np.ndarray) -> np.ndarray:
-    return proba.argmax(axis=0)
+CONTEXT = 1.5  # the reference's context over the crop's central square, in units of the largest halo tried
 
 
 def measuring_tile(multiple: int) -> int:
-    """The smallest multiple of ``multiple`` >= :data:`MIN_TILE`: small, so crops have many interior
-    seams (at tile 128 a resnet18 U-Net measured 160 px, at 64 px 192 px, which left no label
-    differing at segment's chosen tile on a 2560 px scan)."""
+    """The smallest multiple of ``multiple`` >= :data:`MIN_TILE`."""
     return round_up(MIN_TILE, multiple)
 
 
-def measuring_images(images: Sequence[np.ndarray], tile: int, cap: int, max_images: int = MAX_IMAGES) -> list[np.ndarray]:
-    """Up to ``max_images`` of the largest (C, H, W) images, centre-cropped to ``2 * tile + cap``
-    a side: large enough to test every halo up to ``cap`` (the first window's far side is then
-    inside the image), small enough to bound the cost (one full tiled pass at halo 192 and
-    tile 64 is 3.7 MP of forward per 384 px crop)."""
-    side = 2 * tile + cap
-    chosen = sorted(images, key=lambda im: -min(im.shape[-2:]))[:max_images]
+def stage_caps(cap: int, multiple: int) -> list[int]:
+    """Largest halos tried per stage: 128, 256, ... up to ``cap`` (multiples of ``multiple``), so
+    a model with a short reach is measured against a small reference (the reference costs most)."""
+    stages, c = [], round_up(128, multiple)
+    while c < cap:
+        stages.append(c)
+        c *= 2
+    return [*stages, round_up(cap, multiple)]
+
+
+def measuring_images(images: Sequence[np.ndarray], tile: int, cap: int, multiple: int = 1,
+                     max_images: int = MAX_IMAGES) -> list[np.ndarray]:
+    """Up to ``max_images`` of the largest (C, H, W) images as squares of ``tile + 2 * context``
+    (context: :data:`CONTEXT` x ``cap`` and more than ``cap``, a multiple of ``multiple``): centre crops, mirrored out
+    (symmetric padding) where an image is smaller, so any validation set can test halos up to ``cap``."""
+    context = round_up(max(math.ceil(CONTEXT * cap), cap + multiple), multiple)  # always beyond the cap
+    side = tile + 2 * context
     out = []
-    for im in chosen:
+    for im in sorted(images, key=lambda im: -min(im.shape[-2:]))[:max_images]:
         h, w = im.shape[-2:]
         r, c = max(0, (h - side) // 2), max(0, (w - side) // 2)
-        out.append(np.ascontiguousarray(im[:, r : r + side, c : c + side], dtype=np.float32))
+        crop = np.asarray(im[:, r : r + side, c : c + side], dtype=np.float32)
+        ph, pw = side - crop.shape[-2], side - crop.shape[-1]
+        if ph or pw:
+            crop = np.pad(crop, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), mode="symmetric")
+        out.append(np.ascontiguousarray(crop))
     return out
 
 
-def _tiled_equals(image: np.ndarray, reference: np.ndarray, predict: PredictFn, tile: int, halo: int,
-                  labels: Labels, batch_size: int) -> bool:
-    """Whether every window's labels equal ``reference`` over its write region (stops at the first that differs)."""
-    windows = list(split_windows(image.shape[-2:], tile, halo))
-    for chunk in shape_batches(windows, batch_size):
-        batch = np.stack([image[(slice(None), *w.read)] for w in chunk])
-        for w, p in zip(chunk, np.asarray(predict(batch)), strict=True):
-            if not np.array_equal(labels(p[(slice(None), *w.crop)]), reference[w.write]):
-                return False
-    return True
+def window_change(crop: np.ndarray, reference: np.ndarray, predict: PredictFn, tile: int, halo: int) -> float:
+    """Largest probability change over the crop's central ``tile`` square when it is predicted
+    from a window with ``halo`` px of context instead of the whole crop."""
+    c = (crop.shape[-1] - tile) // 2
+    window = crop[None, :, c - halo : c + tile + halo, c - halo : c + tile + halo]
+    proba = np.asarray(predict(np.ascontiguousarray(window)))[0, :, halo : halo + tile, halo : halo + tile]
+    return float(np.abs(proba - reference[:, c : c + tile, c : c + tile]).max())
 
 
 def measure_exact_halo(predict: PredictFn, images: Sequence[np.ndarray], tile: int, multiple: int,
-                       cap: int = HALO_CAP, labels: Labels = argmax_labels, batch_size: int = 4) -> int | None:
-    """The smallest halo (a multiple of ``multiple``, at most ``cap``) at which tiling the
-    normalised (C, H, W) ``images`` with ``tile`` gives the labels of the whole-image prediction
-    on every image; None if none does. Halos the images are too small to test (``tile + halo``
-    reaching across the image) are not tried."""
+                       cap: int = HALO_CAP, tol: float = HALO_TOL) -> tuple[int | None, float]:
+    """The smallest halo (a multiple of ``multiple``, at most ``cap``) at which the central
+    ``tile`` square of each validation image (a (C, H, W) array, see :func:`measuring_images`)
+    predicted from a window equals the whole crop's prediction within ``tol``, and the largest
+    change there; (None, the change at ``cap``) if none does. Stages of :func:`stage_caps`."""
     if tile % multiple:
         raise ValueError(f"measure_exact_halo: tile {tile} is not a multiple of {multiple}")
     predict = pad_to_multiple(predict, multiple)
-    references = [labels(predict_whole(im, predict)) for im in images]
-    testable = max(min(im.shape[-2:]) for im in images) - tile - 1
-    for halo in range(0, min(cap, testable) + 1, multiple):
-        if all(_tiled_equals(im, ref, predict, tile, halo, labels, batch_size)
-               for im, ref in zip(images, references, strict=True)):
-            return halo
-    return None
+    start, change = 0, float("inf")
+    for stage in stage_caps(cap, multiple):
+        crops = measuring_images(images, tile, stage, multiple)
+        references = [predict_whole(crop, predict) for crop in crops]
+        for halo in range(start, stage + 1, multiple):
+            change = max(window_change(c, ref, predict, tile, halo) for c, ref in zip(crops, references, strict=True))
+            if change <= tol:
+                return halo, change
+        start = stage + multiple
+    return None, change
 
 
 def model_predictor(model: torch.nn.Module, device: torch.device) -> PredictFn:
@@ -113,11 +131,10 @@ def card_halo(model: torch.nn.Module, card: Any, images: Sequence[np.ndarray], d
         log.info("halo: not measured (%s)", "data.measure_halo is off" if images else "no validation image")
         return {}
     multiple = input_multiple(cfg.model.arch, cfg.model.encoder, cfg.model.arch_kwargs)
-    threshold = cfg.binary_threshold if cfg.model.classes == 1 else None
     was_training = model.training
     model.eval()
     try:
-        return halo_entries(model_predictor(model, device), images, multiple, threshold, cap)
+        return halo_entries(model_predictor(model, device), images, multiple, cap)
     finally:
         model.train(was_training)
 
@@ -125,26 +142,25 @@ def card_halo(model: torch.nn.Module, card: Any, images: Sequence[np.ndarray], d
 def loaded_halo(loaded: Any, images: Sequence[np.ndarray], cap: int = HALO_CAP) -> dict[str, Any]:
     """:func:`card_halo` for a loaded model (a single model or an ensemble, with its temperature):
     how a search measures its champion once instead of every trial."""
-    threshold = loaded.card.train.binary_threshold if loaded.binary else None
-    return halo_entries(loaded.predict_proba, images, loaded.size_multiple, threshold, cap) if images else {}
+    return halo_entries(loaded.predict_proba, images, loaded.size_multiple, cap) if images else {}
 
 
-def halo_entries(predict: PredictFn, images: Sequence[np.ndarray], multiple: int, threshold: float | None,
-                 cap: int = HALO_CAP) -> dict[str, Any]:
+def halo_entries(predict: PredictFn, images: Sequence[np.ndarray], multiple: int, cap: int = HALO_CAP,
+                 tol: float = HALO_TOL) -> dict[str, Any]:
     """Measure on crops of ``images`` and return the card entries (see :func:`card_halo`)."""
     tile = measuring_tile(multiple)
-    crops = measuring_images(images, tile, cap)
-    labels = argmax_labels if threshold is None else (lambda p: (p[1] >= threshold).astype(np.int64))
     t0 = time.perf_counter()
-    halo = measure_exact_halo(predict, crops, tile, multiple, cap, labels)
+    halo, change = measure_exact_halo(predict, images, tile, multiple, cap, tol)
     seconds = time.perf_counter() - t0
-    shapes = [list(c.shape[-2:]) for c in crops]
+    shapes = sorted((list(im.shape[-2:]) for im in images), key=lambda s: -min(s))[:MAX_IMAGES]
     if halo is None:
-        log.warning("halo: tiled labels still differ from the whole image at %d px on %d validation crops %s "
-                    "(tile %d); storing the cap %d", cap, len(crops), shapes, tile, cap)
+        log.warning("halo: a window's probabilities still change by %.1e at the cap, %d px, on %d validation "
+                    "images; storing the cap", change, cap, len(shapes))
     else:
-        log.info("halo: %d px is exact (tiled labels == whole image) on %d validation crops %s, tile %d "
-                 "(measured in %.1f s)", halo, len(crops), shapes, tile, seconds)
+        log.info("halo: %d px is exact (window probabilities within %.0e of the whole image's, largest change "
+                 "%.1e) on %d validation images %s, window %d (measured in %.1f s)", halo, tol, change,
+                 len(shapes), shapes, tile, seconds)
     return {HALO_KEY: cap if halo is None else halo,
-            MEASURED_ON_KEY: {"images": len(crops), "shapes": shapes, "tile": tile, "multiple": multiple,
-                              "cap": cap, "exact": halo is not None, "seconds": round(seconds, 1)}}
+            MEASURED_ON_KEY: {"images": len(shapes), "shapes": shapes, "tile": tile, "multiple": multiple,
+                              "cap": cap, "tol": tol, "change": change,
+                              "exact": halo is not None, "seconds": round(seconds, 1)}}

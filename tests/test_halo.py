@@ -1,5 +1,6 @@
-"""The measured exact halo: training stores on the card the smallest halo at which tiled labels
-equal whole-image labels, and it is the one a brute-force search finds."""
+"""The measured exact halo: training stores on the card the smallest halo at which a window's
+probabilities equal the whole image's (within HALO_TOL); tiled labels then equal whole-image
+labels, and one multiple less is not exact."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import pytest
 from segcore.cli import main as gigaseg
 from segcore.config import TrainConfig, parse_config
 from segcore.data import load_samples
-from segcore.halo import HALO_KEY, MEASURED_ON_KEY, card_halo, measure_exact_halo, measuring_images
+from segcore.halo import (
+    HALO_KEY,
+    HALO_TOL,
+    MEASURED_ON_KEY,
+    card_halo,
+    measure_exact_halo,
+    measuring_images,
+    stage_caps,
+    window_change,
+)
 from segcore.modelref import load_model
 from segcore.tiling import pad_to_multiple, predict_tiled, predict_whole
 from segcore.train import train
@@ -22,10 +32,11 @@ TINY = {
 }
 
 
-def brute_force_halo(predict, images, tile: int, multiple: int, cap: int, labels) -> int | None:  # noqa: ANN001
-    """Every halo in turn, the whole tiled image each time (no early exit, no shortcuts)."""
+def brute_force_halo(predict, images, tile: int, multiple: int, cap: int) -> int | None:  # noqa: ANN001
+    """Every halo in turn, the whole tiled image each time (every window, no shortcuts): the
+    smallest at which all probabilities are within HALO_TOL of the whole image's."""
     for halo in range(0, cap + 1, multiple):
-        if all(np.array_equal(labels(predict_tiled(im, predict, tile=tile, halo=halo)), labels(predict_whole(im, predict)))
+        if all(np.abs(predict_tiled(im, predict, tile=tile, halo=halo) - predict_whole(im, predict)).max() <= HALO_TOL
                for im in images):
             return halo
     return None
@@ -41,10 +52,10 @@ def box_proba(batch: np.ndarray) -> np.ndarray:
 
 def test_measure_exact_halo_finds_a_local_predictors_reach() -> None:
     images = [np.random.default_rng(s).random((1, 70, 90), dtype=np.float32) for s in range(2)]
-    argmax = lambda p: p.argmax(0)  # noqa: E731
-    assert measure_exact_halo(box_proba, images, tile=8, multiple=1, cap=10, labels=argmax) == 2
-    assert brute_force_halo(box_proba, images, 8, 1, 10, argmax) == 2
-    assert measure_exact_halo(box_proba, images, tile=8, multiple=1, cap=1, labels=argmax) is None
+    assert measure_exact_halo(box_proba, images, tile=8, multiple=1, cap=10) == (2, 0.0)
+    assert brute_force_halo(box_proba, images, 8, 1, 10) == 2
+    halo, change = measure_exact_halo(box_proba, images, tile=8, multiple=1, cap=1)
+    assert halo is None and change > HALO_TOL
     with pytest.raises(ValueError, match="multiple"):
         measure_exact_halo(box_proba, images, tile=12, multiple=8)
 
@@ -62,13 +73,16 @@ def trained(tmp_path_factory):
 def test_training_stores_the_smallest_exact_halo(trained) -> None:
     loaded = load_model(trained / "model", device="cpu")
     extra = loaded.card.extra
-    on = extra[MEASURED_ON_KEY]
-    assert on["tile"] == 64 and on["multiple"] == loaded.size_multiple == 8 and on["images"] == 1
-    images = measuring_images([s.image for s in load_samples(trained / "val")], on["tile"], on["cap"])
-    predict = pad_to_multiple(loaded.predict_proba, loaded.size_multiple)
-    expected = brute_force_halo(predict, images, on["tile"], 8, on["cap"], loaded.labels_from_proba)
-    assert expected is not None and expected > 0  # a trained U-Net needs some context, and has a finite reach
-    assert extra[HALO_KEY] == expected and on["exact"] is True
+    on, halo, m = extra[MEASURED_ON_KEY], extra[HALO_KEY], loaded.size_multiple
+    assert on["tile"] == 128 and on["multiple"] == m == 8 and on["images"] == 1 and on["exact"] is True
+    assert 0 < halo < on["cap"] and on["change"] <= HALO_TOL  # a trained U-Net needs context, and has a finite reach
+    stage = next(c for c in stage_caps(on["cap"], m) if c >= halo)
+    crop = measuring_images([s.image for s in load_samples(trained / "val")], on["tile"], stage, m)[0]
+    predict = pad_to_multiple(loaded.predict_proba, m)
+    whole = predict_whole(crop, predict)
+    assert window_change(crop, whole, predict, on["tile"], halo - m) > HALO_TOL  # one multiple less is not exact
+    tiled = predict_tiled(crop, predict, tile=on["tile"], halo=halo)  # every window of the crop, not just one
+    assert np.array_equal(loaded.labels_from_proba(tiled), loaded.labels_from_proba(whole))
 
 
 def test_measure_halo_switch_turns_it_off(trained) -> None:
