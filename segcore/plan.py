@@ -46,6 +46,8 @@ MIN_BATCH, MAX_BATCH_CPU, MAX_BATCH_GPU = 2, 8, 16
 MAX_EPOCHS = 40
 VAL_SHARE = 0.2  # at most this share of the budget goes to validation
 OVERHEAD_SHARE = 0.15  # data loading, halo measurement, model writing
+MIN_STEPS = 200  # a budget buys at least this many optimizer steps: smaller batches, then patches, first
+MIN_FIT_BATCH = 4  # ... but batches stay at least this big (batch norm)
 
 
 # ----------------------------------------------------------------------------- fingerprint
@@ -441,6 +443,29 @@ def decide_steps(fp: Fingerprint, cfg: TrainConfig, speed: Speed, budget_min: fl
     return chosen, why
 
 
+def fit_to_steps(fp: Fingerprint, cfg: TrainConfig, speed: Speed, budget_min: float,
+                 multiple: int) -> tuple[int, int, str] | None:
+    """(patch, batch, why) that buy :data:`MIN_STEPS` steps in the budget when the planned ones buy
+    fewer (a short budget, a slow machine): the batch first (down to :data:`MIN_FIT_BATCH`), then
+    the patch (down to one typical object extent, at least :data:`MIN_PATCH`), assuming a step's
+    time scales with its pixels; None when the planned patch and batch already fit."""
+    train_s = budget_min * 60.0 * (1 - OVERHEAD_SHARE) * (1 - VAL_SHARE)
+    steps = train_s / speed.step_s
+    patch, batch = cfg.data.patch_size, cfg.data.batch_size
+    if steps >= MIN_STEPS:
+        return None
+    share = steps / MIN_STEPS  # of the planned pixels per step
+    new_batch = max(min(batch, MIN_FIT_BATCH), min(batch, int(batch * share) or 1))
+    extent = max((c.extent_px for c in _objects(fp)), default=MIN_PATCH)
+    floor = min(patch, max(MIN_PATCH, _round_to(extent, multiple)))
+    new_patch = max(floor, _round_to(patch * math.sqrt(share * batch / new_batch), multiple, up=False))
+    if (new_patch, new_batch) == (patch, batch):
+        return None
+    return new_patch, new_batch, (
+        f"{patch}^2 x {batch} buys only {steps:.0f} steps in {budget_min:g} min at {speed.step_s:.2f} s/step; "
+        f"{new_patch}^2 x {new_batch} (patch at least one object extent, {floor} px) aims at {MIN_STEPS}")
+
+
 # ----------------------------------------------------------------------------- plan
 
 
@@ -487,6 +512,19 @@ def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[s
     cfg = parse_config(_merge(base or {}, over), TrainConfig, source="plan")
     classes = max(len(spec.class_names), 2)
     speed = measure_speed(cfg, fp.channels, classes, dev, steps=time_steps)
+    fitted = fit_to_steps(fp, cfg, speed, budget_min, multiple)
+    if fitted is not None:
+        patch, batch, why = fitted
+        val_tile = min(512, _round_to(2 * patch, multiple))
+        over["data"].update(patch_size=patch, batch_size=batch, val_tile=val_tile)
+        fitted_values = {"data.patch_size": str(patch), "data.batch_size": str(batch), "data.val_tile": str(val_tile)}
+        for d in decisions:
+            if d.what in fitted_values and d.value != fitted_values[d.what]:
+                d.reason = f"{d.reason} (was {d.value}; fitted to the step budget, below)"
+                d.value = fitted_values[d.what]
+        decisions.append(Decision("data.patch_size x data.batch_size", f"{patch} x {batch}", why))
+        cfg = parse_config(_merge(base or {}, over), TrainConfig, source="plan")
+        speed = measure_speed(cfg, fp.channels, classes, dev, steps=time_steps)
     steps, steps_why = decide_steps(fp, cfg, speed, budget_min)
     over["epochs"] = steps["epochs"]
     over["data"]["patches_per_epoch"] = steps["patches_per_epoch"]

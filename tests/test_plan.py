@@ -20,7 +20,18 @@ from segcore.cli import main as gigaseg
 from segcore.config import TrainConfig, load_yaml_config
 from segcore.data.spec import DatasetSpec
 from segcore.modeldir import read_card
-from segcore.plan import decide_loss, decide_patch, fingerprint, memory_budget
+from segcore.plan import (
+    MIN_PATCH,
+    MIN_STEPS,
+    OVERHEAD_SHARE,
+    VAL_SHARE,
+    Speed,
+    decide_loss,
+    decide_patch,
+    fingerprint,
+    fit_to_steps,
+    memory_budget,
+)
 from segcore.simulate import generate_shapes
 from segcore.simulate.common import prepare_dataset_dir, rng_for, write_spec
 
@@ -84,6 +95,21 @@ def test_plan_adapts_to_data(tmp_path: Path) -> None:
     blob_loss, _ = decide_loss(blobs)
     assert set(thin_loss["terms"]) == {"tversky", "focal"} and thin_loss["tversky_beta"] > thin_loss["tversky_alpha"]
     assert set(blob_loss["terms"]) == {"dice", "ce"}
+
+
+def test_a_short_budget_buys_steps_with_smaller_batches_and_patches(shapes: Path) -> None:
+    """Too few steps in the budget: the batch shrinks first, then the patch, not below one object extent."""
+    fp = fingerprint(shapes)
+    cfg = TrainConfig.model_validate({"data": {"patch_size": 160, "batch_size": 8}})
+    budget_s = 60 * (1 - OVERHEAD_SHARE) * (1 - VAL_SHARE)
+    fast = Speed("cpu", budget_s / (2 * MIN_STEPS), 1e-7, 4)
+    assert fit_to_steps(fp, cfg, fast, 1.0, 32) is None  # enough steps: the plan stands
+    floor = min(160, max(MIN_PATCH, -(-max(c.extent_px for c in fp.classes[1:]) // 32) * 32))
+    patch, batch, why = fit_to_steps(fp, cfg, Speed("cpu", budget_s / MIN_STEPS * 4, 1e-7, 4), 1.0, 32)
+    # a quarter of the px per step: batch / 2, patch 160 / sqrt 2 = 113, down to a multiple of 32
+    assert (patch, batch) == (max(96, floor), 4) and "aims at 200" in why
+    patch, batch, _ = fit_to_steps(fp, cfg, Speed("cpu", budget_s, 1e-7, 4), 1.0, 32)
+    assert batch == 4 and patch == floor  # one step in the budget: down to the floor, no further
 
 
 def test_fingerprint_reads_a_bounded_sample(shapes: Path) -> None:
