@@ -119,6 +119,25 @@ def model_predictor(model: torch.nn.Module, device: torch.device) -> PredictFn:
     return predict
 
 
+def window_norms(model: Any) -> list[str]:
+    """Layers whose statistics span each whole input (GroupNorm, InstanceNorm without running
+    stats): with them no halo makes a window's output equal the whole image's (smp's FPN has
+    GroupNorm in its segmentation blocks). LayerNorm normalises each pixel's channels: local."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.GroupNorm)
+                   or (isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and not m.track_running_stats)})
+
+
+def not_tileable(norms: list[str], multiple: int) -> dict[str, Any]:
+    """Card entries for a model with :func:`window_norms`: the default halo, 4 x the size multiple."""
+    halo = 4 * multiple
+    log.warning("halo: not measured: %s layers normalise over each whole window, so tiled output never equals the "
+                "whole image's; storing %d px (4 x the size multiple). Large tiles keep the difference small",
+                ", ".join(norms), halo)
+    return {HALO_KEY: halo, MEASURED_ON_KEY: {"exact": False, "window_norms": norms, "multiple": multiple}}
+
+
 def card_halo(model: torch.nn.Module, card: Any, images: Sequence[np.ndarray], device: torch.device,
               cap: int = HALO_CAP) -> dict[str, Any]:
     """``card.extra`` entries for a trained model (a :class:`segcore.modeldir.ModelCard`): the
@@ -131,6 +150,8 @@ def card_halo(model: torch.nn.Module, card: Any, images: Sequence[np.ndarray], d
         log.info("halo: not measured (%s)", "data.measure_halo is off" if images else "no validation image")
         return {}
     multiple = input_multiple(cfg.model.arch, cfg.model.encoder, cfg.model.arch_kwargs)
+    if norms := window_norms(model):
+        return not_tileable(norms, multiple)
     was_training = model.training
     model.eval()
     try:
@@ -142,7 +163,13 @@ def card_halo(model: torch.nn.Module, card: Any, images: Sequence[np.ndarray], d
 def loaded_halo(loaded: Any, images: Sequence[np.ndarray], cap: int = HALO_CAP) -> dict[str, Any]:
     """:func:`card_halo` for a loaded model (a single model or an ensemble, with its temperature):
     how a search measures its champion once instead of every trial."""
-    return halo_entries(loaded.predict_proba, images, loaded.size_multiple, cap) if images else {}
+    if not images:
+        return {}
+    members = getattr(loaded, "members", None) or [loaded]  # an ensemble: any member's norms count
+    norms = sorted({n for m in members for n in window_norms(getattr(m, "model", None))})
+    if norms:
+        return not_tileable(norms, loaded.size_multiple)
+    return halo_entries(loaded.predict_proba, images, loaded.size_multiple, cap)
 
 
 def halo_entries(predict: PredictFn, images: Sequence[np.ndarray], multiple: int, cap: int = HALO_CAP,

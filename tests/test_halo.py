@@ -19,6 +19,7 @@ from segcore.halo import (
     measuring_images,
     stage_caps,
     window_change,
+    window_norms,
 )
 from segcore.modelref import load_model
 from segcore.tiling import pad_to_multiple, predict_tiled, predict_whole
@@ -116,3 +117,18 @@ def test_given_tile_is_honoured_or_refused_and_halo_rounded(trained) -> None:
     assert (given["tile"], given["halo"]) == (96, 64) and "max_overhead" not in given
     with pytest.raises(ConfigError, match="--tile 100: not a multiple of the model's size multiple 8. Use 104"):
         resolve_tiling(loaded, {"tile": 100, "halo": 60})
+
+
+def test_window_wide_norms_are_not_measured(trained) -> None:
+    """smp's FPN normalises with GroupNorm over each whole window: no halo is exact, so none is
+    measured; the card says why and gets the default (4 x the size multiple)."""
+    import segmentation_models_pytorch as smp
+
+    assert window_norms(smp.FPN("resnet18", encoder_weights=None, in_channels=1, classes=3)) == ["GroupNorm"]
+    assert window_norms(smp.Unet("resnet18", encoder_weights=None, in_channels=1, classes=3)) == []
+    loaded = load_model(trained / "model", device="cpu")
+    fpn = smp.FPN("resnet18", encoder_weights=None, in_channels=1, classes=3, encoder_depth=3, upsampling=2)
+    image = load_samples(trained / "val")[0].image
+    extra = card_halo(fpn, loaded.card, [image], loaded.device)
+    assert extra[HALO_KEY] == 4 * 8 and extra[MEASURED_ON_KEY] == {"exact": False, "window_norms": ["GroupNorm"],
+                                                                    "multiple": 8}
