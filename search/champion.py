@@ -43,6 +43,7 @@ from segcore.tiling import round_up
 
 log = logging.getLogger(__name__)
 TTA_MIN_GAIN = 0.005  # validation mIoU flip TTA must gain to be on by default: it costs 4x the forward time
+ENSEMBLE_MIN_GAIN = 0.005  # ... and an ensemble over its best member: it costs one forward per member
 
 CHALLENGER = "challenger"
 
@@ -233,12 +234,13 @@ def _threshold(loaded: LoadedModel) -> float | None:
 
 
 def choose_candidate(cands: list[Candidate], labels: np.ndarray, k: int, workdir: Path) -> ChampionReport:
-    """Greedy ensemble selection; the ensemble wins only when it beats the best single model."""
+    """Greedy ensemble selection; the ensemble wins only when it beats the best single model by
+    :data:`ENSEMBLE_MIN_GAIN` (each member costs a forward pass)."""
     loaded = load_model(cands[0].model_dir, device="cpu")
     threshold = loaded.card.train.binary_threshold if loaded.binary else None
     sel = greedy_select([np.exp(c.proba.astype(np.float32)) for c in cands], labels, k=k, threshold=threshold)
     best = int(np.argmax(sel.single_scores))
-    if len(sel.members) > 1 and sel.gain > 0:
+    if len(sel.members) > 1 and sel.gain >= ENSEMBLE_MIN_GAIN:
         trials = [cands[i].trial_id for i in sel.members]
         path = save_ensemble_dir(workdir / "ensemble", [cands[i].model_dir for i in sel.members], sel.weights,
                                  metrics={"val_miou": sel.score}, extra={"trials": trials})
@@ -247,8 +249,9 @@ def choose_candidate(cands: list[Candidate], labels: np.ndarray, k: int, workdir
                  "forward time", trials, [round(w, 3) for w in sel.weights], sel.score, sel.best_single, sel.gain, cost)
         return ChampionReport(path, trials, sel.weights, sel.best_single, sel.score, cost)
     path = Path(shutil.copytree(cands[best].model_dir, workdir / "single"))
-    log.info("ensemble selection: no gain over the best single model (trial %s, validation mIoU %.4f); it stays "
-             "the champion", cands[best].trial_id, sel.best_single)
+    log.info("ensemble selection: no gain of %s or more over the best single model (trial %s, validation mIoU "
+             "%.4f; the ensemble's gain %+.4f); it stays the champion", ENSEMBLE_MIN_GAIN, cands[best].trial_id,
+             sel.best_single, sel.gain)
     return ChampionReport(path, [cands[best].trial_id], [1.0], sel.best_single, sel.best_single, 1.0)
 
 
