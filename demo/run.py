@@ -121,6 +121,8 @@ def run_searches(datasets: dict[str, Path], plan: DemoPlan, home: Path) -> dict[
 
 
 def write_test_images(work: Path, plan: DemoPlan) -> dict[str, Any]:
+    from astropy.io import fits
+
     from segcore.simulate.ccd import write_ccd_fits
     from segcore.simulate.sem import write_sem_bigtiff
 
@@ -130,7 +132,9 @@ def write_test_images(work: Path, plan: DemoPlan) -> dict[str, Any]:
     sem_truth.parent.mkdir(parents=True, exist_ok=True)
     write_sem_bigtiff(sem_path, plan.sem_px, plan.sem_px, tile=512, seed=7, mask_path=sem_truth)
     ccd_path = archive / "ccd_frame.fits"
-    ccd_truth = write_ccd_fits(ccd_path, plan.ccd_hdus, plan.ccd_px, plan.ccd_px, seed=7)
+    masks = write_ccd_fits(ccd_path, plan.ccd_hdus, plan.ccd_px, plan.ccd_px, seed=7)
+    with fits.open(ccd_path) as hdul:  # the truth by EXTNAME, in the file's HDU order
+        ccd_truth = {h.name: m for h, m in zip(hdul[1:], masks, strict=True)}
     return {"sem": (sem_path, sem_truth), "ccd": (ccd_path, ccd_truth)}
 
 
@@ -149,16 +153,16 @@ def score_sem(labels_zarr: Path, truth_tif: Path, n_classes: int) -> float:
     return float(cm.compute()["miou"])
 
 
-def score_ccd(labels_fits: Path, truth: list[np.ndarray], n_classes: int) -> float:
+def score_ccd(labels_fits: Path, truth: dict[str, np.ndarray], n_classes: int) -> float:
+    """mIoU of the labels FITS against the truth, HDU by EXTNAME (never by position)."""
     from astropy.io import fits
 
     from segcore.metrics import ConfusionMatrix
 
     cm = ConfusionMatrix(n_classes)
     with fits.open(labels_fits) as hdul:
-        images = [h for h in hdul if h.data is not None and h.data.ndim == 2]
-        for hdu, mask in zip(images, truth):
-            cm.update(np.asarray(hdu.data), mask)
+        for name, mask in truth.items():
+            cm.update(np.asarray(hdul[name].data), mask)
     return float(cm.compute()["miou"])
 
 

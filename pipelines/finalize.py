@@ -92,7 +92,9 @@ def finalize_file(states: list[str], opts_json: dict, info_json: dict, out: str,
     """Finish every image of one input file; returns its summary (also written as JSON)."""
     t0 = time.perf_counter()
     opts, info, layout = SegmentOptions(**opts_json), ModelInfo(**info_json), Layout(Path(out))
-    plans = [ImagePlan.load(s) for s in states]
+    # the input's HDU order, not the order its images finished in (the FITS labels, summary and
+    # preview panels follow it: a 4-HDU demo frame had come out as AMP2, AMP1, AMP3, AMP4)
+    plans = sorted((ImagePlan.load(s) for s in states), key=lambda p: p.index)
     names, colors = value_names(opts, info)
     images, panels = [], []
     for plan in plans:

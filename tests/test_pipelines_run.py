@@ -27,9 +27,12 @@ from pipelines_helpers import (
     write_truncated_fits,
 )
 
+from pipelines.finalize import finalize_file
+from pipelines.options import ModelInfo
 from pipelines.plan import ImagePlan
 from pipelines.runner import RunConfig, segment_archive
 from segcore.data.normalize import NormStats, compute_norm_stats
+from segcore.modelref import load_model
 
 pytestmark = pytest.mark.ray
 
@@ -124,6 +127,21 @@ def test_fits_hdus_labels_fits_and_catalogue(archive: dict, run: dict) -> None:
         for amp in ("AMP1", "AMP2"):
             n_cluster_px = int((hdul[amp].data == CLASSES.index("cluster")).sum())
             assert sum(int(r["npix"]) for r in rows if r["hdu"] == amp) == n_cluster_px
+
+
+def test_fits_products_follow_the_input_hdu_order(archive: dict, run: dict) -> None:
+    """Finishing in any order (here AMP2's state first) writes the labels FITS and the summary in
+    the input's HDU order: a 4-HDU demo frame had come out as AMP2, AMP1, AMP3, AMP4."""
+    out = run["out"]
+    states = sorted((out / ".gigaseg" / "frame").iterdir(), reverse=True)
+    assert [s.name for s in states] == ["AMP2", "AMP1"]
+    settings = json.loads((states[0] / "plan.json").read_text())["settings"]
+    opts = {k: v for k, v in settings.items() if k != "model_digest"}
+    info = ModelInfo.from_loaded(load_model(opts["model"], device="cpu"), opts["model"])
+    finalize_file([str(s) for s in states], opts, info.model_dump(mode="json"), str(out), 1.0)
+    with fits.open(out / "frame.labels.fits") as hdul:
+        assert [h.name for h in hdul[1:]] == ["AMP1", "AMP2"]
+    assert [im["name"] for im in json.loads((out / "frame.json").read_text())["images"]] == ["AMP1", "AMP2"]
 
 
 def test_ome_zarr_pyramid_preview_and_summary(archive: dict, run: dict) -> None:
