@@ -58,6 +58,11 @@ def stage_caps(cap: int, multiple: int) -> list[int]:
     return [*stages, round_up(cap, multiple)]
 
 
+def largest_images(images: Sequence[np.ndarray], n: int = MAX_IMAGES) -> list[np.ndarray]:
+    """The ``n`` (C, H, W) images with the largest short side: the ones measured on."""
+    return sorted(images, key=lambda im: -min(im.shape[-2:]))[:n]
+
+
 def measuring_images(images: Sequence[np.ndarray], tile: int, cap: int, multiple: int = 1,
                      max_images: int = MAX_IMAGES) -> list[np.ndarray]:
     """Up to ``max_images`` of the largest (C, H, W) images as squares of ``tile + 2 * context``
@@ -66,7 +71,7 @@ def measuring_images(images: Sequence[np.ndarray], tile: int, cap: int, multiple
     context = round_up(max(math.ceil(CONTEXT * cap), cap + multiple), multiple)  # always beyond the cap
     side = tile + 2 * context
     out = []
-    for im in sorted(images, key=lambda im: -min(im.shape[-2:]))[:max_images]:
+    for im in largest_images(images, max_images):
         h, w = im.shape[-2:]
         r, c = max(0, (h - side) // 2), max(0, (w - side) // 2)
         crop = np.asarray(im[:, r : r + side, c : c + side], dtype=np.float32)
@@ -179,7 +184,7 @@ def halo_entries(predict: PredictFn, images: Sequence[np.ndarray], multiple: int
     t0 = time.perf_counter()
     halo, change = measure_exact_halo(predict, images, tile, multiple, cap, tol)
     seconds = time.perf_counter() - t0
-    shapes = sorted((list(im.shape[-2:]) for im in images), key=lambda s: -min(s))[:MAX_IMAGES]
+    shapes = [list(im.shape[-2:]) for im in largest_images(images)]
     if halo is None:
         log.warning("halo: a window's probabilities still change by %.1e at the cap, %d px, on %d validation "
                     "images; storing the cap", change, cap, len(shapes))

@@ -424,10 +424,15 @@ def _sync(dev: Any) -> None:
         torch.cuda.synchronize(dev)
 
 
+def _usable_seconds(budget_min: float) -> float:
+    """The budget's seconds for training and validation, after :data:`OVERHEAD_SHARE`."""
+    return budget_min * 60.0 * (1 - OVERHEAD_SHARE)
+
+
 def decide_steps(fp: Fingerprint, cfg: TrainConfig, speed: Speed, budget_min: float) -> tuple[dict[str, int], str]:
     """epochs x patches_per_epoch / batch_size steps that fit ``budget_min`` at the measured speed,
     after validation (tiled, at most VAL_SHARE of the budget) and fixed overhead."""
-    budget = budget_min * 60.0 * (1 - OVERHEAD_SHARE)
+    budget = _usable_seconds(budget_min)
     val_px = min(fp.total_pixels * cfg.data.val_fraction, cfg.data.val_pixels) * 1.3  # + halo overlap
     val_s = max(val_px * speed.forward_px_s, 1e-3)
     train_s = budget * (1 - VAL_SHARE)
@@ -449,7 +454,7 @@ def fit_to_steps(fp: Fingerprint, cfg: TrainConfig, speed: Speed, budget_min: fl
     fewer (a short budget, a slow machine): the batch first (down to :data:`MIN_FIT_BATCH`), then
     the patch (down to one typical object extent, at least :data:`MIN_PATCH`), assuming a step's
     time scales with its pixels; None when the planned patch and batch already fit."""
-    train_s = budget_min * 60.0 * (1 - OVERHEAD_SHARE) * (1 - VAL_SHARE)
+    train_s = _usable_seconds(budget_min) * (1 - VAL_SHARE)
     steps = train_s / speed.step_s
     patch, batch = cfg.data.patch_size, cfg.data.batch_size
     if steps >= MIN_STEPS:
