@@ -223,6 +223,7 @@ def test_modeldir_round_trip_gives_identical_outputs(tmp_path, arch: str, encode
     save_model_dir(tmp_path / "m", model, card)
     loaded = load_model_dir(tmp_path / "m", device="cpu")
     x = torch.randn(2, 1, 64, 64)
+    model = model.to(memory_format=torch.channels_last)  # loaded as trained: channels-last (card default)
     with torch.no_grad():
         assert torch.equal(model(x), loaded.model(x))
     assert loaded.card.train.model == cfg
