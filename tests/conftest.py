@@ -61,6 +61,11 @@ def mlflow_sqlite(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("GIGASEG_HOME", str(home))
     uri = f"sqlite:///{home / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    import mlflow
+
+    mlflow.tracking.fluent._active_experiment_id = None  # an earlier test's experiment is another store's
     return uri
 
 
