@@ -33,9 +33,17 @@ HALO_CARD_KEY = "halo"  # ModelCard.extra[HALO_CARD_KEY]: the halo measured for 
 DEFAULT_MAX_OVERHEAD = 1.35  # --max-overhead: interior windows' forward px per output px ((tile + 2 halo) / tile)^2
 MEMORY_SHARE = 0.5  # of the node's physical RAM, split over the actors, for one model call
 # Peak memory of a forward pass per input pixel, as a share of the sum of every leaf module's output
-# bytes (inference frees most activations): resnet18/34 U-Nets at 1024^2 on CPU grew peak RSS by
-# 564/608 B/px against 1726/2026 B/px summed; 0.5 leaves a margin.
-PEAK_SHARE = 0.5
+# bytes (inference frees most activations), per architecture. Measured on CPU, channels-last,
+# resnet18 encoder, one 2048^2 forward + softmax + argmax (peak RSS growth / summed leaf bytes),
+# times 1.25 for margin: U-Net 413 / 1726 B/px = 0.239 -> 0.30. Segformer's attention maps are no
+# leaf's output, so its peak exceeds the sum (1.17). Architectures not measured: PEAK_SHARE_DEFAULT.
+PEAK_SHARE = {"Unet": 0.30, "UnetPlusPlus": 0.30, "FPN": 0.63, "DeepLabV3Plus": 0.45, "Linknet": 0.37,
+              "MAnet": 0.33, "Segformer": 1.47, "DeepLabV3": 0.26, "PAN": 0.24, "PSPNet": 0.32,
+              "UPerNet": 0.86, "ResUNet": 0.42}
+PEAK_SHARE_DEFAULT = 1.5
+# Most pixels per model call, whatever the memory allows: bigger calls got slower per pixel on a
+# 2-core CPU (resnet18 U-Net, channels-last: 0.77 MP/s at 3008 x 4096 = 12.3 MP, 0.66 at 4096^2).
+MAX_CALL_PX = 14_000_000
 BIG_WINDOW = 1024  # CPU windows (tile + 2 halo) this big or bigger: one actor per node, all its CPUs as threads
 
 
@@ -48,6 +56,9 @@ class SegmentOptions(BaseModel):
     tile: int = Field(DEFAULT_TILE, ge=16)  # write region edge == output chunk edge
     halo: int = Field(DEFAULT_HALO, ge=0)
     batch_size: int = Field(8, ge=1)  # windows per model call (and per work unit on tiled files)
+    # most pixels one model call may evaluate (memory budget / bytes per forward px, set with the
+    # tile); a row's windows are predicted as strips within it. None: batch_size windows' worth
+    call_px: int | None = Field(None, ge=1)
     tta: bool = False  # average over flips
     blend_tile: int | None = Field(None, ge=16)  # Gaussian-blended sub-tiles inside each window
     blend_overlap: float = Field(0.5, ge=0.0, lt=1.0)
@@ -60,6 +71,10 @@ class SegmentOptions(BaseModel):
     # MLflow server the actors download an MLflow model URI from: resolved once on the driver and
     # passed to every actor, so a worker node never falls back to its own environment.
     tracking_uri: str | None = None
+
+    def max_call_px(self) -> int:
+        """Pixels one model call may evaluate: ``call_px``, else ``batch_size`` interior windows."""
+        return self.call_px or self.batch_size * (self.tile + 2 * self.halo) ** 2
 
     def signed(self, model_digest: str) -> dict[str, Any]:
         """The settings the resume signature covers (saved with each image's plan, so a re-plan can
@@ -139,8 +154,8 @@ def choose_tile(halo: int, multiple: int, max_overhead: float = DEFAULT_MAX_OVER
 
 def forward_bytes_per_px(loaded: LoadedModel) -> float:
     """Peak bytes of one forward pass per input pixel, estimated from the activations of a probe
-    forward on the CPU (the sum of leaf-module output bytes x :data:`PEAK_SHARE`): deterministic
-    for a given card, unlike a measured RSS."""
+    forward on the CPU (the sum of leaf-module output bytes x the architecture's :data:`PEAK_SHARE`):
+    deterministic for a given card, unlike a measured RSS."""
     import torch
 
     model, total = loaded.model, 0
@@ -161,7 +176,13 @@ def forward_bytes_per_px(loaded: LoadedModel) -> float:
     finally:
         for h in handles:
             h.remove()
-    return PEAK_SHARE * total / side**2
+    return peak_share(loaded) * total / side**2
+
+
+def peak_share(loaded: LoadedModel) -> float:
+    """:data:`PEAK_SHARE` of the model's architecture (an ensemble: its members' largest)."""
+    cards = [m.card for m in getattr(loaded, "members", [])] or [loaded.card]
+    return max(PEAK_SHARE.get(card.train.model.arch, PEAK_SHARE_DEFAULT) for card in cards)
 
 
 def memory_budget_bytes(actors: int) -> float:
@@ -183,13 +204,20 @@ def _round_halo(halo: int, multiple: int, given: bool) -> int:
 def resolve_tiling(loaded: LoadedModel, options: dict[str, Any], actors: int | None = None) -> dict[str, Any]:
     """``options`` with the halo (``--halo``, else the card's, rounded up to the size multiple),
     the tile (``--tile`` if given, which must be a multiple of it, else :func:`choose_tile` within
-    the memory budget) and a ``batch_size`` that fits the budget; ``max_overhead`` is consumed."""
+    the memory budget: ``memory_gb`` per worker if given, else :func:`tile_within_memory`) and a
+    ``batch_size`` that fits the budget; ``max_overhead`` and ``memory_gb`` are consumed."""
     out, multiple = dict(options), loaded.size_multiple
     out["tta"] = card_tta(loaded, out.get("tta"))
     max_overhead = out.pop("max_overhead", None) or DEFAULT_MAX_OVERHEAD
+    memory_gb = out.pop("memory_gb", None)
+    if memory_gb is not None and memory_gb <= 0:
+        raise ConfigError(f"--memory-gb {memory_gb}: must be > 0 (GB for one model call's activations per worker)")
     given = out.get("halo") is not None
     halo = out["halo"] = _round_halo(int(out["halo"]) if given else default_halo(loaded), multiple, given)
     tile = out.get("tile")
+    if tile is not None and memory_gb is not None:
+        raise ConfigError(f"--memory-gb {memory_gb} with --tile {tile}: --memory-gb sizes the chosen tile, and "
+                          "a given tile is used as it is. Drop one of them")
     if tile is not None:
         if tile % multiple:
             raise ConfigError(f"--tile {tile}: not a multiple of the model's size multiple {multiple}. "
@@ -198,8 +226,12 @@ def resolve_tiling(loaded: LoadedModel, options: dict[str, Any], actors: int | N
                  tile, halo, tile_overhead(tile, halo))
         return out
     per_px = forward_bytes_per_px(loaded)
-    budget, tile = tile_within_memory(halo, multiple, max_overhead, per_px, actors)
-    out["tile"] = tile
+    if memory_gb is not None:  # --memory-gb: the user's budget for one model call, per worker
+        budget = memory_gb * 1e9
+        tile = choose_tile(halo, multiple, max_overhead, budget / per_px)
+    else:
+        budget, tile = tile_within_memory(halo, multiple, max_overhead, per_px, actors)
+    out["tile"], out["call_px"] = tile, int(min(budget // per_px, MAX_CALL_PX))
     window_bytes = (tile + 2 * halo) ** 2 * per_px
     batch = int(out.get("batch_size") or 8)
     out["batch_size"] = max(1, min(batch, int(budget // window_bytes)))

@@ -36,7 +36,7 @@ from segcore.data.errors import DataError
 from segcore.data.normalize import apply_norm, compute_norm_stats, range_warning
 from segcore.errors import OutputError, UserError
 from segcore.readers.scaled import output_factor, scaled
-from segcore.tiling import grid_shape
+from segcore.tiling import grid_shape, round_up, strip_cols
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,26 @@ def check_channels(source: ImageSource, in_channels: int) -> str | None:
                     "convert the image or use a model trained on this many channels")
 
 
+def image_tile(shape: tuple[int, int], opts: SegmentOptions, stride: int) -> int:
+    """The tile of one image: ``opts.tile``, or, when the whole image fits one model call
+    (``call_px``, set with a chosen tile), one window the size of the image: no halo at all
+    (x1.0, exact), where a 3000² scan at tile 2784 and halo 224 would evaluate x1.15 in strips."""
+    if opts.call_px is None or opts.blend_tile or max(shape) <= opts.tile:
+        return opts.tile
+    if round_up(shape[0], stride) * round_up(shape[1], stride) > opts.call_px:
+        return opts.tile
+    return round_up(max(shape), stride)
+
+
+def _unit_cols(shape: tuple[int, int], opts: SegmentOptions, tile: int, stride: int) -> int:
+    """Windows per work unit: ``batch_size``, or, with a tile chosen for the memory budget
+    (``call_px``), as many as fit one strip (:func:`segcore.tiling.strip_cols`): a 4096² scan at
+    tile 2784 becomes two whole-row units of one forward pass each. Blended sub-tiles keep batches."""
+    if opts.blend_tile or opts.call_px is None:
+        return opts.batch_size
+    return max(opts.batch_size, strip_cols(shape, tile, opts.halo, opts.call_px, stride))
+
+
 def _new_plan(source: ImageSource, key: str, stem: str, opts: SegmentOptions, info: ModelInfo,
               layout: Layout, signature: str) -> ImagePlan:
     warnings = [w for w in [check_channels(source, info.in_channels)] if w]
@@ -148,14 +168,15 @@ def _new_plan(source: ImageSource, key: str, stem: str, opts: SegmentOptions, in
     stats = compute_norm_stats(sample.astype(source.dtype, copy=False), info.normalize, source.header,
                                source=source.label)
     warnings += [w for w in [range_warning(apply_norm(sample, stats), info.input_range, source.label)] if w]
-    cols = grid_shape(source.shape, opts.tile)[1]
-    if source.slow_random_access and source.shape[0] > opts.tile + 2 * opts.halo:  # more than one band
+    tile = image_tile(source.shape, opts, info.stride)
+    cols = grid_shape(source.shape, tile)[1]
+    if source.slow_random_access and source.shape[0] > tile + 2 * opts.halo:  # more than one band
         warnings.append(f"{source.label}: striped/row-compressed storage has slow random access; "
-                        f"reading it band by band (one band of {opts.tile + 2 * opts.halo} rows per row of windows)")
+                        f"reading it band by band (one band of {tile + 2 * opts.halo} rows per row of windows)")
     return ImagePlan(
         key=key, file=str(source.path), stem=stem, index=source.index, name=source.name,
-        shape=source.shape, channels=source.channels, dtype=str(source.dtype), tile=opts.tile, halo=opts.halo,
-        unit_cols=cols if source.slow_random_access else opts.batch_size,
+        shape=source.shape, channels=source.channels, dtype=str(source.dtype), tile=tile, halo=opts.halo,
+        unit_cols=cols if source.slow_random_access else _unit_cols(source.shape, opts, tile, info.stride),
         norm_offset=stats.offset, norm_scale=stats.scale,
         group=str(layout.image_group(stem, source.name)), state=str(layout.state(stem, source.name)),
         signature=signature, slow=source.slow_random_access, warnings=warnings,
@@ -205,7 +226,7 @@ def prepare_image(source: ImageSource, stem: str, opts: SegmentOptions, info: Mo
     plan.identity, plan.settings = identity, opts.signed(info.digest)
     for warning in plan.warnings:
         log.warning("%s", warning)
-    omezarr.create_image_group(Path(plan.group), plan.out_shape, opts.tile * plan.out_scale, len(info.class_names),
+    omezarr.create_image_group(Path(plan.group), plan.out_shape, plan.tile * plan.out_scale, len(info.class_names),
                                opts.probabilities, opts.uncertainty)
     plan.save()
     return plan

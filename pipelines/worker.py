@@ -27,7 +27,7 @@ from pipelines.predictor import PostProcessor, Products, build_predictor
 from pipelines.readers import ImageSource, open_source
 from segcore.data.normalize import NormStats, apply_norm
 from segcore.readers.scaled import scaled, upsample_write
-from segcore.tiling import Window, shape_batches, union_read, window_at, window_from_block
+from segcore.tiling import Window, shape_batches, strip_groups, union_read, window_at, window_from_block
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,11 @@ def peak_rss_mb() -> float:
 
 
 class TileSegmenter:
-    """Callable class for ``Dataset.map_batches``: one model per actor, many units per call."""
+    """Callable class for ``Dataset.map_batches``: one model per actor, many units per call. The
+    in-process executor (:mod:`pipelines.local`) calls :meth:`segment_row` from ``lanes`` threads."""
 
-    def __init__(self, opts: dict[str, Any], info: dict[str, Any], threads: int | None = None) -> None:
+    def __init__(self, opts: dict[str, Any], info: dict[str, Any], threads: int | None = None,
+                 lanes: int = 1) -> None:
         import torch
 
         from segcore.modelref import load_model
@@ -70,12 +72,11 @@ class TileSegmenter:
         self.opts = SegmentOptions(**opts)
         self.info = ModelInfo(**info)
         self.loaded = load_model(self.opts.model, device=self.opts.device, tracking_uri=self.opts.tracking_uri)
-        if self.loaded.device.type == "cuda":
-            self.loaded.model.to(memory_format=torch.channels_last)
         self.predict = build_predictor(self.loaded, self.opts, self.info.stride)
         only = self.info.class_index(self.opts.only_class) if self.opts.only_class else None
         self.post = PostProcessor.for_run(self.loaded, self.opts, only)
-        self._model_lock = threading.Lock()  # one forward pass at a time (GPU memory)
+        # forward passes at a time: one on a GPU (its memory) or per actor; ``lanes`` in one process
+        self._model_lock = threading.BoundedSemaphore(1 if self.loaded.device.type == "cuda" else lanes)
         self._cache_lock = threading.Lock()
         self._plans: _Cache = _Cache(1024)
         self._sources: _Cache = _Cache(8)
@@ -85,10 +86,11 @@ class TileSegmenter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["unit"])
-        results = [self._one({k: _scalar(v[i]) for k, v in batch.items()}) for i in range(n)]
+        results = [self.segment_row({k: _scalar(v[i]) for k, v in batch.items()}) for i in range(n)]
         return {k: np.array([r[k] for r in results]) for k in RESULT_KEYS}
 
-    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+    def segment_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One unit row -> its result row (:data:`RESULT_KEYS`); a failure fails the unit, not the call."""
         out = {k: row.get(k, "") for k in ("file", "stem", "key", "state", "status", "error")}
         out.update(unit=int(row["unit"]), n_units=int(row["n_units"]), n_images=int(row["n_images"]),
                    n_windows=0, counts="[]", nodata=0, t_read=0.0, t_predict=0.0, t_write=0.0)
@@ -118,14 +120,12 @@ class TileSegmenter:
         rows, cols = union_read(windows)
         block, nodata = read_normalised(source, rows, cols, plan, self.info.in_channels)
         t_read, t_predict, t_write = time.perf_counter() - t0, 0.0, 0.0
-        counts, n_nodata = np.zeros(self.post.n_values, dtype=np.int64), 0
-        for chunk in shape_batches(windows, self.opts.batch_size):  # border windows are smaller
-            batch = np.stack([window_from_block(block, (rows.start, cols.start), w) for w in chunk])
+        counts, n_nodata, origin = np.zeros(self.post.n_values, dtype=np.int64), 0, (rows.start, cols.start)
+        for chunk in self._calls(windows):
             with self._model_lock:  # time the forward pass only, not the wait for the other call
                 t0 = time.perf_counter()
-                proba = self.predict(batch)
-                products = [self.post(p[(slice(None), *w.crop)], _window_mask(nodata, (rows.start, cols.start), w))
-                            for w, p in zip(chunk, proba, strict=True)]
+                products = [self.post(p, _window_mask(nodata, origin, w))
+                            for w, p in zip(chunk, self._predict_call(block, origin, chunk), strict=True)]
                 t1 = time.perf_counter()
             for w, prod in zip(chunk, products, strict=True):
                 self._write(arrays, w, prod, plan)
@@ -133,6 +133,24 @@ class TileSegmenter:
             t_predict, t_write = t_predict + t1 - t0, t_write + time.perf_counter() - t1
         return {"n_windows": len(windows), "counts": json.dumps(counts.tolist()), "nodata": n_nodata,
                 "t_read": t_read, "t_predict": t_predict, "t_write": t_write}
+
+    def _calls(self, windows: list[Window]) -> Any:
+        """The unit's windows grouped into model calls: strips within the call's pixel budget
+        (:func:`segcore.tiling.strip_groups`), or, for blended sub-tiles, batches of one shape."""
+        if self.opts.blend_tile:  # the sub-tile grid follows each window: keep windows apart
+            return shape_batches(windows, self.opts.batch_size)  # border windows are smaller
+        return strip_groups(windows, self.opts.max_call_px(), self.info.stride)
+
+    def _predict_call(self, block: np.ndarray, origin: tuple[int, int], chunk: list[Window]) -> list[Any]:
+        """Each window's write-region probabilities from one model call over ``chunk``."""
+        if self.opts.blend_tile:
+            proba = self.predict(np.stack([window_from_block(block, origin, w) for w in chunk]))
+            return [p[(slice(None), *w.crop)] for w, p in zip(chunk, proba, strict=True)]
+        rows, cols = union_read(chunk)
+        strip = self.predict(block[None, :, rows.start - origin[0]:rows.stop - origin[0],
+                                   cols.start - origin[1]:cols.stop - origin[1]])[0]
+        return [strip[:, w.write[0].start - rows.start:w.write[0].stop - rows.start,
+                      w.write[1].start - cols.start:w.write[1].stop - cols.start] for w in chunk]
 
     @staticmethod
     def _write(arrays: dict[str, Any], window: Window, prod: Products, plan: ImagePlan) -> None:

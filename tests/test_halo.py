@@ -117,6 +117,21 @@ def test_given_tile_is_honoured_or_refused_and_halo_rounded(trained) -> None:
     assert (given["tile"], given["halo"]) == (96, 64) and "max_overhead" not in given
     with pytest.raises(ConfigError, match="--tile 100: not a multiple of the model's size multiple 8. Use 104"):
         resolve_tiling(loaded, {"tile": 100, "halo": 60})
+    with pytest.raises(ConfigError, match="--memory-gb 2.0 with --tile 96"):
+        resolve_tiling(loaded, {"tile": 96, "halo": 60, "memory_gb": 2.0})
+
+
+def test_memory_gb_sizes_the_tile_and_the_calls(trained) -> None:
+    """--memory-gb is the budget of one model call: a smaller budget gives a smaller tile (never above
+    the overhead target's) and a pixel budget per call that fits it."""
+    from pipelines.options import forward_bytes_per_px, resolve_tiling
+
+    loaded = load_model(trained / "model", device="cpu")
+    per_px = forward_bytes_per_px(loaded)
+    small = resolve_tiling(loaded, {"tile": None, "halo": None, "memory_gb": 0.05})
+    default = resolve_tiling(loaded, {"tile": None, "halo": None})
+    assert "memory_gb" not in small and small["tile"] < default["tile"]
+    assert small["call_px"] * per_px <= 0.05e9 and (small["tile"] + 2 * small["halo"]) ** 2 * per_px <= 0.05e9
 
 
 def test_window_wide_norms_are_not_measured(trained) -> None:

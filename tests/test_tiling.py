@@ -26,6 +26,8 @@ from segcore.tiling import (
     round_up,
     shape_batches,
     split_windows,
+    strip_cols,
+    strip_groups,
     union_read,
     window_at,
     window_from_block,
@@ -287,3 +289,29 @@ def test_shape_batches_keep_order_and_stack() -> None:
     assert [w for b in batches for w in b] == windows
     assert all(len(b) <= 4 and len({w.padded_shape for w in b}) == 1 for b in batches)
     assert round_up(0, 8) == 0 and round_up(9, 8) == 16 and round_up(5, 1) == 5
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "halo", "max_px"), [
+    (37, 53, 16, 2, 20 * 57), (64, 64, 16, 4, 24 * 40), (64, 90, 8, 3, 10**6), (40, 40, 16, 4, 1)])
+def test_strips_equal_whole_bit_for_bit(height: int, width: int, tile: int, halo: int, max_px: int) -> None:
+    """A row's windows predicted as strips (their union read in one call) give the whole image's
+    output bit for bit; each strip stays within ``max_px`` unless it is one window; strips never span rows."""
+    image = np.random.default_rng(3).random((1, height, width), dtype=np.float32)
+    whole, out = box5(image[None])[0], np.full((2, height, width), np.nan, np.float32)
+    windows = list(split_windows((height, width), tile, halo))
+    for strip in strip_groups(windows, max_px):
+        rows, cols = union_read(strip)
+        assert len({(w.read[0].start, w.read[0].stop) for w in strip}) == 1
+        assert len(strip) == 1 or (rows.stop - rows.start) * (cols.stop - cols.start) <= max_px
+        pred = box5(image[None, :, rows, cols])[0]
+        for w in strip:
+            out[:, w.write[0], w.write[1]] = pred[:, w.write[0].start - rows.start:w.write[0].stop - rows.start,
+                                                  w.write[1].start - cols.start:w.write[1].stop - cols.start]
+    assert np.array_equal(out, whole)
+
+
+def test_strip_cols_fits_the_budget() -> None:
+    assert strip_cols((4096, 4096), 2784, 224, 3232 * 4096) == 2  # whole rows (interior height): x1.11, not x1.23
+    assert strip_cols((4096, 4096), 2784, 224, 3232 * 3232) == 1
+    assert strip_cols((768, 10_000), 512, 128, 768 * (4 * 512 + 256)) == 4
+    assert strip_cols((768, 10_000), 512, 128, 1) == 1
