@@ -102,3 +102,30 @@ class Tracker:
         if row["status"] == "work":
             ws.units += 1
             ws.windows += int(row["n_windows"])
+
+
+class ResultSink:
+    """Where both executors hand their result rows: the tracker records them (resume logs), the
+    stage is timed on ``report``, completed files go to ``finisher`` and progress is logged."""
+
+    def __init__(self, tracker: Tracker, finisher: Any, report: Any, progress_s: float) -> None:
+        self.tracker, self.finisher, self.report, self.progress_s = tracker, finisher, report, progress_s
+        self.t0 = self.last_log = time.perf_counter()
+
+    def add(self, row: dict[str, Any]) -> None:
+        fs, changed = self.tracker.on_row(row)
+        if row["status"] == "work":
+            self.report.stage_s = time.perf_counter() - self.t0
+            self.report.first_unit_s = self.report.first_unit_s or self.report.stage_s
+        if changed:
+            self.finisher.file_changed(fs)
+
+    def log_progress(self) -> None:
+        """One progress line at most every ``progress_s`` seconds."""
+        if time.perf_counter() - self.last_log > self.progress_s:
+            log.info("%s", self.tracker.progress_line(self.finisher.total))
+            self.last_log = time.perf_counter()
+
+    def close(self) -> None:
+        self.report.windows = self.tracker.windows
+        self.report.workers = [vars(w) for w in self.tracker.workers.values()]

@@ -1,6 +1,7 @@
 """The Ray Data job: input files -> plan (``map_batches`` tasks, one block per work unit out) ->
 segment (actor pool, model loaded once per actor) -> small result rows consumed by the driver,
-which records progress, starts each file's finishing task and writes the manifest.
+which records progress, starts each file's finishing task and writes the manifest. Without a
+cluster to use, the same steps run in this process (:mod:`pipelines.local`, :func:`choose_executor`).
 
 Resource guard: actors ask for a fraction of a CPU (0.5 on CPU-only clusters, 0.25 next to a
 GPU) and the pool is sized so that at least one CPU stays free; the planning and finishing
@@ -14,18 +15,20 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipelines.finalize import finalize_file
 from pipelines.layout import STATE_DIR, Layout, Manifest, assign_stems, expand_inputs, input_identity
+from pipelines.local import consume_local, local_cpus, unit_rows
 from pipelines.lock import OutputLock
 from pipelines.options import BIG_WINDOW, ModelInfo, SegmentOptions, load_for_run, resolve_tiling
 from pipelines.plan import OWNER_FIX, PLAN_FILE, ImagePlan, done_units, owner_problem, plan_batch, plan_file
-from pipelines.progress import FileState, Tracker
+from pipelines.progress import FileState, ResultSink, Tracker
 from pipelines.worker import TileSegmenter, peak_rss_mb
 from segcore import modelref
 from segcore.errors import ConfigError, UserError
@@ -55,11 +58,15 @@ ACTOR_BYTES_PER_PX = {"cpu": 450, "gpu": 64}  # per input pixel of one model cal
 ACTOR_MEMORY_HEADROOM = 1.3
 
 
+Executor = Literal["auto", "local", "ray"]
+
+
 @dataclass
 class RunConfig:
     """How the job runs (no effect on the output bytes)."""
 
-    workers: int | None = None  # actors; default: one per GPU, else one per CPU
+    executor: Executor = "auto"  # auto: Ray when a cluster is given or running or >1 GPU, else local
+    workers: int | None = None  # actors (lanes when local); default: one per GPU, else from the window
     worker_cpus: float | None = None  # CPU request per actor (default 0.5, or 0.25 with a GPU)
     threads: int | None = None  # torch threads per actor (default: CPUs / actors, at least 1)
     overlap: bool = True  # two calls per actor: one reads/writes while the other predicts
@@ -155,11 +162,48 @@ def cpu_pool(cpus: float, nodes: int, window: int) -> tuple[int, int]:
     return min(nodes, MAX_CPU_ACTORS), max(1, int(cpus / nodes))
 
 
+def choose_executor(run: RunConfig) -> tuple[str, str]:
+    """("local" or "ray", why). ``auto`` runs in this process (:mod:`pipelines.local`) unless there is
+    a cluster to use: ``--address``, ``RAY_ADDRESS`` (``ray job submit`` sets it), a Ray already
+    initialised here, more than one GPU (one actor each) or ``--worker-cpus`` (a Ray request)."""
+    if run.executor == "local":
+        for given, flag in ((run.address, "--address"), (run.worker_cpus, "--worker-cpus")):
+            if given is not None:
+                raise ConfigError(f"--executor local with {flag} {given}: {flag} is for Ray actors and "
+                                  f"local runs have none. Drop {flag}, or use --executor ray")
+        return "local", "--executor local"
+    if run.executor == "ray":
+        return "ray", "--executor ray"
+    ray = sys.modules.get("ray")  # a Ray initialised here has been imported
+    if run.address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        return "ray", "a Ray cluster is given or running"
+    if run.worker_cpus is not None:
+        return "ray", "--worker-cpus asks Ray for actor CPUs"
+    import torch
+
+    if torch.cuda.device_count() > 1:
+        return "ray", f"{torch.cuda.device_count()} GPUs: one actor each"
+    return "local", "one machine and no Ray cluster given (--executor ray starts a local Ray)"
+
+
+def local_pool(run: RunConfig, opts: SegmentOptions) -> dict[str, Any]:
+    """Lanes (concurrent units) and torch threads for :mod:`pipelines.local`: the Ray pool's rule
+    for one node (:func:`cpu_pool`); one lane with 2 threads on a GPU; ``--workers`` sets the lanes."""
+    import torch
+
+    cpus = local_cpus()
+    gpu = opts.device != "cpu" and torch.cuda.is_available()
+    lanes, threads = (1, 2) if gpu else cpu_pool(cpus, 1, opts.tile + 2 * opts.halo)
+    if run.workers:
+        lanes, threads = run.workers, 2 if gpu else max(1, cpus // run.workers)
+    return {"executor": "local", "size": lanes, "threads": run.threads or threads, "num_gpus": int(gpu),
+            "cluster_cpus": cpus}
+
+
 def actor_memory(opts: SegmentOptions, use_gpu: bool) -> int:
-    """Bytes one segmenter actor asks for: base + one forward pass of ``batch_size`` windows, with
-    :data:`ACTOR_MEMORY_HEADROOM`."""
-    edge = opts.tile + 2 * opts.halo
-    need = ACTOR_BASE_MEMORY + ACTOR_BYTES_PER_PX["gpu" if use_gpu else "cpu"] * opts.batch_size * edge * edge
+    """Bytes one segmenter actor asks for: base + its biggest model call (``batch_size`` windows or a
+    strip of ``call_px``, :meth:`SegmentOptions.max_call_px`), with :data:`ACTOR_MEMORY_HEADROOM`."""
+    need = ACTOR_BASE_MEMORY + ACTOR_BYTES_PER_PX["gpu" if use_gpu else "cpu"] * opts.max_call_px()
     return int(ACTOR_MEMORY_HEADROOM * need)
 
 
@@ -208,8 +252,7 @@ def build_dataset(items: list[dict[str, str]], opts: SegmentOptions, info: Model
     # keeps a copy of the context made here. (A repartition would do the same in a separate task
     # asking for a whole CPU, which may not fit next to the actors: the hang guarded against.)
     ctx.target_max_block_size = 1
-    plan_kwargs = {"opts": opts.model_dump(mode="json"), "info": info.model_dump(mode="json"),
-                   "out": str(out), "signature": signature, "run_id": run_id}
+    plan_kwargs = _plan_kwargs(opts, info, out, signature, run_id)
     try:
         if len(items) <= DRIVER_PLAN_FILES:  # a header read takes milliseconds: no task round trip
             t0 = time.perf_counter()
@@ -233,6 +276,11 @@ def build_dataset(items: list[dict[str, str]], opts: SegmentOptions, info: Model
         )
     finally:
         ctx.target_max_block_size = saved
+
+
+def _plan_kwargs(opts: SegmentOptions, info: ModelInfo, out: Path, signature: str, run_id: str) -> dict[str, Any]:
+    return {"opts": opts.model_dump(mode="json"), "info": info.model_dump(mode="json"), "out": str(out),
+            "signature": signature, "run_id": run_id}
 
 
 def _owner(layout: Layout, stem: str, identity: dict[str, Any]) -> str:
@@ -333,22 +381,54 @@ def unit_counts(layout: Layout, stems: list[str]) -> tuple[int, int]:
     return written, total
 
 
+def _run_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
 def _execute(items: list[dict[str, Any]], opts: SegmentOptions, info: ModelInfo, layout: Layout,
              signature: str, run: RunConfig, report: RunReport) -> None:
+    executor, why = choose_executor(run)
+    log.info("executor: %s (%s)", executor, why)
+    if executor == "local":
+        _execute_local(items, opts, info, layout, signature, run, report)
+    else:
+        _execute_ray(items, opts, info, layout, signature, run, report)
+
+
+def _execute_local(items: list[dict[str, Any]], opts: SegmentOptions, info: ModelInfo, layout: Layout,
+                   signature: str, run: RunConfig, report: RunReport) -> None:
+    """The same units, resume log and finishing step as :func:`_execute_ray`, in this process."""
+    report.pool = local_pool(run, opts)
+    log.info("actor pool: %s", report.pool)
+    run_id = _run_id()
+    segmenter = TileSegmenter(opts.model_dump(mode="json"), info.model_dump(mode="json"),
+                              threads=report.pool["threads"], lanes=report.pool["size"])
+    finisher = _Finisher(layout, opts, info, signature, report, total=len(items),
+                         identities={i["file"]: i["identity"] for i in items}, remote=False)
+    rows = unit_rows(items, _plan_kwargs(opts, info, layout.root, signature, run_id))
+    try:
+        consume_local(rows, segmenter, report.pool["size"] + int(run.overlap),
+                      ResultSink(Tracker(run_id), finisher, report, PROGRESS_S))
+    except KeyboardInterrupt:
+        raise Interrupted(*unit_counts(layout, [i["stem"] for i in items])) from None
+
+
+def _execute_ray(items: list[dict[str, Any]], opts: SegmentOptions, info: ModelInfo, layout: Layout,
+                 signature: str, run: RunConfig, report: RunReport) -> None:
     import ray
     from ray.data import DataContext
 
     started = init_ray(run.address)
     try:
         DataContext.get_current().enable_progress_bars = run.progress_bars
-        report.pool = pool_plan(run, opts)
+        report.pool = {"executor": "ray", **pool_plan(run, opts)}
         log.info("actor pool: %s", report.pool)
-        run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        run_id = _run_id()
         ds = build_dataset([{"file": i["file"], "stem": i["stem"]} for i in items], opts, info, layout.root,
                            signature, report.pool, run, run_id)
         finisher = _Finisher(layout, opts, info, signature, report, total=len(items),
                              identities={i["file"]: i["identity"] for i in items})
-        _consume(ds, Tracker(run_id), finisher, report)
+        _consume(ds, ResultSink(Tracker(run_id), finisher, report, PROGRESS_S))
     except KeyboardInterrupt:
         raise Interrupted(*unit_counts(layout, [i["stem"] for i in items])) from None
     finally:
@@ -356,35 +436,29 @@ def _execute(items: list[dict[str, Any]], opts: SegmentOptions, info: ModelInfo,
             ray.shutdown()
 
 
-def _consume(ds: Any, tracker: Tracker, finisher: _Finisher, report: RunReport) -> None:
+def _consume(ds: Any, sink: ResultSink) -> None:
     """Drive the dataset: record finished units, finish complete files, log progress."""
-    t0 = last_log = time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["unit"])):
-            row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
-            fs, changed = tracker.on_row(row)
-            if row["status"] == "work":
-                report.stage_s = time.perf_counter() - t0
-                report.first_unit_s = report.first_unit_s or report.stage_s
-            if changed:
-                finisher.file_changed(fs)
-        finisher.poll(block=False)
-        if time.perf_counter() - last_log > PROGRESS_S:
-            log.info("%s", tracker.progress_line(finisher.total))
-            last_log = time.perf_counter()
-    finisher.poll(block=True)
-    report.windows = tracker.windows
-    report.workers = [vars(w) for w in tracker.workers.values()]
+            sink.add({k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()})
+        sink.finisher.poll(block=False)
+        sink.log_progress()
+    sink.finisher.poll(block=True)
+    sink.close()
 
 
 class _Finisher:
-    """Starts a finishing task per complete file and writes manifest lines as they end."""
+    """Finishes each complete file (a Ray task, or here when ``remote`` is false) and writes
+    manifest lines as they end."""
 
     def __init__(self, layout: Layout, opts: SegmentOptions, info: ModelInfo, signature: str,
-                 report: RunReport, total: int, identities: dict[str, dict[str, Any]]) -> None:
-        import ray
+                 report: RunReport, total: int, identities: dict[str, dict[str, Any]], remote: bool = True) -> None:
+        if remote:
+            import ray
 
-        self.remote = ray.remote(num_cpus=TASK_CPUS, max_retries=3)(finalize_file)
+            self.remote = ray.remote(num_cpus=TASK_CPUS, max_retries=3)(finalize_file)
+        else:
+            self.remote = None
         self.layout, self.opts, self.info, self.signature = layout, opts, info, signature
         self.manifest, self.report, self.total = Manifest(layout.manifest), report, total
         self.pending: dict[Any, FileState] = {}
@@ -395,9 +469,18 @@ class _Finisher:
             self._failed(fs, fs.error)
             return
         span = time.perf_counter() - fs.started  # first to last finished unit seen in this run
-        ref = self.remote.remote(fs.complete, self.opts.model_dump(mode="json"),
-                                 self.info.model_dump(mode="json"), str(self.layout.root), span)
-        self.pending[ref] = fs
+        args = (fs.complete, self.opts.model_dump(mode="json"), self.info.model_dump(mode="json"),
+                str(self.layout.root), span)
+        if self.remote is not None:
+            self.pending[self.remote.remote(*args)] = fs
+            return
+        try:
+            summary = finalize_file(*args)
+        except Exception as err:  # a failed finish fails this file only (logged with its traceback)
+            log.debug("finishing %s failed", fs.file, exc_info=True)
+            self._failed(fs, f"{fs.file}: finishing failed: {type(err).__name__}: {err}")
+            return
+        self._done(fs, summary)
 
     def poll(self, block: bool) -> None:
         import ray

@@ -2,7 +2,8 @@
 
     gigaseg segment --model models:/sem@champion --input '/archive/**/*.tif' /archive/ccd/*.fits --output OUT/
 
-Runs on the Ray cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it) or on a new local Ray.
+Runs on the Ray cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it) or at --address; without
+one, on this machine in this process (no Ray start; ``--executor ray`` starts a local Ray instead).
 Stop it any time (Ctrl-C prints how many work units are written); rerunning the same command
 resumes: inputs the manifest lists as done are skipped and unfinished images redo only their
 missing work units. One run at a time per output folder (OUT/.gigaseg/lock). An output name
@@ -42,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-overhead", type=float, default=None,
                    help="forward px per output px allowed in interior windows when choosing the tile "
                         "(default 1.35)")
+    g.add_argument("--memory-gb", type=float, default=None,
+                   help="memory for one model call's activations per worker, which sizes the chosen tile and "
+                        "strips (default: half the node's RAM over the workers; a fast, memory-hungry choice)")
     g.add_argument("--batch-size", type=int, default=8,
                    help="windows per model call (default 8; fewer when a chosen tile needs it to fit memory)")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -58,7 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default) or on the model's grid (1 px per model px)")
     g.add_argument("--device", default="auto", help="auto (GPU if the actor has one), cpu or cuda")
     r = p.add_argument_group("execution (no effect on the output)")
-    r.add_argument("--workers", type=int, default=None, help="model actors (default: one per GPU, else per CPU)")
+    r.add_argument("--executor", choices=["auto", "local", "ray"], default="auto",
+                   help="auto (default): Ray when --address, RAY_ADDRESS or more than one GPU gives it a "
+                        "cluster, else local: in this process, no Ray start; ray: a new local Ray otherwise")
+    r.add_argument("--workers", type=int, default=None,
+                   help="model actors, or concurrent units in one process when local (default: one per GPU, "
+                        "else one per CPU for windows under 1024 px and one with every CPU as a thread above)")
     r.add_argument("--worker-cpus", type=float, default=None, help="CPUs requested per actor (default 0.5; 0.25 with GPU)")
     r.add_argument("--threads", type=int, default=None, help="torch threads per actor")
     r.add_argument("--no-overlap", action="store_true", help="one call at a time per actor (no read/predict overlap)")
@@ -69,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run from parsed arguments; 0 if every input is done, 1 if some failed."""
-    cfg = RunConfig(workers=args.workers, worker_cpus=args.worker_cpus, threads=args.threads,
+    cfg = RunConfig(executor=args.executor, workers=args.workers, worker_cpus=args.worker_cpus, threads=args.threads,
                     overlap=not args.no_overlap, address=args.address, overwrite=args.overwrite,
                     progress_bars=not args.no_progress)
     try:
@@ -77,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.input, args.output, cfg, tile=args.tile, halo=args.halo, batch_size=args.batch_size,
             tta=args.tta, blend_tile=args.blend_tile, blend_overlap=args.blend_overlap, only_class=args.only_class,
             probabilities=args.probabilities, uncertainty=args.uncertainty, labels_at=args.labels_at, device=args.device,
-            tracking_uri=args.tracking_uri, max_overhead=args.max_overhead)
+            tracking_uri=args.tracking_uri, max_overhead=args.max_overhead, memory_gb=args.memory_gb)
     except Interrupted as stop:  # Ctrl-C: one line with the progress kept, no traceback
         log.error("%s", stop)
         return 130

@@ -1,6 +1,6 @@
-"""Clean starts and exits of ``python -m pipelines.segment`` when it starts its own local Ray:
-after a run that ends with failed inputs, after Ctrl-C (SIGINT) mid-run, and after a local Ray
-that cannot start, no process it started is left, and the user sees one line, no traceback.
+"""Clean starts and exits of ``python -m pipelines.segment``, in this process (``--executor local``)
+and when it starts its own local Ray (``--executor ray``): after a run that ends with failed
+inputs, after Ctrl-C (SIGINT) mid-run, and after a local Ray that cannot start, no process it started is left, and the user sees one line, no traceback.
 Each run gets a private RAY_TMPDIR and a marker variable, so its processes are found in /proc
 (whatever their parent now is) and nothing of the shared test Ray is touched."""
 
@@ -65,24 +65,27 @@ def ray_tmp() -> str:
     subprocess.run(["rm", "-rf", path], check=False)
 
 
-def test_failed_inputs_exit_1_and_leave_no_process(tmp_path: Path, ray_tmp: str) -> None:
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_failed_inputs_exit_1_and_leave_no_process(tmp_path: Path, ray_tmp: str, executor: str) -> None:
     model = make_model(tmp_path / "model")
     write_tiled_tiff8(tmp_path / "good.tif", (150, 200))
     (tmp_path / "broken.tif").write_bytes(b"II*\x00" + b"\xff" * 200)
     env = _env(ray_tmp)
-    proc = subprocess.run(_cli(model, [tmp_path / "good.tif", tmp_path / "broken.tif"], tmp_path / "O"),
-                          env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(_cli(model, [tmp_path / "good.tif", tmp_path / "broken.tif"], tmp_path / "O",
+                               "--executor", executor), env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "1 done, 1 failed" in proc.stderr
     assert _gone(env["GIGASEG_EXIT_TEST"]) == []
 
 
-def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path: Path, ray_tmp: str, ray_local: None) -> None:
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path: Path, ray_tmp: str, ray_local: None,
+                                                  executor: str) -> None:
     model, image, out = make_model(tmp_path / "model"), tmp_path / "big.tif", tmp_path / "O"
     write_tiled_tiff8(image, (640, 704))
     env = _env(ray_tmp)
-    proc = subprocess.Popen(_cli(model, [image], out, "--batch-size", "2"), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cli(model, [image], out, "--batch-size", "2", "--executor", executor), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = out / ".gigaseg" / "big" / "image"
     deadline = time.monotonic() + 200
     while time.monotonic() < deadline and proc.poll() is None and len(done_units(state)) < 3:
@@ -114,8 +117,8 @@ def test_ray_that_cannot_start_is_one_line(tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     env = _env(str(not_a_dir))  # Ray cannot create its session folder under a file
-    proc = subprocess.run(_cli(model, [tmp_path / "good.tif"], tmp_path / "O"), env=env, capture_output=True,
-                          text=True, timeout=240)
+    proc = subprocess.run(_cli(model, [tmp_path / "good.tif"], tmp_path / "O", "--executor", "ray"), env=env,
+                          capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "local Ray: did not start, twice" in proc.stderr and "--address" in proc.stderr

@@ -216,3 +216,56 @@ def test_registered_model_uri_reaches_actors_through_the_explicit_tracking_uri(
     assert json.loads((out / "rock8.json").read_text())["model"] == "models:/rock/1"  # pinned on the driver
     labels = zarr.open_array(str(out / "rock8.zarr" / "0"), mode="r")[:]
     assert np.array_equal(labels, zarr.open_array(str(run["out"] / "rock8.zarr" / "0"), mode="r")[:])
+
+
+def test_local_executor_writes_the_ray_jobs_bytes(archive: dict, run: dict, tmp_path: Path) -> None:
+    """``--executor local`` (in this process, no Ray) runs the same units and finishing step: every
+    label array, preview, labels FITS and catalogue equals the Ray job's byte for byte, and the
+    broken files fail the same way."""
+    from pipelines_helpers import tree_digest
+
+    root, out = archive["root"], tmp_path / "local"
+    report = segment_archive(str(archive["model"]), [f"{root}/sem/*.tif", f"{root}/**/*.fits"], out,
+                             RunConfig(executor="local", progress_bars=False), tile=TILE, halo=HALO, batch_size=4)
+    assert report.pool["executor"] == "local" and report.pool["size"] >= 1
+    assert sorted(Path(f).name for f in report.failed) == ["broken.tif", "cut.fits"] and len(report.done) == 3
+    skip = (".json", "manifest", "lock", "done.jsonl", ".fits")  # timings, run ids; FITS: GSDATE below
+    ray_tree = {k: v for k, v in tree_digest(run["out"], skip).items() if not k.startswith(".gigaseg")}
+    local_tree = {k: v for k, v in tree_digest(out, skip).items() if not k.startswith(".gigaseg")}
+    assert any(k.endswith(".png") for k in local_tree) and any(".zarr/" in k for k in local_tree)
+    assert local_tree == ray_tree
+    for name in ("frame.labels.fits", "frame.clusters.fits"):
+        with fits.open(out / name) as mine, fits.open(run["out"] / name) as theirs:
+            assert [h.name for h in mine] == [h.name for h in theirs]
+            for a, b in zip(mine, theirs, strict=True):
+                assert (a.data is None and b.data is None) or np.array_equal(a.data, b.data)
+                assert {k: v for k, v in a.header.items() if k != "GSDATE"} == \
+                    {k: v for k, v in b.header.items() if k != "GSDATE"}
+
+
+def test_whole_row_strips_give_the_whole_image_labels(archive: dict, tmp_path: Path) -> None:
+    """With a pixel budget per model call (``call_px``, set with a chosen tile), a row's windows
+    form one unit predicted as one strip; the labels still equal the whole-image prediction."""
+    image, out = archive["images"]["rock8"], tmp_path / "strips"
+    tif = archive["root"] / "sem" / "rock8.tif"
+    report = segment_archive(str(archive["model"]), [str(tif)], out, RunConfig(executor="local", progress_bars=False),
+                             tile=TILE, halo=HALO, batch_size=1, call_px=(TILE + 2 * HALO) * image.shape[1])
+    assert len(report.done) == 1
+    plan = ImagePlan.load(out / ".gigaseg" / "rock8" / "image")
+    assert plan.unit_cols == 4 and len(plan.units) == 3  # 150 x 200 at tile 64: 3 rows of 4 windows
+    labels = zarr.open_array(str(out / "rock8.zarr" / "0"), mode="r")[:]
+    assert np.array_equal(labels, reference_labels(archive["model"], image, _stats(out, "rock8")))
+
+
+def test_an_image_that_fits_one_call_is_one_window(archive: dict, tmp_path: Path) -> None:
+    """An image larger than the tile but within one model call's pixel budget is predicted whole:
+    one window the size of the image (no halo at all), labels equal to the whole-image forward."""
+    image, out = archive["images"]["rock8"], tmp_path / "whole"
+    tif = archive["root"] / "sem" / "rock8.tif"
+    report = segment_archive(str(archive["model"]), [str(tif)], out, RunConfig(executor="local", progress_bars=False),
+                             tile=TILE, halo=HALO, batch_size=1, call_px=152 * 200)
+    assert len(report.done) == 1 and report.windows == 1
+    plan = ImagePlan.load(out / ".gigaseg" / "rock8" / "image")
+    assert plan.tile == 200 and plan.units == [(0, 0, 1)]  # 150 x 200, size multiple 4
+    labels = zarr.open_array(str(out / "rock8.zarr" / "0"), mode="r")[:]
+    assert np.array_equal(labels, reference_labels(archive["model"], image, _stats(out, "rock8")))
