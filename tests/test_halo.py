@@ -83,7 +83,12 @@ def test_training_stores_the_smallest_exact_halo(trained) -> None:
     whole = predict_whole(crop, predict)
     assert window_change(crop, whole, predict, on["tile"], halo - m) > HALO_TOL  # one multiple less is not exact
     tiled = predict_tiled(crop, predict, tile=on["tile"], halo=halo)  # every window of the crop, not just one
-    assert np.array_equal(loaded.labels_from_proba(tiled), loaded.labels_from_proba(whole))
+    assert np.abs(tiled - whole).max() <= HALO_TOL  # the halo's promise, in every window
+    # so a label can flip only where the whole image's top two probabilities are within 2 x HALO_TOL:
+    # a float tie that a different conv blocking (CPU kernels differ by size) may break either way
+    flipped = loaded.labels_from_proba(tiled) != loaded.labels_from_proba(whole)
+    top2 = np.sort(whole, axis=0)[-2:]
+    assert flipped.sum() <= 4 and np.all((top2[1] - top2[0])[flipped] <= 2 * HALO_TOL)
 
 
 def test_measure_halo_switch_turns_it_off(trained) -> None:
