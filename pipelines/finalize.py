@@ -54,6 +54,7 @@ def _image_summary(plan: ImagePlan, names: list[str], counts: np.ndarray, shapes
 def _finish_image(plan: ImagePlan, opts: SegmentOptions, info: ModelInfo, root: Path) -> tuple[dict, np.ndarray]:
     names, colors = value_names(opts, info)
     group = Path(plan.group)
+    omezarr.remove_partial_files(group)  # a worker killed mid-write (its unit was redone) left a temp chunk
     shapes, counts = omezarr.build_pyramid(group, plan.tile, len(names))
     omezarr.write_metadata(group, plan.name or plan.stem, len(shapes), names, colors, {
         "model": info.ref, "input": plan.file, "hdu": plan.name or None, "class_names": names,
