@@ -209,7 +209,9 @@ def contender_monai(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         proba = sliding_window_inference(torch.from_numpy(image)[None], (MONAI_ROI, MONAI_ROI), MONAI_BATCH,
                                          predictor, overlap=0.25, mode="gaussian")
-    labels = proba[0].argmax(0).to(torch.uint8).numpy()
+    # max(0).indices == argmax(0) (first maximum) but 10x faster on a CPU over the class axis; MONAI's
+    # own AsDiscrete(argmax=True) takes the slow argmax: MONAI is given the fast one here
+    labels = proba[0].max(0).indices.to(torch.uint8).numpy()
     h, w = labels.shape
     return {"compute_s": time.perf_counter() - t0, "fwd": fwd / (h * w), "labels": labels}
 
@@ -336,13 +338,13 @@ def run_gigaseg(name: str, model: str, inputs: list[str], workdir: Path, pool: s
     """``gigaseg segment`` (CLI, fresh local Ray) into a fresh output folder; milestones from its log."""
     out = workdir / f"out-{name}"
     shutil.rmtree(out, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if pool == "default":
         extra = []
     elif pool.startswith("mem"):  # memN: --memory-gb N (a smaller tile and calls, less RSS)
         extra = ["--memory-gb", pool[3:]]
     else:
         extra = ["--workers", pool.split("x")[0], "--threads", pool.split("x")[1]]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [*gigaseg_cmd(), "--model", model, "--input", *inputs, "--output", str(out), "--no-progress", *extra]
     meas = run_measured(cmd, workdir / f"log-{name}.txt", env)
     meas["out"] = out

