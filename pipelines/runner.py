@@ -27,7 +27,7 @@ from pipelines.layout import STATE_DIR, Layout, Manifest, assign_stems, expand_i
 from pipelines.local import consume_local, local_cpus, unit_rows
 from pipelines.lock import OutputLock
 from pipelines.options import BIG_WINDOW, ModelInfo, SegmentOptions, load_for_run, resolve_tiling
-from pipelines.plan import OWNER_FIX, PLAN_FILE, ImagePlan, done_units, owner_problem, plan_batch, plan_file
+from pipelines.plan import OWNER_FIX, PLAN_FILE, ImagePlan, done_units, owner_problem, plan_batch
 from pipelines.progress import FileState, ResultSink, Tracker
 from pipelines.worker import TileSegmenter, peak_rss_mb
 from segcore import modelref
@@ -256,7 +256,7 @@ def build_dataset(items: list[dict[str, str]], opts: SegmentOptions, info: Model
     try:
         if len(items) <= DRIVER_PLAN_FILES:  # a header read takes milliseconds: no task round trip
             t0 = time.perf_counter()
-            rows = [r for item in items for r in plan_file(item, **plan_kwargs)]
+            rows = list(unit_rows(items, plan_kwargs))
             log.info("planned %d input(s) on the driver in %.2f s: %d work units", len(items),
                      time.perf_counter() - t0, len(rows))
             ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), MAX_UNIT_BLOCKS)))
@@ -477,7 +477,7 @@ class _Finisher:
         try:
             summary = finalize_file(*args)
         except Exception as err:  # a failed finish fails this file only (logged with its traceback)
-            log.debug("finishing %s failed", fs.file, exc_info=True)
+            log.exception("finishing %s failed", fs.file)
             self._failed(fs, f"{fs.file}: finishing failed: {type(err).__name__}: {err}")
             return
         self._done(fs, summary)

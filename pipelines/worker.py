@@ -27,7 +27,15 @@ from pipelines.predictor import PostProcessor, Products, build_predictor
 from pipelines.readers import ImageSource, open_source
 from segcore.data.normalize import NormStats, apply_norm
 from segcore.readers.scaled import scaled, upsample_write
-from segcore.tiling import Window, shape_batches, strip_groups, union_read, window_at, window_from_block
+from segcore.tiling import (
+    Window,
+    region_in,
+    shape_batches,
+    strip_groups,
+    union_read,
+    window_at,
+    window_from_block,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +154,9 @@ class TileSegmenter:
         if self.opts.blend_tile:
             proba = self.predict(np.stack([window_from_block(block, origin, w) for w in chunk]))
             return [p[(slice(None), *w.crop)] for w, p in zip(chunk, proba, strict=True)]
-        rows, cols = union_read(chunk)
-        strip = self.predict(block[None, :, rows.start - origin[0]:rows.stop - origin[0],
-                                   cols.start - origin[1]:cols.stop - origin[1]])[0]
-        return [strip[:, w.write[0].start - rows.start:w.write[0].stop - rows.start,
-                      w.write[1].start - cols.start:w.write[1].stop - cols.start] for w in chunk]
+        region = union_read(chunk)
+        strip = self.predict(region_in(block, origin, region)[None])[0]
+        return [region_in(strip, (region[0].start, region[1].start), w.write) for w in chunk]
 
     @staticmethod
     def _write(arrays: dict[str, Any], window: Window, prod: Products, plan: ImagePlan) -> None:
@@ -188,11 +194,7 @@ def read_normalised(source: ImageSource, rows: slice, cols: slice, plan: ImagePl
 
 def _window_mask(nodata: np.ndarray | None, origin: tuple[int, int], window: Window) -> np.ndarray | None:
     """The part of a block's no-data mask under ``window``'s write region."""
-    if nodata is None:
-        return None
-    r, c = window.write[0].start - origin[0], window.write[1].start - origin[1]
-    return nodata[r : r + window.write[0].stop - window.write[0].start,
-                  c : c + window.write[1].stop - window.write[1].start]
+    return None if nodata is None else region_in(nodata, origin, window.write)
 
 
 def _scalar(value: Any) -> Any:

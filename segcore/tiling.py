@@ -213,12 +213,17 @@ def read_window(image: np.ndarray, window: Window) -> np.ndarray:
     return reflect_pad(np.asarray(image[(slice(None), *window.read)]), window.pad)
 
 
+def region_in(array: np.ndarray, origin: tuple[int, int], region: Slice2D) -> np.ndarray:
+    """The part of an in-memory (..., h, w) ``array`` whose top-left pixel is image pixel ``origin``
+    (a band read with :func:`union_read`, a strip's probabilities) under the image ``region``."""
+    rows, cols = region
+    return array[..., rows.start - origin[0]:rows.stop - origin[0], cols.start - origin[1]:cols.stop - origin[1]]
+
+
 def window_from_block(block: np.ndarray, origin: tuple[int, int], window: Window) -> np.ndarray:
     """Cut ``window`` out of an in-memory (C, h, w) ``block`` whose top-left pixel is image
     pixel ``origin`` (e.g. a band read with :func:`union_read`), and pad it."""
-    rows = slice(window.read[0].start - origin[0], window.read[0].stop - origin[0])
-    cols = slice(window.read[1].start - origin[1], window.read[1].stop - origin[1])
-    return reflect_pad(block[:, rows, cols], window.pad)
+    return reflect_pad(region_in(block, origin, window.read), window.pad)
 
 
 def predict_tiled(
