@@ -73,7 +73,7 @@ def remeasure_if_stale(model_dir: Path, val_dir: Path) -> None:
     from segcore.halo import MEASURED_ON_KEY, loaded_halo
     from segcore.modeldir import save_model_dir
 
-    loaded = load_model(str(model_dir), device="cpu")
+    loaded = load_model(str(model_dir), device="cpu", fold_bn=False)  # saved back below
     if "tol" in loaded.card.extra.get(MEASURED_ON_KEY, {}):
         return
     images = [s.image for s in load_samples(val_dir, normalize=loaded.card.train.normalize)]

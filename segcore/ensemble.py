@@ -185,12 +185,13 @@ def apply_temperature(proba: torch.Tensor, temperature: float, binary: bool = Fa
     return torch.softmax(proba.clamp_min(1e-12).log() / temperature, dim=1)
 
 
-def load_ensemble_dir(path: str | Path, device: str = "auto") -> EnsembleModel:
-    """Load every member (checked card against weights) and wrap them as one model."""
+def load_ensemble_dir(path: str | Path, device: str = "auto", fold_bn: bool = True) -> EnsembleModel:
+    """Load every member (checked card against weights) and wrap them as one model (``fold_bn``:
+    see :func:`segcore.modeldir.load_model_dir`)."""
     from segcore.modeldir import load_model_dir
 
     data = read_ensemble_config(path)
-    members = [load_model_dir(p, device) for p, _ in data["members"]]
+    members = [load_model_dir(p, device, fold_bn) for p, _ in data["members"]]
     weights = [w for _, w in data["members"]]
     check_compatible([m.card for m in members], [str(p) for p, _ in data["members"]])
     card = ensemble_card([m.card for m in members], weights, data.get("metrics", {}), data.get("extra", {}))

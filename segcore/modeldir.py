@@ -160,9 +160,14 @@ def logits_to_proba(logits: torch.Tensor) -> torch.Tensor:
 
 def save_model_dir(path: str | Path, model: torch.nn.Module, card: ModelCard) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``path`` (created if missing)."""
+    from segcore.models.fold import is_folded
+
+    model = getattr(model, "module", model)  # unwrap DDP
+    if is_folded(model):
+        raise ModelError(f"{path}: this model has its BatchNorm folded into its convolutions for inference, so its "
+                         "weights no longer match its config. Load it with load_model_dir(..., fold_bn=False) to save it")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "module", model)  # unwrap DDP
     st_save_model(model, str(path / WEIGHTS_FILE))
     (path / CONFIG_FILE).write_text(json.dumps(card.to_json(), indent=2))
     return path
@@ -211,19 +216,28 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_model_dir(path: str | Path, device: str = "auto") -> LoadedModel:
+def load_model_dir(path: str | Path, device: str = "auto", fold_bn: bool = True) -> LoadedModel:
     """Rebuild the model from ``config.json`` and load its safetensors weights (no pickle); an
-    ensemble directory loads as a :class:`segcore.ensemble.EnsembleModel`."""
+    ensemble directory loads as a :class:`segcore.ensemble.EnsembleModel`. ``fold_bn`` folds
+    BatchNorm into the convolutions (inference only, x1.4 on a CPU; see segcore.models.fold): pass
+    False to train or save the loaded model."""
     from segcore.ensemble import is_ensemble_dir, load_ensemble_dir
     from segcore.models import build_model
+    from segcore.models.fold import fold_batchnorm
+    from segcore.models.validity import input_multiple
+    from segcore.tiling import round_up
 
     path = Path(path)
     if is_ensemble_dir(path):
-        return load_ensemble_dir(path, device)
+        return load_ensemble_dir(path, device, fold_bn)
     card = read_card(path)
     model_cfg = card.train.model.model_copy(update={"encoder_weights": None})  # weights come from the file
     model = build_model(model_cfg)
     load_weights_strict(model, path / WEIGHTS_FILE)
+    if fold_bn:
+        side = round_up(128, input_multiple(model_cfg.arch, model_cfg.encoder, model_cfg.arch_kwargs))
+        probe = torch.randn(1, model_cfg.in_channels, side, side, generator=torch.Generator().manual_seed(0))
+        model = fold_batchnorm(model, probe)
     dev = pick_device(device)
     # channels-last as trained (default on): on a 2-core EPYC CPU a forward pass was x1.1-1.5 faster for
     # all 8 architectures measured (resnet18 U-Net 1024^2: 0.58 -> 0.84 MP/s), and GPUs prefer it too

@@ -109,8 +109,10 @@ def local_dir(ref: str | Path, tracking_uri: str | None = None) -> Path:
     return download_model_dir(str(ref), tracking_uri=tracking_uri_for(ref, tracking_uri))
 
 
-def load_model(ref: str | Path, device: str = "auto", tracking_uri: str | None = None) -> LoadedModel:
-    """Load a model directory or an MLflow model URI, checked card against weights."""
-    loaded = load_model_dir(local_dir(ref, tracking_uri), device)
+def load_model(ref: str | Path, device: str = "auto", tracking_uri: str | None = None,
+               fold_bn: bool = True) -> LoadedModel:
+    """Load a model directory or an MLflow model URI, checked card against weights (``fold_bn``: see
+    :func:`segcore.modeldir.load_model_dir`)."""
+    loaded = load_model_dir(local_dir(ref, tracking_uri), device, fold_bn)
     loaded.source = str(ref)
     return loaded

@@ -18,7 +18,7 @@ from segcore.modeldir import CONFIG_FILE, load_model_dir, save_model_dir
 
 def _overconfident(src, dst):
     """``src`` with its head's weights and bias x10: the same labels, logits 10x larger."""
-    loaded = load_model_dir(src, device="cpu")
+    loaded = load_model_dir(src, device="cpu", fold_bn=False)  # saved back below
     head = loaded.model.segmentation_head[0]
     with torch.no_grad():
         head.weight.mul_(10)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from segcore.config import FreezeConfig, ModelConfig, TrainConfig
+from segcore.errors import ModelError
 from segcore.modeldir import ModelCard, load_model_dir, save_model_dir
 from segcore.models import (
     EncoderWeightsError,
@@ -26,6 +27,7 @@ from segcore.models import (
     probe_combination,
     save_encoder_weights,
 )
+from segcore.models.fold import conv_bn_pairs, fold_batchnorm, is_folded
 from segcore.models.validity import valid_sizes
 from segcore.registry import UnknownNameError
 
@@ -62,6 +64,57 @@ def test_build_and_forward(arch: str, encoder: str) -> None:
     with torch.no_grad():
         out = model(torch.randn(2, 1, size, size))
     assert out.shape == (2, 3, size, size)
+
+
+@pytest.mark.parametrize(("arch", "encoder"), CASES, ids=[f"{a}-{e}" for a, e in CASES])
+def test_batchnorm_folding_keeps_the_output(arch: str, encoder: str) -> None:
+    """Folded for inference, every architecture gives the same logits (BN statistics made non-trivial
+    first, so a wrong fold shows), and its BN layers that follow a convolution are gone."""
+    size = smallest_size(arch, encoder)
+    model = build_model(ModelConfig(arch=arch, encoder=encoder, in_channels=1, classes=3))
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t, lo, hi in ((m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0), (m.weight, 0.5, 1.5),
+                              (m.bias, -0.2, 0.2)):
+                t.data.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
+    x = torch.randn(2, 1, size, size, generator=gen)
+    folded = fold_batchnorm(model, x[:1])
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    if conv_bn_pairs(model, x[:1]):
+        assert is_folded(folded) and left < bns
+
+
+def test_a_folded_model_loads_by_default_and_is_not_saved(tmp_path) -> None:
+    """Inference loads fold BatchNorm (same outputs); saving a folded model is refused, since its
+    weights no longer match its config; fold_bn=False loads the model as trained, to edit and save."""
+    cfg = ModelConfig(arch="Unet", encoder="resnet18", in_channels=1, classes=3)
+    card = ModelCard(train=TrainConfig(model=cfg), class_names=["pore", "grain", "clay"])
+    save_model_dir(tmp_path / "m", build_model(cfg).eval(), card)
+    folded, plain = load_model_dir(tmp_path / "m", device="cpu"), load_model_dir(tmp_path / "m", device="cpu", fold_bn=False)
+    assert is_folded(folded.model) and not is_folded(plain.model)
+    x = torch.randn(1, 1, 64, 64)
+    torch.testing.assert_close(folded.predict_tensor(x), plain.predict_tensor(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ModelError, match="BatchNorm folded.*fold_bn=False"):
+        save_model_dir(tmp_path / "again", folded.model, folded.card)
+    save_model_dir(tmp_path / "again", plain.model, plain.card)
+
+
+def test_importing_segcore_turns_on_huge_pages_unless_the_user_chose(tmp_path) -> None:
+    """THP for torch's big CPU buffers is a default, set before torch reads it; a user's value stays."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import segcore, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "1"
+    env["THP_MEM_ALLOC_ENABLE"] = "0"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "0"
 
 
 def test_pan_smallest_size_is_128() -> None:
