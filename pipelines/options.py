@@ -44,6 +44,13 @@ PEAK_SHARE_DEFAULT = 1.5
 # Most pixels per model call, whatever the memory allows: bigger calls got slower per pixel on a
 # 2-core CPU (resnet18 U-Net, channels-last: 0.77 MP/s at 3008 x 4096 = 12.3 MP, 0.66 at 4096^2).
 MAX_CALL_PX = 14_000_000
+# Pixels per model call by default (no --memory-gb): one window at the chosen tile, or this many if
+# that is less (strips of small windows). With BatchNorm folded and huge pages, a resnet18 U-Net ran
+# at the same rate per pixel from 1 MP calls up (2-core Xeon: 0.79-0.83 MP/s at 1, 4 and 10.6 MP),
+# so bigger calls buy only a smaller halo share, which the tile's overhead target already bounds,
+# while the peak RSS grows ~300 B per call px: a 4096² scan went from 4.5 GB in two 10.6 MP strips
+# to ~2.8 GB in four 5 MP windows at x1.20 instead of x1.09 forward px. --memory-gb spends more.
+MIN_CALL_PX = 1 << 22
 BIG_WINDOW = 1024  # CPU windows (tile + 2 halo) this big or bigger: one actor per node, all its CPUs as threads
 
 
@@ -59,6 +66,9 @@ class SegmentOptions(BaseModel):
     # most pixels one model call may evaluate (memory budget / bytes per forward px, set with the
     # tile); a row's windows are predicted as strips within it. None: batch_size windows' worth
     call_px: int | None = Field(None, ge=1)
+    # the tile was chosen here, not given: each image may use a smaller one that gives the same number of
+    # windows (segcore.tiling.balanced_tile): the same forward px, smaller calls. A given --tile is kept.
+    balance_tile: bool = False
     tta: bool = False  # average over flips
     blend_tile: int | None = Field(None, ge=16)  # Gaussian-blended sub-tiles inside each window
     blend_overlap: float = Field(0.5, ge=0.0, lt=1.0)
@@ -229,9 +239,12 @@ def resolve_tiling(loaded: LoadedModel, options: dict[str, Any], actors: int | N
     if memory_gb is not None:  # --memory-gb: the user's budget for one model call, per worker
         budget = memory_gb * 1e9
         tile = choose_tile(halo, multiple, max_overhead, budget / per_px)
+        call_px = min(budget // per_px, MAX_CALL_PX)
     else:
         budget, tile = tile_within_memory(halo, multiple, max_overhead, per_px, actors)
-    out["tile"], out["call_px"] = tile, int(min(budget // per_px, MAX_CALL_PX))
+        call_px = min(budget // per_px, max(round_up(tile + 2 * halo, multiple) ** 2, MIN_CALL_PX))
+        budget = min(budget, call_px * per_px)
+    out["tile"], out["call_px"], out["balance_tile"] = tile, int(call_px), True
     window_bytes = (tile + 2 * halo) ** 2 * per_px
     batch = int(out.get("batch_size") or 8)
     out["batch_size"] = max(1, min(batch, int(budget // window_bytes)))

@@ -36,7 +36,7 @@ from segcore.data.errors import DataError
 from segcore.data.normalize import apply_norm, compute_norm_stats, range_warning
 from segcore.errors import OutputError, UserError
 from segcore.readers.scaled import output_factor, scaled
-from segcore.tiling import grid_shape, round_up, strip_cols
+from segcore.tiling import balanced_tile, grid_shape, round_up, strip_cols
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +142,14 @@ def check_channels(source: ImageSource, in_channels: int) -> str | None:
 def image_tile(shape: tuple[int, int], opts: SegmentOptions, stride: int) -> int:
     """The tile of one image: ``opts.tile``, or, when the whole image fits one model call
     (``call_px``, set with a chosen tile), one window the size of the image: no halo at all
-    (x1.0, exact), where a 3000² scan at tile 2784 and halo 224 would evaluate x1.15 in strips."""
+    (x1.0, exact), where a 3000² scan at tile 2784 and halo 224 would evaluate x1.15 in strips.
+    A chosen tile (``balance_tile``) shrinks to the smallest that gives the image as many windows
+    (:func:`segcore.tiling.balanced_tile`): a 4096² scan at tile 2400 gets 2048, the same x1.20
+    forward px in four windows of 5.0 MP instead of 6.7 to 3.6 MP."""
     if opts.call_px is None or opts.blend_tile or max(shape) <= opts.tile:
         return opts.tile
     if round_up(shape[0], stride) * round_up(shape[1], stride) > opts.call_px:
-        return opts.tile
+        return balanced_tile(shape, opts.tile, stride) if opts.balance_tile else opts.tile
     return round_up(max(shape), stride)
 
 

@@ -106,6 +106,16 @@ def grid_shape(shape: tuple[int, int], tile: int) -> tuple[int, int]:
     return math.ceil(shape[0] / tile), math.ceil(shape[1] / tile)
 
 
+def balanced_tile(shape: tuple[int, int], tile: int, multiple: int = 1) -> int:
+    """The smallest multiple of ``multiple`` (at most ``tile``) that splits ``shape`` into as many
+    windows as ``tile`` does. Every window then reads the same halo, so the image's forward pixels
+    are the same (its rows read ``H + 2 halo (n - 1)`` px whatever the tile), but the largest window,
+    and so one model call's memory, is smaller: no short last row or column of windows."""
+    rows, cols = grid_shape(shape, tile)
+    balanced = round_up(max(math.ceil(shape[0] / rows), math.ceil(shape[1] / cols)), max(multiple, 1))
+    return balanced if grid_shape(shape, balanced) == (rows, cols) and balanced <= tile else tile
+
+
 def window_at(shape: tuple[int, int], tile: int, halo: int, row: int, col: int) -> Window:
     """The window in grid position (``row``, ``col``): its write region starts at (row, col) * tile."""
     _check(tile, halo)

@@ -12,6 +12,7 @@ import torch
 from segcore.config import ModelConfig
 from segcore.models import build_model
 from segcore.tiling import (
+    balanced_tile,
     blended_predictor,
     flip_tta,
     forward_pixels,
@@ -315,3 +316,20 @@ def test_strip_cols_fits_the_budget() -> None:
     assert strip_cols((4096, 4096), 2784, 224, 3232 * 3232) == 1
     assert strip_cols((768, 10_000), 512, 128, 768 * (4 * 512 + 256)) == 4
     assert strip_cols((768, 10_000), 512, 128, 1) == 1
+
+
+@pytest.mark.parametrize(("shape", "tile", "want"), [((4096, 4096), 2400, 2048), ((8192, 8192), 2400, 2048),
+                                                    ((4096, 10_000), 2400, 2048), ((3000, 5000), 2400, 1696),
+                                                    ((2400, 2400), 2400, 2400)])
+def test_balanced_tile_keeps_the_windows_and_their_forward_px(shape, tile: int, want: int) -> None:
+    """A balanced tile gives the same grid and reads no more pixels (the halo is paid once per window
+    edge whatever the tile), while its largest window is no bigger: calls need less memory."""
+    halo, multiple = 192, 32
+    got = balanced_tile(shape, tile, multiple)
+    assert got == want and got % multiple == 0 and grid_shape(shape, got) == grid_shape(shape, tile)
+
+    def reads(t: int) -> list[int]:
+        return [(w.read[0].stop - w.read[0].start) * (w.read[1].stop - w.read[1].start)
+                for w in split_windows(shape, t, halo)]
+
+    assert sum(reads(got)) <= sum(reads(tile)) and max(reads(got)) <= max(reads(tile))
