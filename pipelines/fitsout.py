@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import re
 import time
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,9 @@ CATALOG_COLUMNS = ["hdu", "id", "x", "y", "x_weighted", "y_weighted", "npix", "a
                    "y0", "y1", "x0", "x1"]
 
 
+@cache
 def gigaseg_version() -> str:
+    """The installed gigaseg version (looked up once: each lookup scans the installed packages)."""
     try:
         return version("gigaseg")
     except PackageNotFoundError:
@@ -46,7 +49,15 @@ def provenance(model_ref: str, class_names: list[str], only_class: str | None) -
         cards.append(("GSONLY", only_class, "mask of this class only (1 = class)"))
     else:
         cards += [(f"GSCLS{i}", n, f"label value {i}") for i, n in enumerate(class_names)]
-    return cards
+    return [(key, value, _fitting_comment(value, comment)) for key, value, comment in cards]
+
+
+def _fitting_comment(value: Any, comment: str) -> str:
+    """``comment``, or "" where a string value leaves it no room on its 80-char card (astropy would
+    warn and cut it); values too long for one card continue on CONTINUE cards, which keep it."""
+    if isinstance(value, str) and len(value) <= 68 and len(value) + len(comment) > 65:
+        return ""
+    return comment
 
 
 def _copy_header(src: fits.Header, cards: list[tuple[str, Any, str]]) -> fits.Header:

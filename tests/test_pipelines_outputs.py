@@ -93,3 +93,20 @@ def test_labels_fits_keeps_headers_and_extnames(tmp_path: Path) -> None:
         out = hdul["AMP1"]
         assert out.header["PEDESTAL"] == 1000.0 and out.header["GSCLS1"] == "b" and "BZERO" not in out.header
         assert out.data.dtype == np.uint8 and np.array_equal(out.data, labels)
+
+
+def test_provenance_cards_fit_without_astropy_cutting_them(tmp_path: Path) -> None:
+    """A model path long enough to crowd its comment off the card gets no comment (astropy would warn
+    once per file and cut it); a short one keeps it; a very long one continues on CONTINUE cards."""
+    import warnings
+
+    for ref in ["/tmp/m", "/data/models/gigaseg/sem-4class/unet-resnet18-e3", "/x" * 60]:
+        header = fits.Header()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for key, value, comment in provenance(ref, ["pore", "quartz"], None):
+                header[key] = (value, comment)
+            fits.PrimaryHDU(header=header).writeto(tmp_path / "p.fits", overwrite=True)
+        with fits.open(tmp_path / "p.fits") as hdul:
+            assert hdul[0].header["GSMODEL"] == ref
+            assert (hdul[0].header.comments["GSMODEL"] == "gigaseg model reference") == (len(ref) < 40 or len(ref) > 68)
