@@ -67,14 +67,14 @@ def train_models(workdir: Path, encoders: list[str], epochs: int | None) -> list
 
 
 def remeasure_if_stale(model_dir: Path, val_dir: Path) -> None:
-    """A cached model measured by an older method (no ``tol`` on the card) is measured again
-    with :func:`segcore.halo.loaded_halo` on the same validation images, and its card updated."""
+    """A cached model measured by an older method (no ``tol`` on the card, or another tolerance) is
+    measured again with :func:`segcore.halo.loaded_halo` on the same validation images, and its card updated."""
     from segcore.data import load_samples
-    from segcore.halo import MEASURED_ON_KEY, loaded_halo
+    from segcore.halo import HALO_TOL, MEASURED_ON_KEY, loaded_halo
     from segcore.modeldir import save_model_dir
 
     loaded = load_model(str(model_dir), device="cpu", fold_bn=False)  # saved back below
-    if "tol" in loaded.card.extra.get(MEASURED_ON_KEY, {}):
+    if loaded.card.extra.get(MEASURED_ON_KEY, {}).get("tol") == HALO_TOL:
         return
     images = [s.image for s in load_samples(val_dir, normalize=loaded.card.train.normalize)]
     loaded.card.extra.update(loaded_halo(loaded, images))

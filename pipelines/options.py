@@ -35,22 +35,24 @@ MEMORY_SHARE = 0.5  # of the node's physical RAM, split over the actors, for one
 # Peak memory of a forward pass per input pixel, as a share of the sum of every leaf module's output
 # bytes (inference frees most activations), per architecture. Measured on CPU, channels-last,
 # resnet18 encoder, one 2048^2 forward + softmax + argmax (peak RSS growth / summed leaf bytes),
-# times 1.25 for margin: U-Net 413 / 1726 B/px = 0.239 -> 0.30. Segformer's attention maps are no
+# times 1.25 for margin: U-Net 413 / 1726 B/px = 0.239 -> 0.30; with BatchNorm folded for inference
+# (segcore.models.fold) 332 / 1726 = 0.192 -> 0.24 (others not measured again: the folded peak is
+# lower, so their shares only overstate). Segformer's attention maps are no
 # leaf's output, so its peak exceeds the sum (1.17). Architectures not measured: PEAK_SHARE_DEFAULT.
-PEAK_SHARE = {"Unet": 0.30, "UnetPlusPlus": 0.30, "FPN": 0.63, "DeepLabV3Plus": 0.45, "Linknet": 0.37,
+PEAK_SHARE = {"Unet": 0.24, "UnetPlusPlus": 0.30, "FPN": 0.63, "DeepLabV3Plus": 0.45, "Linknet": 0.37,
               "MAnet": 0.33, "Segformer": 1.47, "DeepLabV3": 0.26, "PAN": 0.24, "PSPNet": 0.32,
               "UPerNet": 0.86, "ResUNet": 0.42}
 PEAK_SHARE_DEFAULT = 1.5
 # Most pixels per model call, whatever the memory allows: bigger calls got slower per pixel on a
 # 2-core CPU (resnet18 U-Net, channels-last: 0.77 MP/s at 3008 x 4096 = 12.3 MP, 0.66 at 4096^2).
 MAX_CALL_PX = 14_000_000
-# Pixels per model call by default (no --memory-gb): one window at the chosen tile, or this many if
-# that is less (strips of small windows). With BatchNorm folded and huge pages, a resnet18 U-Net ran
-# at the same rate per pixel from 1 MP calls up (2-core Xeon: 0.79-0.83 MP/s at 1, 4 and 10.6 MP),
-# so bigger calls buy only a smaller halo share, which the tile's overhead target already bounds,
-# while the peak RSS grows ~300 B per call px: a 4096² scan went from 4.5 GB in two 10.6 MP strips
-# to ~2.8 GB in four 5 MP windows at x1.20 instead of x1.09 forward px. --memory-gb spends more.
-MIN_CALL_PX = 1 << 22
+# One model call's activations per worker by default (no --memory-gb; less where half the node's RAM
+# over its workers is less). With BatchNorm folded and huge pages, a resnet18 U-Net ran at the same
+# rate per pixel from 1 MP calls up (2-core Xeon: 0.79-0.83 MP/s at 1, 4 and 10.6 MP), so bigger
+# calls buy only a smaller halo share, while peak RSS grows ~330 B per call px: on a 4096² scan at
+# halo 224, two 9.3 MP strips (x1.11 forward px) peaked at 4.0 GB, twice MONAI's sliding window.
+# 2 GB keeps a run near 3 GB whatever the image size; --memory-gb spends more for fewer halo px.
+DEFAULT_CALL_GB = 2.0
 BIG_WINDOW = 1024  # CPU windows (tile + 2 halo) this big or bigger: one actor per node, all its CPUs as threads
 
 
@@ -196,10 +198,11 @@ def peak_share(loaded: LoadedModel) -> float:
 
 
 def memory_budget_bytes(actors: int) -> float:
-    """:data:`MEMORY_SHARE` of this node's physical RAM over ``actors``: total, not free, RAM, so
-    the same machine always gets the same tile (free RAM changes from run to run)."""
+    """One model call's budget per actor: :data:`DEFAULT_CALL_GB`, or :data:`MEMORY_SHARE` of this
+    node's physical RAM over ``actors`` if less: total, not free, RAM, so the same machine always
+    gets the same tile (free RAM changes from run to run)."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return MEMORY_SHARE * total / max(actors, 1)
+    return min(MEMORY_SHARE * total / max(actors, 1), DEFAULT_CALL_GB * 1e9)
 
 
 def _round_halo(halo: int, multiple: int, given: bool) -> int:
@@ -239,20 +242,18 @@ def resolve_tiling(loaded: LoadedModel, options: dict[str, Any], actors: int | N
     if memory_gb is not None:  # --memory-gb: the user's budget for one model call, per worker
         budget = memory_gb * 1e9
         tile = choose_tile(halo, multiple, max_overhead, budget / per_px)
-        call_px = min(budget // per_px, MAX_CALL_PX)
     else:
         budget, tile = tile_within_memory(halo, multiple, max_overhead, per_px, actors)
-        call_px = min(budget // per_px, max(round_up(tile + 2 * halo, multiple) ** 2, MIN_CALL_PX))
-        budget = min(budget, call_px * per_px)
-    out["tile"], out["call_px"], out["balance_tile"] = tile, int(call_px), True
+    out["tile"], out["call_px"], out["balance_tile"] = tile, int(min(budget // per_px, MAX_CALL_PX)), True
     window_bytes = (tile + 2 * halo) ** 2 * per_px
     batch = int(out.get("batch_size") or 8)
     out["batch_size"] = max(1, min(batch, int(budget // window_bytes)))
-    level = logging.WARNING if tile_overhead(tile, halo) > max_overhead else logging.INFO
-    log.log(level, "tile %d chosen for halo %d: x%.2f forward px per output px in interior windows (target "
-            "x%.2f), batches of %d windows of %.2f GB each within %.1f GB per actor (%.0f B per forward px)",
-            tile, halo, tile_overhead(tile, halo), max_overhead, out["batch_size"], window_bytes / 1e9,
-            budget / 1e9, per_px)
+    capped = tile_overhead(tile, halo) > max_overhead
+    log.info("tile %d chosen for halo %d: x%.2f forward px per output px in interior windows (target "
+             "x%.2f%s), calls of at most %.1f MP within %.1f GB per actor (%.0f B per forward px)",
+             tile, halo, tile_overhead(tile, halo), max_overhead,
+             "; --memory-gb above this budget gives a bigger tile" if capped else "", out["call_px"] / 1e6,
+             budget / 1e9, per_px)
     return out
 
 

@@ -139,17 +139,17 @@ def test_memory_gb_sizes_the_tile_and_the_calls(trained) -> None:
     assert small["call_px"] * per_px <= 0.05e9 and (small["tile"] + 2 * small["halo"]) ** 2 * per_px <= 0.05e9
 
 
-def test_default_call_is_one_window_and_images_get_balanced_tiles(trained) -> None:
-    """Without --memory-gb one call evaluates one window at the chosen tile (or MIN_CALL_PX for small
-    windows), not what the RAM would hold; a chosen tile is balanced per image, a given one is kept."""
-    from pipelines.options import MIN_CALL_PX, SegmentOptions, resolve_tiling
+def test_default_call_budget_and_balanced_tiles(trained) -> None:
+    """Without --memory-gb one call's activations stay within DEFAULT_CALL_GB (not what the RAM would
+    hold: RSS flat near 3 GB); a chosen tile is balanced per image, a given one is kept."""
+    from pipelines.options import DEFAULT_CALL_GB, SegmentOptions, forward_bytes_per_px, resolve_tiling
     from pipelines.plan import image_tile
-    from segcore.tiling import round_up
 
     loaded = load_model(trained / "model", device="cpu")
     chosen = resolve_tiling(loaded, {"tile": None, "halo": None})
-    window = round_up(chosen["tile"] + 2 * chosen["halo"], loaded.size_multiple) ** 2
-    assert chosen["call_px"] == max(window, MIN_CALL_PX) and chosen["balance_tile"]
+    per_px = forward_bytes_per_px(loaded)
+    assert chosen["call_px"] * per_px <= DEFAULT_CALL_GB * 1e9 < (chosen["call_px"] + 1) * per_px
+    assert chosen["balance_tile"] and resolve_tiling(loaded, {"tile": None, "halo": None, "memory_gb": 8})["call_px"] > chosen["call_px"]
     opts = SegmentOptions(model="m", **{**chosen, "tile": 2400, "halo": 192, "call_px": 2784**2})
     assert image_tile((4096, 4096), opts, 32) == 2048 and image_tile((6000, 3000), opts, 32) == 2016
     assert image_tile((3000, 2000), opts, 32) == 3008  # fits one call: one window, no halo
