@@ -49,10 +49,11 @@ MAX_CALL_PX = 14_000_000
 # One model call's activations per worker by default (no --memory-gb; less where half the node's RAM
 # over its workers is less). With BatchNorm folded and huge pages, a resnet18 U-Net ran at the same
 # rate per pixel from 1 MP calls up (2-core Xeon: 0.79-0.83 MP/s at 1, 4 and 10.6 MP), so bigger
-# calls buy only a smaller halo share, while peak RSS grows ~330 B per call px: on a 4096² scan at
-# halo 224, two 9.3 MP strips (x1.11 forward px) peaked at 4.0 GB, twice MONAI's sliding window.
-# 2 GB keeps a run near 3 GB whatever the image size; --memory-gb spends more for fewer halo px.
-DEFAULT_CALL_GB = 2.0
+# calls buy only a smaller halo share, while peak RSS grows ~344 B per call px over a ~0.82 GB base
+# (U-Net estimate 414 B/px): on a 4096² scan at halo 224, two 9.3 MP strips (x1.11 forward px)
+# peaked at 4.0 GB, twice MONAI's sliding window; 4.8 MP calls (2 GB) at 2.46 GB, x1.49 forward px.
+# 2.5 GB (6 MP calls) bounds a run at ~2.9 GB whatever the image; --memory-gb trades more for fewer halo px.
+DEFAULT_CALL_GB = 2.5
 BIG_WINDOW = 1024  # CPU windows (tile + 2 halo) this big or bigger: one actor per node, all its CPUs as threads
 
 

