@@ -43,8 +43,8 @@ PEAK_SHARE = {"Unet": 0.24, "UnetPlusPlus": 0.30, "FPN": 0.63, "DeepLabV3Plus": 
               "MAnet": 0.33, "Segformer": 1.47, "DeepLabV3": 0.26, "PAN": 0.24, "PSPNet": 0.32,
               "UPerNet": 0.86, "ResUNet": 0.42}
 PEAK_SHARE_DEFAULT = 1.5
-# Most pixels per model call, whatever the memory allows: bigger calls got slower per pixel on a
-# 2-core CPU (resnet18 U-Net, channels-last: 0.77 MP/s at 3008 x 4096 = 12.3 MP, 0.66 at 4096^2).
+# Most pixels per model call, whatever the memory allows (--memory-gb): bigger calls got slower per
+# pixel on a 2-core CPU before BatchNorm folding and huge pages (resnet18 U-Net, channels-last: 0.77 MP/s at 3008 x 4096 = 12.3 MP, 0.66 at 4096^2).
 MAX_CALL_PX = 14_000_000
 # One model call's activations per worker by default (no --memory-gb; less where half the node's RAM
 # over its workers is less). With BatchNorm folded and huge pages, a resnet18 U-Net ran at the same

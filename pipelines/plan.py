@@ -148,12 +148,12 @@ def image_tile(shape: tuple[int, int], opts: SegmentOptions, stride: int) -> int
     forward px in four windows of 5.0 MP instead of 6.7 to 3.6 MP."""
     if opts.call_px is None or opts.blend_tile:
         return opts.tile
-    if max(shape) <= opts.tile:  # one window; a chosen tile shrinks to it (small output chunks: a 512²
-        # HDU's labels went from one zstd chunk of 1984² to one of 512², 44 -> 10 ms to write)
-        return balanced_tile(shape, opts.tile, stride) if opts.balance_tile else opts.tile
-    if round_up(shape[0], stride) * round_up(shape[1], stride) > opts.call_px:
-        return balanced_tile(shape, opts.tile, stride) if opts.balance_tile else opts.tile
-    return round_up(max(shape), stride)
+    fits_one_call = round_up(shape[0], stride) * round_up(shape[1], stride) <= opts.call_px
+    if max(shape) > opts.tile and fits_one_call:
+        return round_up(max(shape), stride)
+    # a chosen tile shrinks to the image's grid; for a one-window image that also makes its output one
+    # small chunk (a 512² HDU's labels: one zstd chunk of 512² instead of 1984², 44 -> 10 ms to write)
+    return balanced_tile(shape, opts.tile, stride) if opts.balance_tile else opts.tile
 
 
 def _unit_cols(shape: tuple[int, int], opts: SegmentOptions, tile: int, stride: int) -> int:

@@ -219,7 +219,7 @@ def pick_device(name: str = "auto") -> torch.device:
 def load_model_dir(path: str | Path, device: str = "auto", fold_bn: bool = True) -> LoadedModel:
     """Rebuild the model from ``config.json`` and load its safetensors weights (no pickle); an
     ensemble directory loads as a :class:`segcore.ensemble.EnsembleModel`. ``fold_bn`` folds
-    BatchNorm into the convolutions (inference only, x1.4 on a CPU; see segcore.models.fold): pass
+    BatchNorm into the convolutions (inference only, x1.1-1.2 on a CPU; see segcore.models.fold): pass
     False to train or save the loaded model."""
     from segcore.ensemble import is_ensemble_dir, load_ensemble_dir
     from segcore.models import build_model
