@@ -31,6 +31,7 @@ MODEL_URI_TAG = "gigaseg.model_uri"
 PARENT_TAG = "mlflow.parentRunId"
 COMPLETED, STOPPED, FAILED, INTERRUPTED = "completed", "stopped early", "failed", "interrupted"
 RUNNING = "running"
+ORPHANED = "orphaned"  # finished after a killed driver's last Tune checkpoint; Tune re-ran its slot
 _RUN_STATUS = {COMPLETED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED", INTERRUPTED: "KILLED"}
 
 
@@ -88,11 +89,11 @@ def find_trial_run(target: MlflowTarget, trial_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def open_trial_runs(target: MlflowTarget) -> list[str]:
-    """Trial ids of this search's runs still tagged running."""
+def trial_runs_tagged(target: MlflowTarget, status: str) -> list[str]:
+    """Trial ids of this search's runs whose status tag is ``status``."""
     runs = target.client().search_runs(
         [target.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{target.parent_run_id}' and tags.`{STATUS_TAG}` = '{RUNNING}'",
+        filter_string=f"tags.`{PARENT_TAG}` = '{target.parent_run_id}' and tags.`{STATUS_TAG}` = '{status}'",
     )
     return [r.data.tags[TRIAL_TAG] for r in runs if TRIAL_TAG in r.data.tags]
 
@@ -147,4 +148,5 @@ def mark_trial(target: MlflowTarget, trial_id: str, status: str) -> None:
     if client.get_run(run_id).data.tags.get(STATUS_TAG) == status:
         return  # already recorded (e.g. by the trial itself): keep its end time
     client.set_tag(run_id, STATUS_TAG, status)
-    client.set_terminated(run_id, _RUN_STATUS[status])
+    if status in _RUN_STATUS:  # an orphaned run had finished: keep its end time
+        client.set_terminated(run_id, _RUN_STATUS[status])

@@ -17,11 +17,13 @@ from search.mlflow_runs import (
     FAILED,
     INTERRUPTED,
     MODEL_URI_TAG,
+    ORPHANED,
+    RUNNING,
     STOPPED,
     MlflowTarget,
     find_trial_run,
     mark_trial,
-    open_trial_runs,
+    trial_runs_tagged,
 )
 
 log = logging.getLogger(__name__)
@@ -76,13 +78,19 @@ def _best(results: Any, metric: str, mode: str) -> Any | None:
     return pick(done, key=lambda r: r.metrics[metric])
 
 
-def close_orphans(target: MlflowTarget, known: set[str]) -> int:
-    """Runs of trials Tune no longer knows (started just before a killed driver's last experiment
-    checkpoint, then re-suggested on resume): tag them interrupted; returns how many."""
-    orphans = [t for t in open_trial_runs(target) if t not in known]
-    for trial_id in orphans:
-        mark_trial(target, trial_id, INTERRUPTED)
-    return len(orphans)
+def close_orphans(target: MlflowTarget, known: set[str]) -> dict[str, int]:
+    """Runs of trials Tune no longer knows (started after a killed driver's last experiment
+    checkpoint, so Tune re-suggested their slot on resume): a half-run is tagged interrupted, one
+    that finished before the kill orphaned (kept, but neither counted nor a champion candidate).
+    Returns how many of each."""
+    counts = {}
+    for was, now in ((RUNNING, INTERRUPTED), (COMPLETED, ORPHANED)):
+        orphans = [t for t in trial_runs_tagged(target, was) if t not in known]
+        for trial_id in orphans:
+            mark_trial(target, trial_id, now)
+        if orphans:
+            counts[now] = len(orphans)
+    return counts
 
 
 def register_champion(target: MlflowTarget, trial_id: str, name: str, alias: str) -> str | None:
@@ -157,9 +165,7 @@ def summarize(results: Any, spec: Any, target: MlflowTarget, path: str,
     """
     counts = dict(Counter(trial_status(r) for r in results))
     counts = {s: counts.get(s, 0) for s in (COMPLETED, STOPPED, FAILED)}
-    interrupted = close_orphans(target, {r.metrics.get("trial_id") for r in results})
-    if interrupted:
-        counts[INTERRUPTED] = interrupted
+    counts.update(close_orphans(target, {r.metrics.get("trial_id") for r in results}))
     outcome = SearchOutcome(spec.name, path, target.parent_run_id, counts)
     best = _best(results, spec.metric, spec.mode)
     if best is not None:

@@ -214,12 +214,33 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, mlfl
     runs = child_runs(client, "resume", parent_id)
     done = [r for r in runs if r.data.tags[STATUS_TAG] == COMPLETED]
     # a trial started after Tune's last experiment checkpoint is re-suggested on resume; its
-    # half-run is closed as interrupted
-    assert len(done) == 3 and all(r.data.tags[STATUS_TAG] == "interrupted" for r in runs if r not in done)
+    # half-run is closed as interrupted, or, had it finished before the kill, kept as orphaned
+    assert len(done) == 3
+    assert all(r.data.tags[STATUS_TAG] in ("interrupted", "orphaned") for r in runs if r not in done)
     for run in finished:  # not rerun: one value per epoch, and the run was not reopened
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_miou")] == [0, 1]
         assert client.get_run(run.info.run_id).info.end_time == run.info.end_time
     assert client.get_run(parent_id).data.metrics["n_completed"] == 3
+
+
+def test_runs_tune_forgot_are_closed_as_interrupted_or_orphaned(mlflow_sqlite) -> None:
+    """The killed driver's last snapshot may miss a trial that was half-run or had even finished;
+    after the resume both are closed, and neither counts as completed."""
+    from search.mlflow_runs import TrialRun, start_parent_run
+    from search.summary import close_orphans
+
+    target = start_parent_run(mlflow_sqlite, "orphans", "orphans", "name: orphans\n", {"name": "orphans"})
+    runs = {t: TrialRun(target, t, t) for t in ("known", "half", "finished")}
+    for trial_id in ("known", "finished"):
+        target.client().set_tag(runs[trial_id].run_id, STATUS_TAG, COMPLETED)
+        target.client().set_terminated(runs[trial_id].run_id, "FINISHED")
+    ended = target.client().get_run(runs["finished"].run_id).info.end_time
+
+    assert close_orphans(target, {"known"}) == {"interrupted": 1, "orphaned": 1}
+    tags = {t: target.client().get_run(r.run_id).data.tags[STATUS_TAG] for t, r in runs.items()}
+    assert tags == {"known": COMPLETED, "half": "interrupted", "finished": "orphaned"}
+    assert target.client().get_run(runs["finished"].run_id).info.end_time == ended
+    assert close_orphans(target, {"known"}) == {}
 
 
 @pytest.mark.slow
