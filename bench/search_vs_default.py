@@ -4,7 +4,8 @@ For each task: simulate a training set and a held-out test set (other seed); the
 
 * **plan**: ``gigaseg train --data TRAIN --budget-min B`` (no ``--config``: the plan);
 * **search**: ``gigaseg search`` from the plan (trial 0), per-trial minutes budget, ASHA, refit
-  (``refit.budget_fraction`` 0.3), ensemble/calibration/TTA champion, with ``time_budget_s`` =
+  (``refit.budget_fraction`` 0.3; the best 2 trials side by side, each from its own weights),
+  ensemble/calibration/TTA champion, with ``time_budget_s`` =
   ``--search-share`` x B so its whole wall (Ray start, planning, champion chain) is about B;
 
 both models are scored the same way: ``gigaseg segment`` on the test images, labels read from
@@ -87,13 +88,15 @@ def test_scores(model: str, test: Path, out: Path, env: dict[str, str], log: Pat
 
 
 def search_yaml(task: str, train: Path, work: Path, budget_min: float, share: float) -> Path:
-    """The search config: plan on, per-trial minutes ~ a quarter of the trials' share, 2 trials at a time."""
+    """The search config: plan on, per-trial minutes ~ a quarter of the trials' share, 2 trials at a time,
+    then the best 2 refitted side by side."""
     trial_min = max(0.25, budget_min * share * 0.7 / 4)
     spec = {
         "name": f"svd-{task}", "data": {"train": str(train)}, "space": SPACE, "engine": "tpe", "num_samples": 64,
         "tpe_startup_trials": 3, "time_budget_s": round(budget_min * 60 * share), "max_concurrent_trials": 2,
         "budget": {"minutes": round(trial_min, 3)}, "asha": {"grace_period": 1, "reduction_factor": 2},
-        "resources": {"cpus_per_trial": 1}, "refit": {"budget_fraction": 0.3}, "storage_path": str(work / "searches"),
+        "resources": {"cpus_per_trial": 1}, "refit": {"budget_fraction": 0.3, "top_k": 2},
+        "storage_path": str(work / "searches"),
         "mlflow": {"experiment": f"svd-{task}", "registered_model_name": f"svd-{task}"},
     }
     path = work / "search.yaml"

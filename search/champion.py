@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 
-from search.mlflow_runs import MODEL_URI_TAG, MlflowTarget, find_trial_run
+from search.mlflow_runs import MlflowTarget, trial_model_uri
 from segcore.calibration import calibrate_model, log_of, set_card_extra, tiled_proba
 from segcore.data import Sample, load_samples, load_spec
 from segcore.ensemble import greedy_select, member_halo, miou_of, save_ensemble_dir
@@ -201,13 +201,8 @@ def gate_and_register(target: MlflowTarget, model_dir: Path, name: str, alias: s
 
 def trial_models(target: MlflowTarget, trial_ids: list[str]) -> list[Candidate]:
     """The completed trials' logged model directories, downloaded here (trials without one skipped)."""
-    client, out = target.client(), []
-    for trial_id in trial_ids:
-        run_id = find_trial_run(target, trial_id)
-        uri = client.get_run(run_id).data.tags.get(MODEL_URI_TAG) if run_id else None
-        if uri:
-            out.append(Candidate(trial_id, local_dir(uri, target.uri)))
-    return out
+    uris = {trial_id: trial_model_uri(target, trial_id) for trial_id in trial_ids}
+    return [Candidate(trial_id, local_dir(uri, target.uri)) for trial_id, uri in uris.items() if uri]
 
 
 def predict_candidates(cands: list[Candidate], heldout: HeldOut) -> np.ndarray:

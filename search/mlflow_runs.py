@@ -89,6 +89,12 @@ def find_trial_run(target: MlflowTarget, trial_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def trial_model_uri(target: MlflowTarget, trial_id: str) -> str | None:
+    """The MLflow URI of the model ``trial_id`` logged, if it completed with one."""
+    run_id = find_trial_run(target, trial_id)
+    return target.client().get_run(run_id).data.tags.get(MODEL_URI_TAG) if run_id else None
+
+
 def trial_runs_tagged(target: MlflowTarget, status: str) -> list[str]:
     """Trial ids of this search's runs whose status tag is ``status``."""
     runs = target.client().search_runs(

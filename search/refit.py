@@ -6,9 +6,11 @@
   the refit gets the other ``f x time_budget_s``. Without ``time_budget_s`` the refit gets
   ``f / (1 - f)`` x the trials' wall time, i.e. the share ``f`` of trials + refit.
 * After the trials, the best completed trial's TrainConfig (its model card, i.e. what it really
-  trained with, budgets applied) is trained again from scratch on the same data and validation
-  split, with ``epochs`` = as many of the trial's measured epochs (training + validation) as fit the
-  reserved time, less the trial's measured start/finish overhead. ``max_minutes`` caps it in case
+  trained with, budgets applied) is trained again on the same data and validation split, with
+  ``epochs`` = as many of the trial's measured epochs (training + validation) as fit the reserved
+  time, less the trial's measured start/finish overhead. With ``refit.warm_start`` (default) it
+  starts from the trial's weights (``model.init_weights``) with a fresh schedule, like a warm
+  restart, so the trial's training is built on rather than repeated; else from scratch. ``max_minutes`` caps it in case
   epochs run slower. It runs as one Ray task with a trial's resources, in a nested MLflow run
   tagged ``gigaseg.kind=refit``.
 * The refit is kept only if its final ``metric`` (as the trials report it: the last epoch's
@@ -21,8 +23,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,7 @@ from search.mlflow_runs import (
     STATUS_TAG,
     MlflowTarget,
     _log_params,
+    trial_model_uri,
 )
 from search.spec import ResourcesSection, SearchSpec
 from segcore.config import TrainConfig, flatten
@@ -62,6 +68,7 @@ class RefitPlan:
     epoch_s: float
     overhead_s: float
     best_score: float
+    start_from: str | None = None  # the trial's model URI (warm start), resolved where the task runs
 
 
 @dataclass
@@ -75,6 +82,7 @@ class RefitOutcome:
     epochs: int
     seconds: float
     model_uri: str | None = None
+    trial_id: str = ""
 
 
 def trial_time_budget_s(spec: SearchSpec) -> float | None:
@@ -106,9 +114,10 @@ def beats(new: float, old: float, mode: str) -> bool:
     return new > old if mode == "max" else new < old
 
 
-def plan_refit(spec: SearchSpec, best: Any, model_dir: Path, reserved_s: float) -> RefitPlan | None:
-    """The best trial's config with the epochs that fit ``reserved_s``; None (logged) when that is
-    not more epochs than the trial trained."""
+def plan_refit(spec: SearchSpec, best: Any, model_dir: Path, reserved_s: float,
+               start_from: str | None = None) -> RefitPlan | None:
+    """The best trial's config with the epochs that fit ``reserved_s`` (warm-started from the model
+    URI ``start_from`` if given); None (logged) when that is not more epochs than the trial trained."""
     from segcore.modeldir import read_card
 
     history = _history(model_dir)
@@ -131,7 +140,7 @@ def plan_refit(spec: SearchSpec, best: Any, model_dir: Path, reserved_s: float) 
     if "max_minutes" in TrainConfig.model_fields:  # the time cap, where segcore.train has one
         update["max_minutes"] = usable_s / 60.0
     return RefitPlan(trial_id, cfg.model_copy(update=update), reserved_s, len(history), epoch_s, overhead_s,
-                     float(best.metrics[spec.metric]))
+                     float(best.metrics[spec.metric]), start_from)
 
 
 def _history(model_dir: Path) -> list[dict[str, float]]:
@@ -154,7 +163,7 @@ def open_refit_run(target: MlflowTarget, plan: RefitPlan) -> str:
     run_id = client.create_run(target.experiment_id, run_name=f"refit-{plan.trial_id}", tags=tags).info.run_id
     params = {**flatten(plan.config.model_dump(mode="json")), "refit.of_trial": plan.trial_id,
               "refit.reserved_s": round(plan.reserved_s, 1), "refit.trial_epochs": plan.trial_epochs,
-              "refit.trial_epoch_s": round(plan.epoch_s, 2)}
+              "refit.trial_epoch_s": round(plan.epoch_s, 2), "refit.start_from": plan.start_from or "scratch"}
     _log_params(client, run_id, params)
     return run_id
 
@@ -171,16 +180,33 @@ class EpochLogger:
         self.client.log_batch(self.run_id, metrics=items)
 
 
+@contextmanager
+def _tracking_env(uri: str) -> Iterator[None]:
+    """``MLFLOW_TRACKING_URI`` = ``uri`` inside (a model URI in the config resolves there), then as before."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def refit_train(plan: RefitPlan, train_dir: str, val_dir: str | None, target: MlflowTarget, run_id: str,
                 metric: str, mode: str) -> dict[str, Any]:
-    """The Ray task: train ``plan.config`` from scratch; log the model on the refit run only when it
-    beats the best trial (the driver downloads it from there, on any node)."""
+    """The Ray task: train ``plan.config`` (from the trial's weights when warm-started); log the model
+    on the refit run only when it beats the best trial (the driver downloads it from there, on any node)."""
     from segcore.mlflow_model import log_model_dir
     from segcore.train import train
 
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gigaseg-refit-") as tmp:
-        result = train(plan.config, train_dir, Path(tmp) / "model", callbacks=[EpochLogger(target, run_id)],
+    cfg = plan.config
+    if plan.start_from:  # the card records the URI; this task resolves it against the search's store
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_weights": plan.start_from})})
+    with tempfile.TemporaryDirectory(prefix="gigaseg-refit-") as tmp, _tracking_env(target.uri):
+        result = train(cfg, train_dir, Path(tmp) / "model", callbacks=[EpochLogger(target, run_id)],
                        val_dir=val_dir)
         score = float(result.metrics[metric])
         uri = None
@@ -193,62 +219,87 @@ def refit_train(plan: RefitPlan, train_dir: str, val_dir: str | None, target: Ml
     return {"score": score, "epochs": len(result.history), "seconds": time.perf_counter() - start, "model_uri": uri}
 
 
-def close_refit_run(target: MlflowTarget, run_id: str, out: RefitOutcome) -> None:
-    """Tag the refit run (kept or not, model URI) and put the comparison on the parent run."""
+def close_refit_run(target: MlflowTarget, run_id: str, out: RefitOutcome, on_parent: bool = True) -> None:
+    """Tag the refit run (kept or not, model URI) and, ``on_parent``, put the comparison on the parent run."""
     client = target.client()
     tags = [RunTag(KEPT_TAG, str(out.kept).lower()), RunTag(STATUS_TAG, COMPLETED)]
     tags += [RunTag(MODEL_URI_TAG, out.model_uri)] if out.model_uri else []
     client.log_batch(run_id, tags=tags)
     client.set_terminated(run_id, "FINISHED")
+    if not on_parent:
+        return
     now = int(time.time() * 1000)
     client.log_batch(target.parent_run_id, metrics=[Metric("refit_score", out.score, now, 0),
                                                     Metric("refit_best_trial_score", out.best_score, now, 0)],
                      tags=[RunTag(KEPT_TAG, str(out.kept).lower()), RunTag("gigaseg.refit_run", run_id)])
 
 
-def run_refit(spec: SearchSpec, target: MlflowTarget, results: Any, best: Any, model_dir: Path) -> RefitOutcome | None:
-    """Plan, train (one Ray task) and judge the refit of ``best`` (a ``ray.tune.Result`` whose model
-    directory is ``model_dir``); None when there is nothing to refit."""
+def _start_from(spec: SearchSpec, target: MlflowTarget, trial: Any) -> str | None:
+    return trial_model_uri(target, trial.metrics["trial_id"]) if spec.refit.warm_start else None
+
+
+def run_refits(spec: SearchSpec, target: MlflowTarget, results: Any,
+               ranked: list[tuple[Any, Path]]) -> list[RefitOutcome]:
+    """Plan, train side by side (one Ray task each, a trial's resources) and judge the refits of
+    ``ranked``: (``ray.tune.Result``, model directory) pairs, best first. A refit that fails is
+    logged and closed as failed; the others go on."""
     import ray
 
-    plan = plan_refit(spec, best, model_dir, reserved_seconds(spec, results))
-    if plan is None:
-        return None
-    run_id = open_refit_run(target, plan)
-    log.info("refit: trial %s's configuration for %d epochs (it trained %d of %.1f s) in the reserved %.0f s, "
-             "MLflow run %s", plan.trial_id, plan.config.epochs, plan.trial_epochs, plan.epoch_s, plan.reserved_s,
-             run_id)
+    reserved = reserved_seconds(spec, results)
+    plans = [p for trial, d in ranked if (p := plan_refit(spec, trial, d, reserved, _start_from(spec, target, trial)))]
     task = ray.remote(**task_resources(spec.resources))(refit_train)
+    val = str(spec.data.val) if spec.data.val else None
+    launched = []
+    for plan in plans:
+        run_id = open_refit_run(target, plan)
+        log.info("refit: trial %s's configuration for %d epochs from %s (it trained %d of %.1f s) in the reserved "
+                 "%.0f s, MLflow run %s", plan.trial_id, plan.config.epochs,
+                 "its weights" if plan.start_from else "scratch", plan.trial_epochs, plan.epoch_s, plan.reserved_s,
+                 run_id)
+        ref = task.remote(plan, str(spec.data.train), val, target, run_id, spec.metric, spec.mode)
+        launched.append((plan, run_id, ref))
+    best_id = ranked[0][0].metrics["trial_id"] if ranked else None
+    return [out for plan, run_id, ref in launched
+            if (out := _judge(spec, target, plan, run_id, ref, on_parent=plan.trial_id == best_id)) is not None]
+
+
+def _judge(spec: SearchSpec, target: MlflowTarget, plan: RefitPlan, run_id: str, ref: Any,
+           on_parent: bool) -> RefitOutcome | None:
+    """Wait for one refit task, close its run (and, for the best trial's, note it on the parent)."""
+    import ray
+
     try:
-        got = ray.get(task.remote(plan, str(spec.data.train), str(spec.data.val) if spec.data.val else None, target,
-                                  run_id, spec.metric, spec.mode))
-    except Exception:
+        got = ray.get(ref)
+    except Exception as exc:
         target.client().log_batch(run_id, tags=[RunTag(STATUS_TAG, FAILED)])
         target.client().set_terminated(run_id, "FAILED")
-        raise
+        log.warning("refit of trial %s failed (%s: %s)", plan.trial_id, type(exc).__name__, exc, exc_info=True)
+        return None
     out = RefitOutcome(run_id, got["score"], plan.best_score, got["model_uri"] is not None, got["epochs"],
-                       got["seconds"], got["model_uri"])
-    close_refit_run(target, run_id, out)
-    log.info("refit kept: %s (refit %s %.4f after %d epochs in %.0f s vs best trial %s %.4f)",
-             "the refit" if out.kept else f"best trial {plan.trial_id} (refit discarded)", spec.metric, out.score,
+                       got["seconds"], got["model_uri"], plan.trial_id)
+    close_refit_run(target, run_id, out, on_parent)
+    log.info("refit kept: %s (refit %s %.4f after %d epochs in %.0f s vs trial %s %.4f)",
+             "the refit" if out.kept else f"trial {plan.trial_id} (refit discarded)", spec.metric, out.score,
              out.epochs, out.seconds, plan.trial_id, out.best_score)
     return out
 
 
-def refit_candidate(spec: SearchSpec, target: MlflowTarget, results: Any, best: Any) -> Any | None:
-    """Refit the best trial when ``refit.budget_fraction`` > 0; the kept refit as a champion
-    :class:`search.champion.Candidate` (trial id ``refit``), else None."""
+def refit_candidates(spec: SearchSpec, target: MlflowTarget, results: Any, ranked: list[Any]) -> list[Any]:
+    """Refit the best ``refit.top_k`` of ``ranked`` (completed trials, best first) when
+    ``refit.budget_fraction`` > 0; the kept refits as champion :class:`search.champion.Candidate`
+    (trial id ``refit-<trial id>``)."""
     from search.champion import Candidate, trial_models
     from segcore.modelref import local_dir
 
     if spec.refit.budget_fraction <= 0:
-        return None
-    found = trial_models(target, [best.metrics["trial_id"]])
-    if not found:
-        log.warning("refit: best trial %s has no logged model to read its configuration from; no refit",
-                    best.metrics["trial_id"])
-        return None
-    out = run_refit(spec, target, results, best, found[0].model_dir)
-    if out is None or not out.kept or out.model_uri is None:
-        return None
-    return Candidate(REFIT, local_dir(out.model_uri, target.uri))
+        return []
+    top = ranked[: spec.refit.top_k]
+    dirs = {c.trial_id: c.model_dir for c in trial_models(target, [r.metrics["trial_id"] for r in top])}
+    missing = [r.metrics["trial_id"] for r in top if r.metrics["trial_id"] not in dirs]
+    if missing:
+        log.warning("refit: trial(s) %s have no logged model to read the configuration from; not refitted",
+                    ", ".join(missing))
+    outs = run_refits(spec, target, results, [(r, dirs[r.metrics["trial_id"]]) for r in top
+                                              if r.metrics["trial_id"] in dirs])
+    return [Candidate(f"{REFIT}-{o.trial_id}", local_dir(o.model_uri, target.uri))
+            for o in outs if o.kept and o.model_uri is not None]

@@ -131,6 +131,10 @@ class RefitSection(Strict):
     """Retrain the best configuration for longer with this share of the budget."""
 
     budget_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="0: no refit")
+    top_k: int = Field(1, ge=1, description="refit the best k trials side by side, one trial's resources each "
+                       "(the slots the trials leave free); every kept refit is an ensemble candidate")
+    warm_start: bool = Field(True, description="start from the best trial's weights (a fresh schedule over "
+                             "the refit's epochs), so its training is not thrown away; false: from scratch")
 
 
 class SearchSpec(Strict):

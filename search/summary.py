@@ -70,12 +70,10 @@ def trial_status(result: Any) -> str:
     return COMPLETED if (result.metrics or {}).get(IS_LAST) else STOPPED
 
 
-def _best(results: Any, metric: str, mode: str) -> Any | None:
+def ranked_completed(results: Any, metric: str, mode: str) -> list[Any]:
+    """The completed trials that reported ``metric``, best first."""
     done = [r for r in results if trial_status(r) == COMPLETED and r.metrics.get(metric) is not None]
-    if not done:
-        return None
-    pick = max if mode == "max" else min
-    return pick(done, key=lambda r: r.metrics[metric])
+    return sorted(done, key=lambda r: r.metrics[metric], reverse=mode == "max")
 
 
 def close_orphans(target: MlflowTarget, known: set[str]) -> dict[str, int]:
@@ -111,30 +109,28 @@ def register_champion(target: MlflowTarget, trial_id: str, name: str, alias: str
     return f"models:/{name}@{alias}"
 
 
-def _refit(results: Any, spec: Any, target: MlflowTarget, best: Any) -> Any | None:
-    """The kept refit of the best trial (search.refit) as a champion candidate, else None; a refit
-    that breaks is logged and skipped, so the trials still yield a champion."""
-    from search.refit import refit_candidate
+def _refits(results: Any, spec: Any, target: MlflowTarget, ranked: list[Any]) -> list[Any]:
+    """The kept refits of the best trials (search.refit) as champion candidates; a refit that
+    breaks is logged and skipped, so the trials still yield a champion."""
+    from search.refit import refit_candidates
 
     try:
-        return refit_candidate(spec, target, results, best)
+        return refit_candidates(spec, target, results, ranked)
     except Exception as exc:
         log.warning("refit failed (%s: %s); the champion is chosen from the trials alone", type(exc).__name__, exc,
                     exc_info=True)
-        return None
+        return []
 
 
-def _champion(results: Any, spec: Any, target: MlflowTarget, best_trial_id: str,
-              refit: Any | None = None) -> str | None:
-    """Ensemble / calibrate / TTA / gate the completed trials and a kept refit (search.champion); if
-    that breaks, register the best trial as before, so a finished search still yields a champion."""
+def _champion(ranked: list[Any], spec: Any, target: MlflowTarget, refits: list[Any]) -> str | None:
+    """Ensemble / calibrate / TTA / gate the completed trials (``ranked``, best first) and the kept
+    refits (search.champion); if that breaks, register the best trial as before, so a finished
+    search still yields a champion."""
     from search.champion import finish_champion
 
-    done = sorted((r for r in results if trial_status(r) == COMPLETED and r.metrics.get(spec.metric) is not None),
-                  key=lambda r: r.metrics[spec.metric], reverse=spec.mode == "max")
-    trial_ids = [r.metrics["trial_id"] for r in done]
+    best_trial_id = ranked[0].metrics["trial_id"]
     try:
-        return finish_champion(spec, target, trial_ids, extra=[refit] if refit is not None else [])
+        return finish_champion(spec, target, [r.metrics["trial_id"] for r in ranked], extra=refits)
     except Exception as exc:  # the trials are done; don't lose them to a post-processing bug
         log.warning("champion selection failed (%s: %s); registering the best trial %s as is", type(exc).__name__,
                     exc, best_trial_id, exc_info=True)
@@ -167,14 +163,15 @@ def summarize(results: Any, spec: Any, target: MlflowTarget, path: str,
     counts = {s: counts.get(s, 0) for s in (COMPLETED, STOPPED, FAILED)}
     counts.update(close_orphans(target, {r.metrics.get("trial_id") for r in results}))
     outcome = SearchOutcome(spec.name, path, target.parent_run_id, counts)
-    best = _best(results, spec.metric, spec.mode)
-    if best is not None:
+    ranked = ranked_completed(results, spec.metric, spec.mode)
+    if ranked:
+        best = ranked[0]
         outcome.best_trial_id = best.metrics["trial_id"]
         outcome.best_value = float(best.metrics[spec.metric])
         outcome.best_params = dict(best.config.get("params", {}))
-        refit = _refit(results, spec, target, best)
+        refits = _refits(results, spec, target, ranked)
         if spec.mlflow.registered_model_name:
-            outcome.champion_uri = _champion(results, spec, target, outcome.best_trial_id, refit)
+            outcome.champion_uri = _champion(ranked, spec, target, refits)
     outcome.failure = failure_reason(results, outcome, spec, stopped_because)
     _log_outcome(target, outcome, spec.metric)
     return outcome

@@ -39,6 +39,10 @@ class ModelConfig(Strict):
     # None: random init; "imagenet": smp's hub weights (needs a network or a filled cache);
     # anything else: a local .pth/.safetensors file holding encoder (or whole-model) weights.
     encoder_weights: str | None = None
+    # a gigaseg model directory, MLflow model URI or weights file holding this whole model (same arch,
+    # encoder, channels and classes): training starts from it (warm start, fine-tuning; nnU-Net's
+    # -pretrained_weights)
+    init_weights: str | None = None
     in_channels: int = Field(1, ge=1)
     classes: int = Field(2, ge=1)
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)

@@ -266,6 +266,22 @@ def test_imagenet_offline_gives_clear_error_without_network(tmp_path, monkeypatc
         load_encoder_weights(model, "imagenet")
 
 
+def test_init_weights_start_the_whole_model_from_a_model_dir(tmp_path) -> None:
+    """Warm start / fine-tuning: every tensor comes from the given model; another shape is refused."""
+    cfg = ModelConfig(arch="Unet", encoder="resnet18", in_channels=1, classes=3)
+    src = build_model(cfg)
+    save_model_dir(tmp_path / "m", src, ModelCard(train=TrainConfig(model=cfg), class_names=["a", "b", "c"]))
+    warm = build_model(cfg.model_copy(update={"init_weights": str(tmp_path / "m")}), load_weights=True)
+    a, b = src.state_dict(), warm.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(build_model(cfg).decoder.state_dict()["blocks.0.conv1.0.weight"],
+                           a["decoder.blocks.0.conv1.0.weight"])
+    with pytest.raises(EncoderWeightsError, match=r"model\.safetensors.*does not match.*segmentation_head"):
+        build_model(cfg.model_copy(update={"classes": 2, "init_weights": str(tmp_path / "m")}), load_weights=True)
+    with pytest.raises(EncoderWeightsError, match="init_weights.*no such file"):
+        build_model(cfg.model_copy(update={"init_weights": str(tmp_path / "nope")}), load_weights=True)
+
+
 # --- model directory round trip --------------------------------------------------------------
 
 @pytest.mark.parametrize(("arch", "encoder"), [("ResUNet", "resnet18"), ("DPT", "tu-test_vit"), ("Segformer", "mit_b0")])

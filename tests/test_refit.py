@@ -37,8 +37,10 @@ def test_refit_budget_split(shapes: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_refit_child_run(ray_local, mlflow_sqlite, shapes, tmp_path, caplog) -> None:
-    over = {"num_samples": 2, "asha": {"enabled": False}, "refit": {"budget_fraction": 0.6},
+def test_refit_child_runs(ray_local, mlflow_sqlite, shapes, tmp_path, caplog) -> None:
+    """refit.top_k 2: both trials are refitted side by side from their own weights, each in its own
+    nested run; the parent notes the best trial's; every kept refit is an ensemble candidate."""
+    over = {"num_samples": 2, "asha": {"enabled": False}, "refit": {"budget_fraction": 0.6, "top_k": 2},
             "champion": {"tta": "off"}}
     spec = parse_search_spec(tiny("tiny-refit", shapes, tmp_path / "runs", **over))
     with caplog.at_level(logging.INFO, logger="search"):
@@ -48,19 +50,21 @@ def test_refit_child_run(ray_local, mlflow_sqlite, shapes, tmp_path, caplog) -> 
     exp = client.get_experiment_by_name("tiny-refit")
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
-    refits = [r for r in children if r.data.tags.get("gigaseg.kind") == "refit"]
-    assert len(refits) == 1 and len(children) == 3
-    refit = refits[0]
-    kept = refit.data.tags[KEPT_TAG]
-    assert kept in {"true", "false"}
-    assert refit.data.params["refit.of_trial"] == outcome.best_trial_id
-    assert int(refit.data.params["epochs"]) > int(refit.data.params["refit.trial_epochs"]) == 2
-    assert len(client.get_metric_history(refit.info.run_id, "val_miou")) > 2
+    trials = {r.data.tags["gigaseg.trial_id"]: r for r in children if "gigaseg.trial_id" in r.data.tags}
+    refits = {r.data.params["refit.of_trial"]: r for r in children if r.data.tags.get("gigaseg.kind") == "refit"}
+    assert len(trials) == 2 and refits.keys() == trials.keys()
+    for trial_id, refit in refits.items():
+        assert refit.data.params["refit.start_from"] == trials[trial_id].data.tags["gigaseg.model_uri"]  # warm
+        assert int(refit.data.params["epochs"]) > int(refit.data.params["refit.trial_epochs"]) == 2
+        assert len(client.get_metric_history(refit.info.run_id, "val_miou")) > 2
+        assert refit.data.tags[KEPT_TAG] in {"true", "false"}
+        assert ("gigaseg.model_uri" in refit.data.tags) == (refit.data.tags[KEPT_TAG] == "true")
+    best = refits[outcome.best_trial_id]
     parent = client.get_run(outcome.parent_run_id)
-    assert parent.data.tags[KEPT_TAG] == kept and "refit_score" in parent.data.metrics
-    assert ("gigaseg.model_uri" in refit.data.tags) == (kept == "true")
+    assert parent.data.tags[KEPT_TAG] == best.data.tags[KEPT_TAG] and "refit_score" in parent.data.metrics
+    assert parent.data.tags["gigaseg.refit_run"] == best.info.run_id
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refit kept:")]
-    assert len(lines) == 1
-    assert lines[0].startswith("refit kept: the refit" if kept == "true" else "refit kept: best trial")
-    if kept == "true":  # one more candidate for ensemble selection: its validation score was computed
-        assert any("trial refit: validation mIoU" in r.getMessage() for r in caplog.records)
+    assert len(lines) == 2
+    for trial_id, refit in refits.items():  # a kept refit's validation score was computed as a candidate
+        scored = any(f"trial refit-{trial_id}: validation mIoU" in r.getMessage() for r in caplog.records)
+        assert scored == (refit.data.tags[KEPT_TAG] == "true")

@@ -101,7 +101,8 @@ def build_model(
 
     With ``load_weights=False`` (default, used by :func:`segcore.modeldir.load_model_dir`)
     the encoder is randomly initialised. With ``load_weights=True`` ``cfg.encoder_weights``
-    (``"imagenet"`` or a file) is loaded, unless ``freeze.strategy == "random-init"``.
+    (``"imagenet"`` or a file) is loaded, unless ``freeze.strategy == "random-init"``; then
+    ``cfg.init_weights`` (a whole model) over everything.
     """
     ARCHITECTURES.get(cfg.arch)  # unknown arch: the registry's "did you mean" error
     check_combination(cfg.arch, cfg.encoder, cfg.in_channels, image_size=None, arch_kwargs=cfg.arch_kwargs)
@@ -109,11 +110,11 @@ def build_model(
     if source is not None and freeze is not None and freeze.strategy == "random-init":
         log.info("freeze strategy 'random-init': ignoring encoder_weights=%r", source)
         source = None
-    if source == "imagenet":
-        return build_pretrained(cfg)
-    model = instantiate(cfg)
-    if source is not None:
+    model = build_pretrained(cfg) if source == "imagenet" else instantiate(cfg)
+    if source not in (None, "imagenet"):
         load_encoder_weights(model, source)
+    if load_weights and cfg.init_weights is not None:
+        load_model_weights(model, cfg.init_weights)
     return model
 
 
@@ -128,6 +129,7 @@ from segcore.models.weights import (  # noqa: E402
     EncoderWeightsError,
     build_pretrained,
     load_encoder_weights,
+    load_model_weights,
     save_encoder_weights,
 )
 
@@ -145,6 +147,7 @@ __all__ = [
     "list_encoders",
     "list_valid_combinations",
     "load_encoder_weights",
+    "load_model_weights",
     "probe_combination",
     "save_encoder_weights",
 ]

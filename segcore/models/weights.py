@@ -94,7 +94,8 @@ def _encoder_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _mismatch_report(target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
+def _mismatch_report(target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                     what: str = "encoder") -> list[str]:
     missing = [k for k in target if k not in state]
     shapes = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
@@ -103,15 +104,47 @@ def _mismatch_report(target: Mapping[str, torch.Tensor], state: Mapping[str, tor
     ]
     lines = []
     if missing:
-        lines.append(f"{len(missing)} encoder tensors missing from the file, e.g. {', '.join(missing[:5])}")
+        lines.append(f"{len(missing)} {what} tensors missing from the file, e.g. {', '.join(missing[:5])}")
     if shapes:
         lines.append(f"{len(shapes)} shape mismatches, e.g. {'; '.join(shapes[:5])}")
     return lines
 
 
+def _weights_file(path: Path) -> Path:
+    """``path`` itself, or a gigaseg model directory's ``model.safetensors``."""
+    return path / "model.safetensors" if path.is_dir() and (path / "model.safetensors").is_file() else path
+
+
+def load_model_weights(model: torch.nn.Module, source: str | Path) -> None:
+    """Start the whole ``model`` from trained weights in place (warm start, fine-tuning): a gigaseg
+    model directory, an MLflow model URI (resolved against ``MLFLOW_TRACKING_URI``) or a weights file
+    of the same architecture, encoder, channels and classes."""
+    from segcore.modelref import is_mlflow_uri, local_dir
+
+    path = _weights_file(local_dir(source) if is_mlflow_uri(source) else Path(source))
+    if not path.is_file():
+        raise EncoderWeightsError(
+            f"model.init_weights {str(source)!r}: no such file or model directory. Give a gigaseg model directory "
+            f"or a {'/'.join(WEIGHT_SUFFIXES)} file saved from the same architecture, or None to start at random."
+        )
+    state = {k.removeprefix("module."): v for k, v in _read_state_dict(path).items()}
+    target = getattr(model, "module", model).state_dict()
+    problems = _mismatch_report(target, state, what="model")
+    extra = sorted(set(state) - set(target))
+    if extra:
+        problems.append(f"{len(extra)} tensors this model does not have, e.g. {', '.join(extra[:5])}")
+    if problems:
+        raise EncoderWeightsError(
+            f"{path}: does not match this model: " + "; ".join(problems)
+            + ". model.init_weights needs weights of the same arch, encoder, arch_kwargs, in_channels and classes "
+            "(model.encoder_weights takes just an encoder)."
+        )
+    getattr(model, "module", model).load_state_dict(state, strict=True)
+    log.info("started the whole model from %s (%d tensors)", path, len(target))
+
+
 def _load_file(model: torch.nn.Module, path: Path) -> None:
-    if path.is_dir() and (path / "model.safetensors").is_file():
-        path = path / "model.safetensors"  # a gigaseg model directory
+    path = _weights_file(path)
     if not path.is_file():
         raise EncoderWeightsError(
             f"encoder_weights {str(path)!r}: no such file. Use None (random init), 'imagenet', or the path "
