@@ -88,9 +88,10 @@ def test_scores(model: str, test: Path, out: Path, env: dict[str, str], log: Pat
 
 
 def search_yaml(task: str, train: Path, work: Path, budget_min: float, share: float) -> Path:
-    """The search config: plan on, per-trial minutes ~ a quarter of the trials' share, 2 trials at a time,
-    then the best 2 refitted side by side."""
-    trial_min = max(0.25, budget_min * share * 0.7 / 4)
+    """The search config: plan on, 2 trials at a time of a half of the trials' wall each (about 4
+    trials, so each trains long enough to be judged), then the best 2 refitted side by side from
+    their own weights."""
+    trial_min = max(0.25, budget_min * share * 0.7 / 2)
     spec = {
         "name": f"svd-{task}", "data": {"train": str(train)}, "space": SPACE, "engine": "tpe", "num_samples": 64,
         "tpe_startup_trials": 3, "time_budget_s": round(budget_min * 60 * share), "max_concurrent_trials": 2,

@@ -117,7 +117,8 @@ def beats(new: float, old: float, mode: str) -> bool:
 def plan_refit(spec: SearchSpec, best: Any, model_dir: Path, reserved_s: float,
                start_from: str | None = None) -> RefitPlan | None:
     """The best trial's config with the epochs that fit ``reserved_s`` (warm-started from the model
-    URI ``start_from`` if given); None (logged) when that is not more epochs than the trial trained."""
+    URI ``start_from`` if given); None (logged) when no epoch fits, or from scratch, when that is not
+    more epochs than the trial trained."""
     from segcore.modeldir import read_card
 
     history = _history(model_dir)
@@ -130,10 +131,12 @@ def plan_refit(spec: SearchSpec, best: Any, model_dir: Path, reserved_s: float,
     overhead_s = max(0.0, float(best.metrics.get("time_total_s", 0.0)) - sum(epoch_times))
     usable_s = max(0.0, reserved_s - overhead_s)
     epochs = int(usable_s * SLACK // epoch_s)
-    if epochs <= len(history):
+    needed = 1 if start_from else len(history) + 1  # from scratch it must outlast the trial; warm, any epoch adds
+    if epochs < needed:
         log.warning("refit: the reserved %.0f s (refit.budget_fraction %.2f) fit %d epochs of %.1f s (+ %.0f s "
-                    "overhead), not more than trial %s's %d; no refit", reserved_s, spec.refit.budget_fraction,
-                    epochs, epoch_s, overhead_s, trial_id, len(history))
+                    "overhead), fewer than the %d a refit of trial %s %s needs; no refit", reserved_s,
+                    spec.refit.budget_fraction, epochs, epoch_s, overhead_s, needed, trial_id,
+                    "from its weights" if start_from else "from scratch")
         return None
     cfg = read_card(model_dir).train
     update: dict[str, Any] = {"epochs": epochs}

@@ -47,6 +47,7 @@ MAX_EPOCHS = 40
 VAL_SHARE = 0.2  # at most this share of the budget goes to validation
 OVERHEAD_SHARE = 0.15  # data loading, halo measurement, model writing
 MIN_STEPS = 200  # a budget buys at least this many optimizer steps: smaller batches, then patches, first
+MEASURE_CPU_PX = 8 * 256 * 256  # on CPU a batch up to this many px is timed as it is (a few seconds a step)
 MIN_FIT_BATCH = 4  # ... but batches stay at least this big (batch norm)
 
 
@@ -372,9 +373,10 @@ def decide_normalize(fp: Fingerprint, spec: DatasetSpec) -> tuple[dict[str, Any]
 
 
 def measure_speed(cfg: TrainConfig, channels: int, classes: int, device: str = "auto", steps: int = 2) -> Speed:
-    """Time ``steps`` real forward/backward/optimizer steps (after one warm-up; the fastest counts) of
-    ``cfg``'s model at its patch size, and one forward pass. On CPU a batch of at most 4 is timed and
-    scaled linearly."""
+    """Time ``steps`` real forward/backward/optimizer steps (after two warm-ups; the fastest counts) of
+    ``cfg``'s model at its patch size and memory format, as training runs it, and one forward pass.
+    On CPU a batch beyond :data:`MEASURE_CPU_PX` is timed at 4 and scaled linearly (which
+    overestimates: a bigger batch costs less per patch)."""
     import torch
 
     from segcore.losses import build_loss
@@ -383,12 +385,14 @@ def measure_speed(cfg: TrainConfig, channels: int, classes: int, device: str = "
 
     dev = pick_device(device if device != "auto" else cfg.device)
     batch, patch = cfg.data.batch_size, cfg.data.patch_size
-    measured = batch if dev.type == "cuda" else min(batch, 4)
+    measured = batch if dev.type == "cuda" or batch * patch * patch <= MEASURE_CPU_PX else min(batch, 4)
     torch.manual_seed(0)
-    model = build_model(cfg.model.model_copy(update={"in_channels": channels, "classes": classes})).to(dev)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = build_model(cfg.model.model_copy(update={"in_channels": channels, "classes": classes}))
+    model = model.to(dev, memory_format=fmt)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     loss_fn = build_loss(cfg.loss, classes, None).to(dev)
-    x = torch.randn(measured, channels, patch, patch, device=dev)
+    x = torch.randn(measured, channels, patch, patch, device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, classes, (measured, patch, patch), device=dev)
     use_amp = dev.type == "cuda" and cfg.amp
 
@@ -399,7 +403,8 @@ def measure_speed(cfg: TrainConfig, channels: int, classes: int, device: str = "
         loss_fn(logits.float(), y).backward()
         optimizer.step()
 
-    step()
+    for _ in range(2):  # allocator and huge pages settle
+        step()
     _sync(dev)
     times = []
     for _ in range(max(1, steps)):  # the fastest step: other processes on a shared machine only slow steps down
