@@ -10,9 +10,10 @@
   ``epochs`` = as many of the trial's measured epochs (training + validation) as fit the reserved
   time, less the trial's measured start/finish overhead. With ``refit.warm_start`` (default) it
   starts from the trial's weights (``model.init_weights``) with a fresh schedule, like a warm
-  restart, so the trial's training is built on rather than repeated; else from scratch. ``max_minutes`` caps it in case
-  epochs run slower. It runs as one Ray task with a trial's resources, in a nested MLflow run
-  tagged ``gigaseg.kind=refit``.
+  restart, so the trial's training is built on rather than repeated; else from scratch.
+  ``max_minutes`` caps it in case epochs run slower. ``refit.top_k`` refits the best k trials
+  side by side, each as one Ray task with a trial's resources, in a nested MLflow run tagged
+  ``gigaseg.kind=refit``.
 * The refit is kept only if its final ``metric`` (as the trials report it: the last epoch's
   ``val_miou`` by default) beats the best trial's; the log says which was kept, with both scores,
   and the refit run gets the tag ``refit.kept``. A kept refit is one more candidate for the
@@ -237,19 +238,20 @@ def close_refit_run(target: MlflowTarget, run_id: str, out: RefitOutcome, on_par
                      tags=[RunTag(KEPT_TAG, str(out.kept).lower()), RunTag("gigaseg.refit_run", run_id)])
 
 
-def _start_from(spec: SearchSpec, target: MlflowTarget, trial: Any) -> str | None:
-    return trial_model_uri(target, trial.metrics["trial_id"]) if spec.refit.warm_start else None
-
-
-def run_refits(spec: SearchSpec, target: MlflowTarget, results: Any,
-               ranked: list[tuple[Any, Path]]) -> list[RefitOutcome]:
+def run_refits(spec: SearchSpec, target: MlflowTarget, results: Any, top: list[tuple[Any, str]],
+               best_id: str) -> list[RefitOutcome]:
     """Plan, train side by side (one Ray task each, a trial's resources) and judge the refits of
-    ``ranked``: (``ray.tune.Result``, model directory) pairs, best first. A refit that fails is
-    logged and closed as failed; the others go on."""
+    ``top``: (``ray.tune.Result``, its logged model's URI) pairs; the refit of ``best_id`` (the
+    search's best trial) is noted on the parent run. A refit that fails is logged and closed as
+    failed; the others go on."""
     import ray
 
+    from segcore.modelref import local_dir
+
     reserved = reserved_seconds(spec, results)
-    plans = [p for trial, d in ranked if (p := plan_refit(spec, trial, d, reserved, _start_from(spec, target, trial)))]
+    plans = [p for trial, uri in top
+             if (p := plan_refit(spec, trial, local_dir(uri, target.uri), reserved,
+                                 uri if spec.refit.warm_start else None))]
     task = ray.remote(**task_resources(spec.resources))(refit_train)
     val = str(spec.data.val) if spec.data.val else None
     launched = []
@@ -261,7 +263,6 @@ def run_refits(spec: SearchSpec, target: MlflowTarget, results: Any,
                  run_id)
         ref = task.remote(plan, str(spec.data.train), val, target, run_id, spec.metric, spec.mode)
         launched.append((plan, run_id, ref))
-    best_id = ranked[0][0].metrics["trial_id"] if ranked else None
     return [out for plan, run_id, ref in launched
             if (out := _judge(spec, target, plan, run_id, ref, on_parent=plan.trial_id == best_id)) is not None]
 
@@ -291,18 +292,17 @@ def refit_candidates(spec: SearchSpec, target: MlflowTarget, results: Any, ranke
     """Refit the best ``refit.top_k`` of ``ranked`` (completed trials, best first) when
     ``refit.budget_fraction`` > 0; the kept refits as champion :class:`search.champion.Candidate`
     (trial id ``refit-<trial id>``)."""
-    from search.champion import Candidate, trial_models
+    from search.champion import Candidate
     from segcore.modelref import local_dir
 
     if spec.refit.budget_fraction <= 0:
         return []
-    top = ranked[: spec.refit.top_k]
-    dirs = {c.trial_id: c.model_dir for c in trial_models(target, [r.metrics["trial_id"] for r in top])}
-    missing = [r.metrics["trial_id"] for r in top if r.metrics["trial_id"] not in dirs]
+    uris = {r.metrics["trial_id"]: trial_model_uri(target, r.metrics["trial_id"]) for r in ranked[: spec.refit.top_k]}
+    missing = [trial_id for trial_id, uri in uris.items() if not uri]
     if missing:
         log.warning("refit: trial(s) %s have no logged model to read the configuration from; not refitted",
                     ", ".join(missing))
-    outs = run_refits(spec, target, results, [(r, dirs[r.metrics["trial_id"]]) for r in top
-                                              if r.metrics["trial_id"] in dirs])
+    top = [(r, uris[r.metrics["trial_id"]]) for r in ranked if uris.get(r.metrics["trial_id"])]
+    outs = run_refits(spec, target, results, top, best_id=ranked[0].metrics["trial_id"])
     return [Candidate(f"{REFIT}-{o.trial_id}", local_dir(o.model_uri, target.uri))
             for o in outs if o.kept and o.model_uri is not None]

@@ -127,8 +127,9 @@ def load_model_weights(model: torch.nn.Module, source: str | Path) -> None:
             f"model.init_weights {str(source)!r}: no such file or model directory. Give a gigaseg model directory "
             f"or a {'/'.join(WEIGHT_SUFFIXES)} file saved from the same architecture, or None to start at random."
         )
+    net = getattr(model, "module", model)  # unwrap DDP
     state = {k.removeprefix("module."): v for k, v in _read_state_dict(path).items()}
-    target = getattr(model, "module", model).state_dict()
+    target = net.state_dict()
     problems = _mismatch_report(target, state, what="model")
     extra = sorted(set(state) - set(target))
     if extra:
@@ -139,7 +140,7 @@ def load_model_weights(model: torch.nn.Module, source: str | Path) -> None:
             + ". model.init_weights needs weights of the same arch, encoder, arch_kwargs, in_channels and classes "
             "(model.encoder_weights takes just an encoder)."
         )
-    getattr(model, "module", model).load_state_dict(state, strict=True)
+    net.load_state_dict(state, strict=True)
     log.info("started the whole model from %s (%d tensors)", path, len(target))
 
 
