@@ -10,6 +10,7 @@ from PIL import Image
 
 from segcore.cli import main
 from segcore.data import load_samples, load_spec
+from segcore.errors import ConfigError
 from segcore.simulate import ccd, lines, render_sem, sem, shapes, write_ccd_fits, write_sem_bigtiff
 
 
@@ -108,6 +109,27 @@ def test_lines_cli_writes_seed_003_like_rgb_data(tmp_path):
     for name in ("images/lines_0001.png", "masks/lines_0001.png"):
         assert (out / name).read_bytes() == (again / name).read_bytes()
     assert (out / "images/lines_0000.png").read_bytes() != (other / "images/lines_0000.png").read_bytes()
+
+
+def test_lines_seed003_style_is_grey_with_flat_shapes_on_noise(tmp_path):
+    """seed 003's own recipe: equal channels, background noise in [0.6, 1] x 255, every shape one
+    grey level (so within a shape the pixels do not vary), lines 1-4 % of pixels."""
+    out = tmp_path / "seed003"
+    assert main(["simulate", "lines", "--style", "seed003", "--out", str(out), "--n", "6", "--seed", "1"]) == 0
+    samples = load_samples(out)
+    assert all(s.image.shape == (3, 200, 400) for s in samples)
+    masks = np.stack([s.mask for s in samples])
+    assert set(np.unique(masks).tolist()) == {0, 1, 2} and 0.01 <= (masks == 1).mean() <= 0.04
+    rgb = np.array(Image.open(out / "images" / "lines_0000.png")).astype(int)
+    assert (rgb == rgb[..., :1]).all()  # grey
+    grey, mask = rgb[..., 0], samples[0].mask
+    assert grey[mask == 0].min() >= 152 and grey[mask == 0].std() > 10  # truncated noise, 0.6-1.0
+    from scipy.ndimage import label
+
+    parts, n = label(mask == 1)
+    assert n >= 1 and all(np.unique(grey[parts == k]).size <= 2 for k in range(1, n + 1))  # flat (+ crossings)
+    with pytest.raises(ConfigError, match="unknown lines style"):
+        lines.generate_lines(tmp_path / "x", 1, style="fancy")
 
 
 def test_lines_are_3_to_5_px_wide_with_anti_aliased_edges():

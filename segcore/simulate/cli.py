@@ -22,7 +22,7 @@ def _run(args: argparse.Namespace) -> int:
 
     size = args.size or DEFAULT_SIZE[args.kind]
     if args.kind == "lines":
-        lines.generate_lines(args.out, args.n, size, args.seed)
+        lines.generate_lines(args.out, args.n, size, args.seed, style=args.style)
     elif args.kind == "shapes":
         shapes.generate_shapes(args.out, args.n, size, args.seed)
     elif args.kind == "sem" and args.label_scale is not None:
@@ -59,6 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--label-scale", type=float, default=None, metavar="K",
                            help="write tiled BigTIFF scans and QEMSCAN-like colour masks K x coarser "
                                 "(dataset.yaml gets mask_scale: K) [same-size masks]")
+        if kind == "lines":
+            p.add_argument("--style", choices=("varied", "seed003"), default="varied",
+                           help="varied: colour, blur and noise on every shape; seed003: seed 003's own "
+                                "recipe (grey, flat shapes on truncated-Gaussian noise) [varied]")
         if kind == "ccd":
             p.add_argument("--hdus", type=_positive, default=2, help="amplifier HDUs per file [2]")
             p.add_argument("--dtype", choices=("uint16", "float32"), default="uint16",

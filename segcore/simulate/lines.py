@@ -8,16 +8,24 @@ labelled line), per-image background colour and illumination, per-shape colour a
 anti-aliased edges (coverage from the exact distance to a segment, a first-order distance to an
 ellipse), slight optical blur and Gaussian noise. A pixel's label is the class whose shape covers
 its centre.
+
+``style="seed003"`` renders the data the way seed 003's own generator builds it instead: grey
+(three equal channels), a truncated-Gaussian noise background (mean 0.7-0.9, sd 0.1, clipped to
+[0.6, 1]), 1-9 ellipses (radii 5-20 px) and as many straight lines (3 or 5 px wide, 20 px to the
+image width long), each shape flat at a grey level in [0, 0.7], so the darker shapes stand out and
+the brighter ones differ from the background mainly by having no noise. Lines are drawn last.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
+from scipy.stats import truncnorm
 
 from segcore.data.spec import DatasetSpec
 from segcore.errors import ConfigError
@@ -27,6 +35,8 @@ log = logging.getLogger(__name__)
 
 CLASSES = ["background", "line", "ellipse"]
 WIDTH, HEIGHT = 400, 200  # seed 003's image size (width x height)
+LinesStyle = Literal["varied", "seed003"]
+STYLES: tuple[str, ...] = ("varied", "seed003")
 
 
 def _colour(rng: np.random.Generator, lo: float, hi: float, tint: float) -> np.ndarray:
@@ -92,18 +102,71 @@ def render_lines(rng: np.random.Generator, width: int = WIDTH, height: int = HEI
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
 
 
-def generate_lines(out: str | Path, n: int, width: int = WIDTH, seed: int = 0) -> Path:
-    """Write ``n`` RGB PNG images of ``width`` x ``width // 2`` px, class-id PNG masks and dataset.yaml."""
+def _seed003_ellipse(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Seed 003's ellipse: centre anywhere, radius r in 5-19 px and r x [0.5, 2], any rotation."""
+    h, w = yy.shape
+    cy, cx = rng.integers(0, h), rng.integers(0, w)
+    ra = float(rng.integers(5, 20))
+    rb, t = ra * rng.uniform(0.5, 2.0), np.deg2rad(rng.integers(0, 180))
+    dy, dx = yy - cy, xx - cx
+    dy, dx = (dy + h / 2) % h - h / 2, (dx + w / 2) % w - w / 2  # seed 003 wraps shapes at the borders
+    u = dy * np.cos(t) - dx * np.sin(t)
+    v = dy * np.sin(t) + dx * np.cos(t)
+    return (u / ra) ** 2 + (v / rb) ** 2 <= 1.0
+
+
+def _seed003_line(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Seed 003's line: a 1-px segment of 20 px to the short side, dilated by a disk of radius 1 or 2."""
+    h, w = yy.shape
+    c = np.array([rng.integers(0, h), rng.integers(0, w)], float)
+    theta, length = np.deg2rad(rng.integers(0, 180)), float(rng.integers(20, max(21, min(h, w))))
+    d = length / 2 * np.array([-np.sin(theta), np.cos(theta)])
+    p0, p1 = np.trunc(c - d), np.trunc(c + d)
+    seg = p1 - p0
+    t = np.clip(((yy - p0[0]) * seg[0] + (xx - p0[1]) * seg[1]) / max(float(seg @ seg), 1e-6), 0.0, 1.0)
+    dist = np.hypot(yy - p0[0] - t * seg[0], xx - p0[1] - t * seg[1])
+    return dist <= int(rng.integers(1, 3)) + 0.3
+
+
+def render_seed003(rng: np.random.Generator, width: int = WIDTH, height: int = HEIGHT) -> tuple[np.ndarray, np.ndarray]:
+    """One grey-as-RGB (height, width, 3) uint8 image and its mask, built as seed 003's generator does."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    mean = rng.uniform(0.7, 0.9)
+    lo, hi = (0.6 - mean) / 0.1, (1.0 - mean) / 0.1
+    image = mean + 0.1 * truncnorm.rvs(lo, hi, size=(height, width), random_state=rng)
+    mask = np.zeros((height, width), np.uint8)
+    n = int(rng.integers(1, 10))
+    for label, draw in ((2, _seed003_ellipse), (1, _seed003_line)):
+        for _ in range(n):
+            inside = draw(yy, xx, rng)
+            image[inside] = rng.uniform(0.0, 0.7)
+            mask[inside] = label
+    grey = np.uint8(255 * image)
+    return np.repeat(grey[..., None], 3, axis=2), mask
+
+
+RENDERERS = {"varied": render_lines, "seed003": render_seed003}
+
+
+def generate_lines(out: str | Path, n: int, width: int = WIDTH, seed: int = 0, style: LinesStyle = "varied") -> Path:
+    """Write ``n`` RGB PNG images of ``width`` x ``width // 2`` px, class-id PNG masks and dataset.yaml.
+
+    ``style`` picks the renderer: ``varied`` (colour, blur, noise on every shape) or ``seed003``
+    (seed 003's own recipe: grey, flat shapes on truncated-Gaussian noise)."""
     if n < 1 or width < 32:
         raise ConfigError(f"need n >= 1 and size (image width) >= 32, got n={n}, size={width}")
+    if style not in RENDERERS:
+        raise ConfigError(f"unknown lines style {style!r}; choose one of {', '.join(STYLES)}")
+    render = RENDERERS[style]
     height = width // 2
     images, masks = prepare_dataset_dir(out)
     for i in range(n):
-        image, mask = render_lines(rng_for(seed, i), width, height)
+        image, mask = render(rng_for(seed, i), width, height)
         Image.fromarray(image).save(images / f"lines_{i:04d}.png")
         Image.fromarray(mask).save(masks / f"lines_{i:04d}.png")
     spec = DatasetSpec(class_names=CLASSES, normalize={"mode": "dtype_range"},
-                       description=f"gigaseg simulate lines: {n} RGB images of {width} x {height} px, seed {seed}")
+                       description=f"gigaseg simulate lines ({style}): {n} RGB images of {width} x {height} px, "
+                                   f"seed {seed}")
     write_spec(out, spec)
     log.info("wrote %d lines images (%d x %d px) to %s", n, width, height, out)
     return Path(out)
