@@ -102,7 +102,8 @@ def plan_search(spec: SearchSpec, space: SearchSpace) -> tuple[SearchSpec, Searc
     if not spec.plan.enabled:
         return spec, space, None
     minutes = getattr(spec.budget, "minutes", None)  # a minutes budget: the plan fills a trial's minutes
-    plan = plan_training(spec.data.train, minutes or spec.plan.budget_min, base=_planning_base(spec))
+    threads = max(1, int(spec.resources.cpus_per_trial))  # timed as a trial trains (Ray sets its threads)
+    plan = plan_training(spec.data.train, minutes or spec.plan.budget_min, base=_planning_base(spec), threads=threads)
     planned = {k: v for k, v in plan.overrides.items() if k != "model"}
     terms = None
     if any(d.path.startswith("loss.terms.") for d in space.dims) and isinstance(planned.get("loss"), dict):

@@ -20,6 +20,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,6 +258,7 @@ class Speed:
     step_s: float
     forward_px_s: float
     measured_batch: int
+    threads: int = 0  # torch CPU threads it was timed with
 
 
 @dataclass
@@ -419,7 +422,23 @@ def measure_speed(cfg: TrainConfig, channels: int, classes: int, device: str = "
         model(x)
         _sync(dev)
         forward_px_s = (time.perf_counter() - t0) / (measured * patch * patch)
-    return Speed(str(dev), step_s, forward_px_s, measured)
+    return Speed(str(dev), step_s, forward_px_s, measured, torch.get_num_threads())
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``threads`` inside (unchanged for None), restored after."""
+    import torch
+
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _sync(dev: Any) -> None:
@@ -447,10 +466,15 @@ def decide_steps(fp: Fingerprint, cfg: TrainConfig, speed: Speed, budget_min: fl
     per_epoch = max(1, steps // epochs)
     chosen = {"epochs": epochs, "patches_per_epoch": per_epoch * cfg.data.batch_size}
     why = (f"{epochs} epochs x {per_epoch} steps = {epochs * per_epoch} steps fill {budget_min:g} min on "
-           f"{speed.device}: {speed.step_s:.3f} s/step measured (batch {speed.measured_batch}"
+           f"{speed.device}{_threads(speed)}: {speed.step_s:.3f} s/step measured (batch {speed.measured_batch}"
            f"{', scaled to ' + str(cfg.data.batch_size) if speed.measured_batch != cfg.data.batch_size else ''}), "
            f"{val_s:.1f} s validation per epoch, {100 * OVERHEAD_SHARE:.0f} % kept for overhead")
     return chosen, why
+
+
+def _threads(speed: Speed) -> str:
+    return f" ({speed.threads} thread{'s' if speed.threads != 1 else ''})" if speed.device == "cpu" and speed.threads \
+        else ""
 
 
 def fit_to_steps(fp: Fingerprint, cfg: TrainConfig, speed: Speed, budget_min: float,
@@ -479,9 +503,19 @@ def fit_to_steps(fp: Fingerprint, cfg: TrainConfig, speed: Speed, budget_min: fl
 # ----------------------------------------------------------------------------- plan
 
 
+def _time_steps(cfg: TrainConfig, fp: Fingerprint, classes: int, dev: str, steps: int, threads: int | None) -> Speed:
+    """:func:`measure_speed` with ``threads`` torch threads on CPU."""
+    with torch_threads(threads if dev == "cpu" else None):
+        return measure_speed(cfg, fp.channels, classes, dev, steps=steps)
+
+
 def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[str, Any] | None = None,
-                  device: str = "auto", fp: Fingerprint | None = None, time_steps: int = 2) -> Plan:
+                  device: str = "auto", fp: Fingerprint | None = None, time_steps: int = 2,
+                  threads: int | None = None) -> Plan:
     """Fingerprint ``data_dir`` (unless given) and plan a TrainConfig for ``budget_min`` minutes.
+
+    ``threads``: time the steps with this many torch CPU threads (a search trial's CPUs), not the
+    process's; ignored on a GPU.
 
     ``base`` (a partial TrainConfig dict) supplies the model to plan for; the plan's own keys
     are in ``Plan.overrides`` (what a search merges under its explicit ``base``).
@@ -521,7 +555,7 @@ def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[s
     ]
     cfg = parse_config(_merge(base or {}, over), TrainConfig, source="plan")
     classes = max(len(spec.class_names), 2)
-    speed = measure_speed(cfg, fp.channels, classes, dev, steps=time_steps)
+    speed = _time_steps(cfg, fp, classes, dev, time_steps, threads)
     fitted = fit_to_steps(fp, cfg, speed, budget_min, multiple)
     if fitted is not None:
         patch, batch, why = fitted
@@ -534,7 +568,7 @@ def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[s
                 d.value = fitted_values[d.what]
         decisions.append(Decision("data.patch_size x data.batch_size", f"{patch} x {batch}", why))
         cfg = parse_config(_merge(base or {}, over), TrainConfig, source="plan")
-        speed = measure_speed(cfg, fp.channels, classes, dev, steps=time_steps)
+        speed = _time_steps(cfg, fp, classes, dev, time_steps, threads)
     steps, steps_why = decide_steps(fp, cfg, speed, budget_min)
     over["epochs"] = steps["epochs"]
     over["data"]["patches_per_epoch"] = steps["patches_per_epoch"]

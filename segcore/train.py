@@ -52,6 +52,7 @@ from segcore.modeldir import (
 from segcore.models import build_model, check_combination
 from segcore.models.freeze import FreezeController
 from segcore.models.validity import input_multiple
+from segcore.schedules import BudgetedOneCycle
 from segcore.tiling import pad_to_multiple, predict_tiled
 from segcore.visualize import save_prediction_panel
 
@@ -184,10 +185,13 @@ def _build_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimi
 
 
 def _build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
-    """Stepped once per batch. Cosine warm restarts (as the SEM study) or one-cycle."""
+    """Stepped once per batch. Cosine warm restarts (as the SEM study) or one-cycle; one-cycle under
+    ``max_minutes`` is fitted to the minutes (:mod:`segcore.schedules`)."""
     o = cfg.optim
     if o.schedule == "cosine_restarts":
         return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=o.restart_epochs * steps_per_epoch)
+    if o.schedule == "one_cycle" and cfg.max_minutes is not None:  # anneal when the minutes run out
+        return BudgetedOneCycle(optimizer, cfg.epochs * steps_per_epoch)
     if o.schedule == "one_cycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
@@ -449,6 +453,9 @@ def train(
         metrics.update(train_loss=_all_reduce_mean(run, train_loss, 1), lr=run.optimizer.param_groups[-1]["lr"],
                        epoch_time_s=epoch_s, **_clock(run, epoch, epoch_s))
         metrics.update(run.adversarial.epoch_metrics() if run.adversarial is not None else {})
+        if isinstance(run.scheduler, BudgetedOneCycle):  # the cycle ends when the minutes do
+            metrics["lr_cycle_steps"] = run.scheduler.fit_to_budget(
+                metrics["steps"], metrics["train_minutes"] * 60.0, run.cfg.max_minutes * 60.0)
         run.history.append(metrics)
         log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_miou %.4f (%.1fs)", epoch + 1, run.cfg.epochs,
                  metrics["train_loss"], metrics["val_loss"], metrics["val_miou"], metrics["epoch_time_s"])

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from tiny_search import tiny_search as tiny
 
 from search import parse_search_spec, run_search
 from search.budget import fit_steps
 from segcore.config import TrainConfig, parse_config
+from segcore.schedules import BudgetedOneCycle
 from segcore.simulate import generate_shapes
 from segcore.train import EpochReport, train
 
@@ -51,6 +53,34 @@ def test_train_reports_cumulative_steps_and_minutes_and_stops_at_max_minutes(sha
                 callbacks=[capped.append])
     assert [(r.epoch, r.is_last) for r in capped] == [(0, True)] and len(out.history) == 1
     assert (tmp_path / "capped" / "model.safetensors").is_file()
+
+
+def test_budgeted_one_cycle_has_torchs_shape_and_fits_its_length_to_the_minutes_left() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    reference = torch.optim.lr_scheduler.OneCycleLR(torch.optim.SGD([param], lr=0.1), max_lr=0.1, total_steps=200)
+    budgeted = BudgetedOneCycle(torch.optim.SGD([param], lr=0.1), 200)
+    for _ in range(200):
+        assert budgeted.get_last_lr()[0] == pytest.approx(reference.get_last_lr()[0], abs=0.003)
+        for sched in (reference, budgeted):
+            sched.optimizer.step()
+            sched.step()
+    cycle = BudgetedOneCycle(torch.optim.SGD([param], lr=0.1), 1000)
+    assert cycle.fit_to_budget(100, 10.0, 30.0) == 300  # 10 steps/s, 20 s left: 200 more
+    assert cycle.fit_to_budget(100, 10.0, 5.0) == 101  # over budget: anneal now
+    assert cycle.fit_to_budget(100, 10.0, 1e6) == 1000  # never beyond the configured epochs
+    assert BudgetedOneCycle(torch.optim.SGD([param], lr=0.1), 1000).state_dict()["total_steps"] == 1000
+
+
+def test_a_run_cut_by_max_minutes_ends_annealed_not_at_peak_lr(shapes: Path, tmp_path: Path) -> None:
+    """10 one-cycle epochs planned, minutes for about 3: the cycle is re-fitted to the minutes, so the
+    last epoch ends with a small lr (torch's OneCycleLR would be at its peak after 3 of 10 epochs)."""
+    one_cycle = {**TINY, "epochs": 10, "optim": {"schedule": "one_cycle", "lr": 0.01}}
+    probe = train(parse_config({**one_cycle, "epochs": 1}, TrainConfig), shapes, tmp_path / "probe")
+    epoch_min = probe.history[0]["epoch_time_s"] / 60
+    out = train(parse_config({**one_cycle, "max_minutes": 3 * epoch_min}, TrainConfig), shapes, tmp_path / "cut")
+    lrs = [h["lr"] for h in out.history]
+    assert 2 <= len(lrs) < 10 and out.history[-1]["lr_cycle_steps"] < 10 * 2
+    assert lrs[-1] < 0.5 * 0.01 and max(lrs) > lrs[-1]
 
 
 @pytest.mark.ray

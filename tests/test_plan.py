@@ -31,6 +31,7 @@ from segcore.plan import (
     fingerprint,
     fit_to_steps,
     memory_budget,
+    plan_training,
 )
 from segcore.simulate import generate_shapes
 from segcore.simulate.common import prepare_dataset_dir, rng_for, write_spec
@@ -110,6 +111,18 @@ def test_a_short_budget_buys_steps_with_smaller_batches_and_patches(shapes: Path
     assert (patch, batch) == (max(96, floor), 4) and "aims at 200" in why
     patch, batch, _ = fit_to_steps(fp, cfg, Speed("cpu", budget_s, 1e-7, 4), 1.0, 32)
     assert batch == 4 and patch == floor  # one step in the budget: down to the floor, no further
+
+
+def test_a_search_plan_is_timed_with_a_trials_threads(shapes: Path) -> None:
+    """A trial on 1 CPU trains on 1 torch thread: the plan times its steps that way, says so, and
+    leaves the process's thread count as it was."""
+    import torch
+
+    before = torch.get_num_threads()
+    plan = plan_training(shapes, 0.5, base={"model": {"arch": "Unet", "encoder": "resnet18"}}, device="cpu",
+                         threads=1)
+    assert plan.speed.threads == 1 and torch.get_num_threads() == before
+    assert "cpu (1 thread)" in " ".join(plan.lines())
 
 
 def test_fingerprint_reads_a_bounded_sample(shapes: Path) -> None:
