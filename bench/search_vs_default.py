@@ -100,7 +100,7 @@ def search_yaml(task: str, train: Path, work: Path, budget_min: float, share: fl
     spec = {
         "name": f"svd-{task}", "data": {"train": str(train)}, "space": SPACE, "engine": "tpe", "num_samples": 64,
         "tpe_startup_trials": 3, "time_budget_s": round(budget_min * 60 * share), "max_concurrent_trials": 2,
-        "budget": {"minutes": round(trial_min, 3)}, "asha": {"grace_period": 1, "reduction_factor": 2},
+        "budget": {"minutes": round(trial_min, 3)}, "asha": {"reduction_factor": 2},
         "resources": {"cpus_per_trial": 1}, "refit": {"budget_fraction": 0.3, "top_k": 2},
         "storage_path": str(work / "searches"),
         "mlflow": {"experiment": f"svd-{task}", "registered_model_name": f"svd-{task}"},

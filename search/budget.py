@@ -8,7 +8,9 @@
   after M minutes of training wall time); ASHA counts the reported ``train_minutes``.
 
 ``asha.grace_period`` and ``asha.max_t`` are written in epochs and converted with the base
-configuration's epoch length in that unit (:func:`asha_clock`).
+configuration's epoch length in that unit (:func:`asha_clock`). Without a ``grace_period`` a
+one-cycle base is first judged when its warm-up ends (30 % of ``max_t``): before that every trial
+still predicts the majority class, and halving on that is a coin toss.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 from search.spec import Budget, MinutesBudget, SearchSpec, StepsBudget
 from segcore.config import TrainConfig
+from segcore.schedules import PCT_START
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,9 @@ def asha_clock(spec: SearchSpec, base: TrainConfig, max_epochs: int) -> AshaCloc
     """
     asha, budget = spec.asha, spec.budget
     if budget is None:
-        return AshaClock(TIME_ATTR["epochs"], asha.grace_period, asha.max_t or max_epochs, "epochs")
+        max_t = asha.max_t or max_epochs
+        grace, why = _grace(asha.grace_period, base, 1.0, max_t)
+        return AshaClock(TIME_ATTR["epochs"], math.ceil(grace), max_t, "epochs" + why)
     if isinstance(budget, StepsBudget):
         world = spec.resources.workers_per_trial
         epochs, ppe = fit_steps(budget.steps, base.data.patches_per_epoch, base.data.batch_size, world)
@@ -86,4 +91,15 @@ def asha_clock(spec: SearchSpec, base: TrainConfig, max_epochs: int) -> AshaCloc
         per_epoch, total = budget.minutes / base.epochs, budget.minutes
         why = f"1 epoch = {per_epoch:.3g} min ({budget.minutes:g} min over the base's {base.epochs} epochs)"
     max_t = min(asha.max_t * per_epoch, total) if asha.max_t else total
-    return AshaClock(TIME_ATTR[budget.unit], asha.grace_period * per_epoch, max_t, why)
+    grace, grace_why = _grace(asha.grace_period, base, per_epoch, max_t)
+    return AshaClock(TIME_ATTR[budget.unit], grace, max_t, why + grace_why)
+
+
+def _grace(grace_epochs: int | None, base: TrainConfig, per_epoch: float, max_t: float) -> tuple[float, str]:
+    """ASHA's first rung in the clock's unit: the configured epochs, else the end of a one-cycle
+    warm-up (at least one epoch), else one epoch."""
+    if grace_epochs is not None:
+        return grace_epochs * per_epoch, ""
+    if base.optim.schedule == "one_cycle":
+        return max(per_epoch, PCT_START * max_t), f"; grace = the one-cycle warm-up, {PCT_START:.0%} of max_t"
+    return per_epoch, "; grace = 1 epoch"

@@ -61,7 +61,8 @@ class AshaSection(Strict):
     (``training_iteration`` = epochs, ``steps`` or ``train_minutes``, see search/budget.py)."""
 
     enabled: bool = True
-    grace_period: int = Field(1, ge=1, description="in epochs; converted to the budget's unit")
+    grace_period: int | None = Field(None, ge=1, description="in epochs; converted to the budget's unit; "
+                                     "None: the one-cycle warm-up (30 % of max_t), else 1 epoch")
     reduction_factor: float = Field(2.0, gt=1.0)
     max_t: int | None = Field(None, ge=1, description="in epochs; default: the largest epochs (or the budget)")
 

@@ -135,7 +135,7 @@ def _check_asha(space: SearchSpace, spec: Any, source: str) -> None:
                               "asha.grace_period or raise the budget.")
         return
     max_t = asha.max_t or space.max_epochs()
-    if asha.enabled and asha.grace_period > max_t:
+    if asha.enabled and asha.grace_period is not None and asha.grace_period > max_t:
         raise ConfigError(f"{source}: asha.grace_period ({asha.grace_period}) exceeds max_t ({max_t}).")
 
 

@@ -273,6 +273,25 @@ def test_apply_budget_and_asha_clock(data_dir: Path) -> None:
     assert (clock.time_attr, clock.grace_period, clock.max_t) == ("training_iteration", 2, 4)
 
 
+def test_asha_without_a_grace_period_first_judges_a_one_cycle_trial_after_its_warm_up(data_dir: Path) -> None:
+    """Before the warm-up ends every trial still predicts background: ASHA's first rung waits for
+    it (30 % of the trial budget) under one-cycle, and stays at one epoch otherwise."""
+    from search.budget import asha_clock
+
+    base = {"epochs": 4, "optim": {"schedule": "one_cycle"}, "data": {"patches_per_epoch": 64, "batch_size": 8}}
+    raw = spec_dict(data_dir, space={"patch_size": 64}, base=base, budget={"minutes": 6})
+    spec = parse_search_spec(raw, "s")
+    space = SearchSpace.from_spec(spec)
+    clock = asha_clock(spec, space.to_train_config({}), space.max_epochs())
+    assert spec.asha.grace_period is None and clock.grace_period == pytest.approx(1.8) and "warm-up" in clock.why
+    cosine = parse_search_spec({**raw, "base": {**base, "optim": {"schedule": "cosine_restarts"}}}, "s")
+    space = SearchSpace.from_spec(cosine)
+    assert asha_clock(cosine, space.to_train_config({}), space.max_epochs()).grace_period == 1.5  # 1 epoch
+    epochs = parse_search_spec({k: v for k, v in raw.items() if k != "budget"} | {"space": {"epochs": 20}}, "s")
+    space = SearchSpace.from_spec(epochs)
+    assert asha_clock(epochs, space.to_train_config({}), space.max_epochs()).grace_period == 6  # ceil(0.3 x 20)
+
+
 def test_asha_grace_is_checked_in_the_budget_unit(data_dir: Path) -> None:
     space = {"patch_size": 64}
     base = {"data": {"patches_per_epoch": 64, "batch_size": 8}}  # 8 steps per epoch
