@@ -129,12 +129,39 @@ def build_scheduler(spec: SearchSpec, space: SearchSpace) -> TrialScheduler:
     clock = asha_clock(spec, space.to_train_config({}, source="base"), space.max_epochs())
     log.info("ASHA on %s: grace_period %.4g, max_t %.4g (%s)", clock.time_attr, clock.grace_period, clock.max_t,
              clock.why)
-    return ASHAScheduler(
+    plan_point = spec.seed_configs[0] if spec.plan.enabled and spec.engine != "grid" and spec.seed_configs else None
+    if spec.asha.keep_plan and plan_point:
+        log.info("ASHA never stops trial 0 (the plan): asha.keep_plan")
+    return PlanKeepingASHA(
+        plan_point if spec.asha.keep_plan else None,
         time_attr=clock.time_attr,
         max_t=clock.max_t,
         grace_period=clock.grace_period,
         reduction_factor=spec.asha.reduction_factor,
     )
+
+
+class PlanKeepingASHA(ASHAScheduler):
+    """ASHA that lets the trial whose params are ``plan_point`` (trial 0, the plan) run to its end.
+
+    The search must beat the plan; judged on its first epochs (the warm-up, a noisy validation) the
+    plan is often stopped for a trial that looked better early and ends worse.
+    """
+
+    def __init__(self, plan_point: dict[str, Any] | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.plan_point = dict(plan_point or {})
+
+    def is_plan(self, trial: Any) -> bool:
+        params = (trial.config or {}).get("params", {})
+        return bool(self.plan_point) and all(params.get(k) == v for k, v in self.plan_point.items())
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and self.is_plan(trial) and result.get(self._time_attr, 0) < self._max_t:
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return decision
 
 
 def num_trials(spec: SearchSpec, space: SearchSpace) -> int:

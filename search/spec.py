@@ -65,6 +65,8 @@ class AshaSection(Strict):
                                      "None: the one-cycle warm-up (30 % of max_t), else 1 epoch")
     reduction_factor: float = Field(2.0, gt=1.0)
     max_t: int | None = Field(None, ge=1, description="in epochs; default: the largest epochs (or the budget)")
+    keep_plan: bool = Field(True, description="never stop trial 0 (the plan) early: the baseline the search "
+                            "must beat is trained to its end, not judged on its first noisy epochs")
 
 
 class ResourcesSection(Strict):

@@ -292,6 +292,36 @@ def test_asha_without_a_grace_period_first_judges_a_one_cycle_trial_after_its_wa
     assert asha_clock(epochs, space.to_train_config({}), space.max_epochs()).grace_period == 6  # ceil(0.3 x 20)
 
 
+def test_asha_lets_the_plan_run_to_its_end_and_halves_the_others(data_dir: Path) -> None:
+    """Real ASHA decisions on real (stub) Tune trials: at the first rung the plan (trial 0's params)
+    scores as badly as a sampled trial; the sampled one is stopped, the plan is not, until max_t."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from search.engines import build_scheduler
+
+    plan = {"lr": 0.002}
+    raw = spec_dict(data_dir, space={"lr": {"loguniform": [1e-4, 1e-2]}},
+                    base={"epochs": 4, "optim": {"schedule": "one_cycle"}}, asha={"grace_period": 1})
+    spec = parse_search_spec({**raw, "seed_configs": [plan]}, "s")
+    scheduler = build_scheduler(spec, SearchSpace.from_spec(spec))
+    scheduler.set_search_properties("val_miou", "max")
+    good, bad, planned = (Trial("t", config={"params": {"lr": lr}}, stub=True) for lr in (0.01, 0.0001, 0.002))
+    for trial in (good, bad, planned):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, good, {"training_iteration": 1, "val_miou": 0.8}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, planned, {"training_iteration": 1, "val_miou": 0.3}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, bad, {"training_iteration": 1, "val_miou": 0.3}) == TrialScheduler.STOP
+    assert scheduler.on_trial_result(None, planned, {"training_iteration": 4, "val_miou": 0.9}) == TrialScheduler.STOP
+    off = parse_search_spec({**raw, "seed_configs": [plan], "asha": {"grace_period": 1, "keep_plan": False}}, "s")
+    plain = build_scheduler(off, SearchSpace.from_spec(off))
+    plain.set_search_properties("val_miou", "max")
+    for trial in (good, planned):
+        plain.on_trial_add(None, trial)
+    plain.on_trial_result(None, good, {"training_iteration": 1, "val_miou": 0.8})
+    assert plain.on_trial_result(None, planned, {"training_iteration": 1, "val_miou": 0.3}) == TrialScheduler.STOP
+
+
 def test_asha_grace_is_checked_in_the_budget_unit(data_dir: Path) -> None:
     space = {"patch_size": 64}
     base = {"data": {"patches_per_epoch": 64, "batch_size": 8}}  # 8 steps per epoch
