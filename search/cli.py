@@ -57,7 +57,7 @@ def _dry_run(config: Path) -> int:
 def _print_plan(spec: Any, space: Any) -> None:
     """The plan a real run would start from (search/planned.py), trial 0, and the budget's clock."""
     from search.budget import apply_budget, asha_clock
-    from search.planned import plan_search
+    from search.planned import plan_search, trial0_of
 
     planned, planned_space, plan = plan_search(spec, space)
     if plan is None:
@@ -66,7 +66,7 @@ def _print_plan(spec: Any, space: Any) -> None:
         print(f"  plan for {spec.data.train} ({plan.budget_min:g} min per trial), merged under base:")
         for line in plan.lines():
             print(f"    {line}")
-    trial0 = planned.seed_configs[0] if plan is not None and spec.engine != "grid" else None
+    trial0 = trial0_of(planned)
     if trial0 is not None:
         print(f"  trial 0 = the plan: {trial0 or '(no searched dimension takes a planned value)'}")
     cfg = apply_budget(planned_space.to_train_config(trial0 or {}, source="trial 0"), spec.budget,

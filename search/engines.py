@@ -24,6 +24,7 @@ from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
+from search.planned import trial0_of
 from search.space import Active, Dimension, SearchSpace
 from search.spec import SearchSpec
 from search.validate import seed_to_optuna
@@ -129,7 +130,7 @@ def build_scheduler(spec: SearchSpec, space: SearchSpace) -> TrialScheduler:
     clock = asha_clock(spec, space.to_train_config({}, source="base"), space.max_epochs())
     log.info("ASHA on %s: grace_period %.4g, max_t %.4g (%s)", clock.time_attr, clock.grace_period, clock.max_t,
              clock.why)
-    plan_point = spec.seed_configs[0] if spec.plan.enabled and spec.engine != "grid" and spec.seed_configs else None
+    plan_point = trial0_of(spec)
     if spec.asha.keep_plan and plan_point:
         log.info("ASHA never stops trial 0 (the plan): asha.keep_plan")
     return PlanKeepingASHA(

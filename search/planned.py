@@ -128,6 +128,12 @@ def plan_search(spec: SearchSpec, space: SearchSpace) -> tuple[SearchSpec, Searc
     return spec, SearchSpace.from_spec(spec, spec.name), plan
 
 
+def trial0_of(spec: SearchSpec) -> dict[str, Any] | None:
+    """Trial 0's params in a planned spec (what :func:`plan_search` put first in ``seed_configs``;
+    ``{}`` when no searched dimension takes a planned value), or None without a plan or on a grid."""
+    return spec.seed_configs[0] if spec.plan.enabled and spec.engine != "grid" and spec.seed_configs else None
+
+
 def log_plan(target: Any, plan: Any) -> None:
     """The plan YAML (with its reasons) as ``plan.yaml`` on the search's parent MLflow run."""
     if plan is None:

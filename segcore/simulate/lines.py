@@ -12,7 +12,7 @@ its centre.
 ``style="seed003"`` renders the data the way seed 003's own generator builds it instead: grey
 (three equal channels), a truncated-Gaussian noise background (mean 0.7-0.9, sd 0.1, clipped to
 [0.6, 1]), 1-9 ellipses (radii 5-20 px) and as many straight lines (3 or 5 px wide, 20 px to the
-image width long), each shape flat at a grey level in [0, 0.7], so the darker shapes stand out and
+image's short side long), each shape flat at a grey level in [0, 0.7], so the darker shapes stand out and
 the brighter ones differ from the background mainly by having no noise. Lines are drawn last.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 CLASSES = ["background", "line", "ellipse"]
 WIDTH, HEIGHT = 400, 200  # seed 003's image size (width x height)
 LinesStyle = Literal["varied", "seed003"]
-STYLES: tuple[str, ...] = ("varied", "seed003")
+STYLES: tuple[str, ...] = get_args(LinesStyle)
 
 
 def _colour(rng: np.random.Generator, lo: float, hi: float, tint: float) -> np.ndarray:
