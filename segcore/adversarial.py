@@ -25,7 +25,7 @@ from torch import nn
 
 from segcore.config import AdversarialConfig, TrainConfig
 from segcore.errors import ConfigError
-from segcore.modeldir import logits_to_proba
+from segcore.modeldir import logits_to_proba, train_autocast
 from segcore.models.discriminator import PatchDiscriminator, output_size, receptive_field
 
 log = logging.getLogger(__name__)
@@ -132,5 +132,5 @@ def build_adversarial(cfg: TrainConfig, num_classes: int, device: torch.device,
     rf = receptive_field(adv.depth)
     log.info("adversarial term: %s x %s PatchGAN (depth %d, %dx%d receptive field, lr %g)",
              adv.weight, adv.mode, adv.depth, rf, rf, adv.lr)
-    use_amp = device.type == "cuda" and cfg.amp
+    use_amp = train_autocast(device, cfg.amp)
     return AdversarialTerm(adv, cfg.model.in_channels, num_classes, device, world_size, use_amp)

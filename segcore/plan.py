@@ -259,6 +259,7 @@ class Speed:
     forward_px_s: float
     measured_batch: int
     threads: int = 0  # torch CPU threads it was timed with
+    bf16: bool = False  # timed under bf16 autocast, as training will run
 
 
 @dataclass
@@ -383,7 +384,7 @@ def measure_speed(cfg: TrainConfig, channels: int, classes: int, device: str = "
     import torch
 
     from segcore.losses import build_loss
-    from segcore.modeldir import pick_device
+    from segcore.modeldir import pick_device, train_autocast
     from segcore.models import build_model
 
     dev = pick_device(device if device != "auto" else cfg.device)
@@ -397,7 +398,7 @@ def measure_speed(cfg: TrainConfig, channels: int, classes: int, device: str = "
     loss_fn = build_loss(cfg.loss, classes, None).to(dev)
     x = torch.randn(measured, channels, patch, patch, device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, classes, (measured, patch, patch), device=dev)
-    use_amp = dev.type == "cuda" and cfg.amp
+    use_amp = train_autocast(dev, cfg.amp)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -417,12 +418,12 @@ def measure_speed(cfg: TrainConfig, channels: int, classes: int, device: str = "
         times.append(time.perf_counter() - t0)
     step_s = min(times) * batch / measured
     model.eval()
-    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" and cfg.amp):
         t0 = time.perf_counter()
         model(x)
         _sync(dev)
         forward_px_s = (time.perf_counter() - t0) / (measured * patch * patch)
-    return Speed(str(dev), step_s, forward_px_s, measured, torch.get_num_threads())
+    return Speed(str(dev), step_s, forward_px_s, measured, torch.get_num_threads(), use_amp)
 
 
 @contextmanager
@@ -473,8 +474,11 @@ def decide_steps(fp: Fingerprint, cfg: TrainConfig, speed: Speed, budget_min: fl
 
 
 def _threads(speed: Speed) -> str:
-    return f" ({speed.threads} thread{'s' if speed.threads != 1 else ''})" if speed.device == "cpu" and speed.threads \
-        else ""
+    """" (2 threads, bf16)" for a CPU timing: what the step time was measured with."""
+    parts = [f"{speed.threads} thread{'s' if speed.threads != 1 else ''}"] if speed.device == "cpu" and speed.threads \
+        else []
+    parts += ["bf16"] if speed.bf16 else []
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def fit_to_steps(fp: Fingerprint, cfg: TrainConfig, speed: Speed, budget_min: float,

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from tiny_search import tiny_search as tiny
@@ -116,13 +117,26 @@ def test_a_short_budget_buys_steps_with_smaller_batches_and_patches(shapes: Path
 def test_a_search_plan_is_timed_with_a_trials_threads(shapes: Path) -> None:
     """A trial on 1 CPU trains on 1 torch thread: the plan times its steps that way, says so, and
     leaves the process's thread count as it was."""
-    import torch
 
     before = torch.get_num_threads()
     plan = plan_training(shapes, 0.5, base={"model": {"arch": "Unet", "encoder": "resnet18"}}, device="cpu",
                          threads=1)
     assert plan.speed.threads == 1 and torch.get_num_threads() == before
-    assert "cpu (1 thread)" in " ".join(plan.lines())
+    assert "cpu (1 thread" in " ".join(plan.lines())
+
+
+def test_the_plan_times_steps_with_the_autocast_training_uses(shapes: Path) -> None:
+    """Training runs bf16 autocast exactly where train_autocast says (a GPU, or a CPU with native bf16);
+    the plan times its steps the same way and says so, and amp off is fp32 everywhere."""
+    from segcore.modeldir import cpu_has_native_bf16, train_autocast
+
+    cpu = torch.device("cpu")
+    assert train_autocast(cpu, True) is cpu_has_native_bf16() and not train_autocast(cpu, False)
+    base = {"model": {"arch": "Unet", "encoder": "resnet18"}}
+    on = plan_training(shapes, 0.5, base=base, device="cpu", threads=1)
+    off = plan_training(shapes, 0.5, base={**base, "amp": False}, device="cpu", threads=1)
+    assert on.speed.bf16 is cpu_has_native_bf16() and off.speed.bf16 is False
+    assert ("bf16)" in " ".join(on.lines())) is cpu_has_native_bf16() and "bf16" not in " ".join(off.lines())
 
 
 def test_fingerprint_reads_a_bounded_sample(shapes: Path) -> None:
