@@ -407,7 +407,7 @@ def measure_speed(cfg: TrainConfig, channels: int, classes: int, device: str = "
         loss_fn(logits.float(), y).backward()
         optimizer.step()
 
-    for _ in range(2):  # allocator and huge pages settle
+    for _ in range(3):  # allocator, huge pages and oneDNN kernels (bf16: AMX) settle
         step()
     _sync(dev)
     times = []
@@ -514,7 +514,7 @@ def _time_steps(cfg: TrainConfig, fp: Fingerprint, classes: int, dev: str, steps
 
 
 def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[str, Any] | None = None,
-                  device: str = "auto", fp: Fingerprint | None = None, time_steps: int = 2,
+                  device: str = "auto", fp: Fingerprint | None = None, time_steps: int = 4,
                   threads: int | None = None) -> Plan:
     """Fingerprint ``data_dir`` (unless given) and plan a TrainConfig for ``budget_min`` minutes.
 
