@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ class RefitPlan:
     overhead_s: float
     best_score: float
     start_from: str | None = None  # the trial's model URI (warm start), resolved where the task runs
+    cpus: float = 1.0  # the refit task's CPUs (and torch threads): a trial's, or the idle CPUs' share
 
 
 @dataclass
@@ -154,10 +155,34 @@ def _history(model_dir: Path) -> list[dict[str, float]]:
     return json.loads(path.read_text()).get("history", []) if path.is_file() else []
 
 
-def task_resources(res: ResourcesSection) -> dict[str, float]:
-    """One trial's resources for the refit task (a DDP trial's: one worker's)."""
+def task_resources(res: ResourcesSection, cpus: float | None = None) -> dict[str, float]:
+    """One trial's resources for the refit task (a DDP trial's: one worker's), with ``cpus`` CPUs if given."""
     gpus = (1.0 if res.gpus_per_trial else 0.0) if res.workers_per_trial > 1 else res.gpus_per_trial
-    return {"num_cpus": res.cpus_per_trial, "num_gpus": gpus}
+    return {"num_cpus": cpus or res.cpus_per_trial, "num_gpus": gpus}
+
+
+def refit_cpus(res: ResourcesSection, refits: int) -> float:
+    """CPUs for each of ``refits`` CPU refit tasks: the CPUs Ray has free after the trials, shared
+    evenly, at least a trial's and at most one node's (a task runs on one node). A trial of 1 CPU on
+    a 2-CPU machine leaves one CPU idle while the single best trial is refitted; this gives it to
+    the refit. GPU and DDP refits keep a trial's resources."""
+    import ray
+
+    if res.gpus_per_trial or res.workers_per_trial > 1 or refits < 1:
+        return res.cpus_per_trial
+    free = float(ray.available_resources().get("CPU", 0.0))
+    node_max = max((float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    return float(max(res.cpus_per_trial, min(math.floor(free / refits), node_max)))
+
+
+def with_cpus(plan: RefitPlan, cpus: float, per_trial: float) -> RefitPlan:
+    """``plan`` on ``cpus`` CPUs. A one-cycle refit under ``max_minutes`` may run up to cpus / per_trial
+    times the epochs: its schedule follows the minutes (segcore.schedules.BudgetedOneCycle), so the
+    extra speed buys steps; other schedules keep their epochs (a cut cosine_restarts would stop mid-cycle)."""
+    cfg = plan.config
+    if cpus > per_trial and cfg.optim.schedule == "one_cycle" and cfg.max_minutes:
+        cfg = cfg.model_copy(update={"epochs": math.ceil(cfg.epochs * cpus / per_trial)})
+    return replace(plan, config=cfg, cpus=cpus)
 
 
 def open_refit_run(target: MlflowTarget, plan: RefitPlan) -> str:
@@ -167,7 +192,8 @@ def open_refit_run(target: MlflowTarget, plan: RefitPlan) -> str:
     run_id = client.create_run(target.experiment_id, run_name=f"refit-{plan.trial_id}", tags=tags).info.run_id
     params = {**flatten(plan.config.model_dump(mode="json")), "refit.of_trial": plan.trial_id,
               "refit.reserved_s": round(plan.reserved_s, 1), "refit.trial_epochs": plan.trial_epochs,
-              "refit.trial_epoch_s": round(plan.epoch_s, 2), "refit.start_from": plan.start_from or "scratch"}
+              "refit.trial_epoch_s": round(plan.epoch_s, 2), "refit.start_from": plan.start_from or "scratch",
+              "refit.cpus": plan.cpus}
     _log_params(client, run_id, params)
     return run_id
 
@@ -202,14 +228,19 @@ def refit_train(plan: RefitPlan, train_dir: str, val_dir: str | None, target: Ml
                 metric: str, mode: str) -> dict[str, Any]:
     """The Ray task: train ``plan.config`` (from the trial's weights when warm-started); log the model
     on the refit run only when it beats the best trial (the driver downloads it from there, on any node)."""
+    import torch
+
     from segcore.mlflow_model import log_model_dir
+    from segcore.plan import torch_threads
     from segcore.train import train
 
     start = time.perf_counter()
     cfg = plan.config
     if plan.start_from:  # the card records the URI; this task resolves it against the search's store
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_weights": plan.start_from})})
-    with tempfile.TemporaryDirectory(prefix="gigaseg-refit-") as tmp, _tracking_env(target.uri):
+    with tempfile.TemporaryDirectory(prefix="gigaseg-refit-") as tmp, _tracking_env(target.uri), \
+            torch_threads(max(1, int(plan.cpus))):
+        target.client().log_metric(run_id, "torch_threads", torch.get_num_threads())
         result = train(cfg, train_dir, Path(tmp) / "model", callbacks=[EpochLogger(target, run_id)],
                        val_dir=val_dir)
         score = float(result.metrics[metric])
@@ -252,15 +283,17 @@ def run_refits(spec: SearchSpec, target: MlflowTarget, results: Any, top: list[t
     plans = [p for trial, uri in top
              if (p := plan_refit(spec, trial, local_dir(uri, target.uri), reserved,
                                  uri if spec.refit.warm_start else None))]
-    task = ray.remote(**task_resources(spec.resources))(refit_train)
+    cpus = refit_cpus(spec.resources, len(plans))
+    plans = [with_cpus(p, cpus, spec.resources.cpus_per_trial) for p in plans]
+    task = ray.remote(**task_resources(spec.resources, cpus))(refit_train)
     val = str(spec.data.val) if spec.data.val else None
     launched = []
     for plan in plans:
         run_id = open_refit_run(target, plan)
-        log.info("refit: trial %s's configuration for %d epochs from %s (it trained %d of %.1f s) in the reserved "
-                 "%.0f s, MLflow run %s", plan.trial_id, plan.config.epochs,
+        log.info("refit: trial %s's configuration for up to %d epochs from %s (it trained %d of %.1f s) in the "
+                 "reserved %.0f s on %g CPU(s), MLflow run %s", plan.trial_id, plan.config.epochs,
                  "its weights" if plan.start_from else "scratch", plan.trial_epochs, plan.epoch_s, plan.reserved_s,
-                 run_id)
+                 plan.cpus, run_id)
         ref = task.remote(plan, str(spec.data.train), val, target, run_id, spec.metric, spec.mode)
         launched.append((plan, run_id, ref))
     return [out for plan, run_id, ref in launched

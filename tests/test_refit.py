@@ -12,7 +12,17 @@ import pytest
 from tiny_search import tiny_search as tiny
 
 from search import parse_search_spec, run_search
-from search.refit import KEPT_TAG, beats, reserved_seconds, trial_time_budget_s
+from search.refit import (
+    KEPT_TAG,
+    RefitPlan,
+    beats,
+    refit_cpus,
+    reserved_seconds,
+    trial_time_budget_s,
+    with_cpus,
+)
+from search.spec import ResourcesSection
+from segcore.config import TrainConfig
 from segcore.simulate import generate_shapes
 
 
@@ -58,6 +68,8 @@ def test_refit_child_runs(ray_local, mlflow_sqlite, shapes, tmp_path, caplog) ->
         assert int(refit.data.params["epochs"]) > int(refit.data.params["refit.trial_epochs"]) == 2
         assert len(client.get_metric_history(refit.info.run_id, "val_miou")) > 2
         assert refit.data.tags[KEPT_TAG] in {"true", "false"}
+        # two refits on the 2-CPU Ray: one CPU, one torch thread each
+        assert float(refit.data.params["refit.cpus"]) == 1.0 and refit.data.metrics["torch_threads"] == 1
         assert ("gigaseg.model_uri" in refit.data.tags) == (refit.data.tags[KEPT_TAG] == "true")
     best = refits[outcome.best_trial_id]
     parent = client.get_run(outcome.parent_run_id)
@@ -68,3 +80,18 @@ def test_refit_child_runs(ray_local, mlflow_sqlite, shapes, tmp_path, caplog) ->
     for trial_id, refit in refits.items():  # a kept refit's validation score was computed as a candidate
         scored = any(f"trial refit-{trial_id}: validation mIoU" in r.getMessage() for r in caplog.records)
         assert scored == (refit.data.tags[KEPT_TAG] == "true")
+
+
+@pytest.mark.ray
+def test_a_lone_refit_gets_the_idle_cpus(ray_local) -> None:
+    """On the 2-CPU Ray, one refit of a 1-CPU trial takes both CPUs and, with a one-cycle schedule under
+    max_minutes, up to twice the epochs (its schedule follows the minutes); two refits share them; GPU
+    refits keep a trial's resources; a cosine refit keeps its epochs."""
+    one = ResourcesSection(cpus_per_trial=1)
+    assert refit_cpus(one, 1) == 2.0 and refit_cpus(one, 2) == 1.0 and refit_cpus(one, 3) == 1.0
+    assert refit_cpus(ResourcesSection(cpus_per_trial=1, gpus_per_trial=0.5), 1) == 1.0
+    cfg = TrainConfig.model_validate({"epochs": 5, "max_minutes": 2.0, "optim": {"schedule": "one_cycle"}})
+    plan = RefitPlan("t", cfg, 150.0, 3, 10.0, 5.0, 0.5)
+    assert (with_cpus(plan, 2.0, 1.0).config.epochs, with_cpus(plan, 2.0, 1.0).cpus) == (10, 2.0)
+    cosine = plan.config.model_copy(update={"optim": plan.config.optim.model_copy(update={"schedule": "cosine_restarts"})})
+    assert with_cpus(RefitPlan("t", cosine, 150.0, 3, 10.0, 5.0, 0.5), 2.0, 1.0).config.epochs == 5
