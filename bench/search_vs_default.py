@@ -4,7 +4,7 @@ For each task: simulate a training set and a held-out test set (other seed); the
 
 * **plan**: ``gigaseg train --data TRAIN --budget-min B`` (no ``--config``: the plan);
 * **search**: ``gigaseg search`` from the plan (trial 0), per-trial minutes budget, ASHA, refit
-  (``refit.budget_fraction`` 0.3; the best 2 trials side by side, each from its own weights),
+  (``refit.budget_fraction`` 0.3; the best trial from its own weights, on every CPU the trials leave idle),
   ensemble/calibration/TTA champion, with ``time_budget_s`` =
   ``--search-share`` x B so its whole wall (Ray start, planning, champion chain) is about B;
 
@@ -101,7 +101,7 @@ def search_yaml(task: str, train: Path, work: Path, budget_min: float, share: fl
         "name": f"svd-{task}", "data": {"train": str(train)}, "space": SPACE, "engine": "tpe", "num_samples": 64,
         "tpe_startup_trials": 3, "time_budget_s": round(budget_min * 60 * share), "max_concurrent_trials": 2,
         "budget": {"minutes": round(trial_min, 3)}, "asha": {"reduction_factor": 2},
-        "resources": {"cpus_per_trial": 1}, "refit": {"budget_fraction": 0.3, "top_k": 2},
+        "resources": {"cpus_per_trial": 1}, "refit": {"budget_fraction": 0.3, "top_k": 1},
         "storage_path": str(work / "searches"),
         "mlflow": {"experiment": f"svd-{task}", "registered_model_name": f"svd-{task}"},
     }
