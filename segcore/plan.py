@@ -513,6 +513,14 @@ def _time_steps(cfg: TrainConfig, fp: Fingerprint, classes: int, dev: str, steps
         return measure_speed(cfg, fp.channels, classes, dev, steps=steps)
 
 
+def decide_sampling(fp: Fingerprint) -> tuple[bool, Decision]:
+    """Class-balanced patches when a class is rare or a class has no objects of its own (a dominant background)."""
+    balanced = any(0 < c.fraction < RARE_FRACTION for c in fp.classes) or len(_objects(fp)) < len(fp.classes)
+    why = ("patches centred on a uniformly drawn class, so rare and small objects are seen as often as background"
+           if balanced else "no rare class and no dominant background: uniform patches keep the true class mix")
+    return balanced, Decision("data.class_balanced", str(balanced).lower(), why)
+
+
 def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[str, Any] | None = None,
                   device: str = "auto", fp: Fingerprint | None = None, time_steps: int = 4,
                   threads: int | None = None) -> Plan:
@@ -538,7 +546,7 @@ def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[s
     batch, batch_why = decide_batch(patch, memory, dev)
     loss, loss_decisions = decide_loss(fp)
     normalize, norm_why = decide_normalize(fp, spec)
-    balanced = any(0 < c.fraction < RARE_FRACTION for c in fp.classes) or len(_objects(fp)) < len(fp.classes)
+    balanced, balanced_decision = decide_sampling(fp)
     val_tile = min(512, _round_to(2 * patch, multiple))
     over: dict[str, Any] = {
         "model": {"arch": m.arch, "encoder": m.encoder} | ({"arch_kwargs": m.arch_kwargs} if m.arch_kwargs else {}),
@@ -550,9 +558,7 @@ def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[s
         Decision("data.patch_size", str(patch), patch_why),
         Decision("data.batch_size", str(batch), batch_why),
         *loss_decisions,
-        Decision("data.class_balanced", str(balanced).lower(), "patches centred on a uniformly drawn class, so rare "
-                 "and small objects are seen as often as background" if balanced else "no rare class and no "
-                 "dominant background: uniform patches keep the true class mix"),
+        balanced_decision,
         Decision("normalize", normalize["mode"], norm_why),
         Decision("optim", "adamw, lr 0.002, one_cycle", "one-cycle warm-up and anneal suits a fixed step budget"),
         Decision("data.val_tile", str(val_tile), "2 x the patch (fewer tile seams), at most 512"),
@@ -562,15 +568,7 @@ def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[s
     speed = _time_steps(cfg, fp, classes, dev, time_steps, threads)
     fitted = fit_to_steps(fp, cfg, speed, budget_min, multiple)
     if fitted is not None:
-        patch, batch, why = fitted
-        val_tile = min(512, _round_to(2 * patch, multiple))
-        over["data"].update(patch_size=patch, batch_size=batch, val_tile=val_tile)
-        fitted_values = {"data.patch_size": str(patch), "data.batch_size": str(batch), "data.val_tile": str(val_tile)}
-        for d in decisions:
-            if d.what in fitted_values and d.value != fitted_values[d.what]:
-                d.reason = f"{d.reason} (was {d.value}; fitted to the step budget, below)"
-                d.value = fitted_values[d.what]
-        decisions.append(Decision("data.patch_size x data.batch_size", f"{patch} x {batch}", why))
+        apply_fit(over, decisions, fitted, multiple)
         cfg = parse_config(_merge(base or {}, over), TrainConfig, source="plan")
         speed = _time_steps(cfg, fp, classes, dev, time_steps, threads)
     steps, steps_why = decide_steps(fp, cfg, speed, budget_min)
@@ -580,6 +578,20 @@ def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[s
                               steps_why))
     cfg = parse_config(_merge(base or {}, over), TrainConfig, source="plan")
     return Plan(cfg, over, fp, decisions, speed, budget_min, dict(base or {}))
+
+
+def apply_fit(over: dict[str, Any], decisions: list[Decision], fitted: tuple[int, int, str], multiple: int) -> None:
+    """Put a step-budget fit's patch and batch (and the val tile that follows the patch) into the plan's
+    overrides, and say on each earlier decision it changes what it was."""
+    patch, batch, why = fitted
+    val_tile = min(512, _round_to(2 * patch, multiple))
+    over["data"].update(patch_size=patch, batch_size=batch, val_tile=val_tile)
+    fitted_values = {"data.patch_size": str(patch), "data.batch_size": str(batch), "data.val_tile": str(val_tile)}
+    for d in decisions:
+        if d.what in fitted_values and d.value != fitted_values[d.what]:
+            d.reason = f"{d.reason} (was {d.value}; fitted to the step budget, below)"
+            d.value = fitted_values[d.what]
+    decisions.append(Decision("data.patch_size x data.batch_size", f"{patch} x {batch}", why))
 
 
 # Free dicts inside a TrainConfig are values (a base's loss.terms replaces the plan's mix whole).
