@@ -48,6 +48,7 @@ MIN_BATCH, MAX_BATCH_CPU, MAX_BATCH_GPU = 2, 8, 16
 MAX_EPOCHS = 40
 VAL_SHARE = 0.2  # at most this share of the budget goes to validation
 OVERHEAD_SHARE = 0.15  # data loading, halo measurement, model writing
+EPOCH_HEADROOM = 3  # a minutes-bound plan may run this many times the epochs its timing planned
 MIN_STEPS = 200  # a budget buys at least this many optimizer steps: smaller batches, then patches, first
 MEASURE_CPU_PX = 8 * 256 * 256  # on CPU a batch up to this many px is timed as it is (a few seconds a step)
 MIN_FIT_BATCH = 4  # ... but batches stay at least this big (batch norm)
@@ -513,6 +514,21 @@ def _time_steps(cfg: TrainConfig, fp: Fingerprint, classes: int, dev: str, steps
         return measure_speed(cfg, fp.channels, classes, dev, steps=steps)
 
 
+def bound_by_minutes(over: dict[str, Any], budget_min: float) -> Decision:
+    """Make the budget, not the timing, end the run: ``max_minutes`` = the budget less overhead, and
+    :data:`EPOCH_HEADROOM` x the planned epochs as a cap. The one-cycle schedule then anneals to the
+    minutes (:class:`segcore.schedules.BudgetedOneCycle`), so steps timed on a busy machine (3.5x
+    slow once here: a 10-minute plan trained 3 minutes) or a faster epoch than timed no longer cut
+    or stretch the run."""
+    minutes = round(_usable_seconds(budget_min) / 60.0, 3)
+    planned = over["epochs"]
+    over["epochs"], over["max_minutes"] = planned * EPOCH_HEADROOM, minutes
+    return Decision("max_minutes", f"{minutes:g}", f"the run ends at the first epoch end after {minutes:g} min of "
+                    f"training ({100 * (1 - OVERHEAD_SHARE):.0f} % of {budget_min:g}), its one-cycle annealing to "
+                    f"the minutes; epochs = {planned * EPOCH_HEADROOM}, {EPOCH_HEADROOM} x the {planned} timed, is "
+                    "only a cap")
+
+
 def decide_sampling(fp: Fingerprint) -> tuple[bool, Decision]:
     """Class-balanced patches when a class is rare or a class has no objects of its own (a dominant background)."""
     balanced = any(0 < c.fraction < RARE_FRACTION for c in fp.classes) or len(_objects(fp)) < len(fp.classes)
@@ -523,11 +539,15 @@ def decide_sampling(fp: Fingerprint) -> tuple[bool, Decision]:
 
 def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[str, Any] | None = None,
                   device: str = "auto", fp: Fingerprint | None = None, time_steps: int = 4,
-                  threads: int | None = None) -> Plan:
+                  threads: int | None = None, until_minutes: bool = False) -> Plan:
     """Fingerprint ``data_dir`` (unless given) and plan a TrainConfig for ``budget_min`` minutes.
 
     ``threads``: time the steps with this many torch CPU threads (a search trial's CPUs), not the
     process's; ignored on a GPU.
+
+    ``until_minutes``: the run stops when the budget's minutes end (:func:`bound_by_minutes`), not
+    after the epochs the timing planned (``gigaseg train --budget-min``, ``gigaseg plan``; a search
+    sets its trials' minutes itself).
 
     ``base`` (a partial TrainConfig dict) supplies the model to plan for; the plan's own keys
     are in ``Plan.overrides`` (what a search merges under its explicit ``base``).
@@ -576,6 +596,8 @@ def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[s
     over["data"]["patches_per_epoch"] = steps["patches_per_epoch"]
     decisions.append(Decision("epochs x data.patches_per_epoch", f"{steps['epochs']} x {steps['patches_per_epoch']}",
                               steps_why))
+    if until_minutes:
+        decisions.append(bound_by_minutes(over, budget_min))
     cfg = parse_config(_merge(base or {}, over), TrainConfig, source="plan")
     return Plan(cfg, over, fp, decisions, speed, budget_min, dict(base or {}))
 
@@ -644,7 +666,7 @@ def run_plan(args: argparse.Namespace) -> int:
     """``gigaseg plan DATA``: print the fingerprint and the plan, write the YAML."""
     base = load_yaml_config(args.base).model_dump(mode="json", exclude_unset=True) if args.base else None
     fp = fingerprint(args.data, max_pixels=args.max_pixels)
-    plan = plan_training(args.data, args.budget_min, base=base, device=args.device, fp=fp)
+    plan = plan_training(args.data, args.budget_min, base=base, device=args.device, fp=fp, until_minutes=True)
     out = write_plan(plan, args.out or Path(args.data) / PLAN_FILE)
     print(fp.summary())
     print(f"plan for {args.budget_min:g} min:")

@@ -86,7 +86,7 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.config:  # no recipe given: plan one from the data (segcore.plan), as `gigaseg plan` does
         from segcore.plan import plan_training
 
-        plan = plan_training(args.data, args.budget_min, device=args.device or "auto")
+        plan = plan_training(args.data, args.budget_min, device=args.device or "auto", until_minutes=True)
         log.info("no --config: training with the plan for %g min (gigaseg plan %s):\n  %s", args.budget_min,
                  args.data, "\n  ".join(plan.lines()))
     cfg = config_from_args(args, plan.config if plan is not None else None)

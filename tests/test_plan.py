@@ -22,6 +22,7 @@ from segcore.config import TrainConfig, load_yaml_config
 from segcore.data.spec import DatasetSpec
 from segcore.modeldir import read_card
 from segcore.plan import (
+    EPOCH_HEADROOM,
     MIN_PATCH,
     MIN_STEPS,
     OVERHEAD_SHARE,
@@ -177,6 +178,25 @@ def test_train_without_config_uses_the_plan(shapes: Path, tmp_path: Path) -> Non
     assert trained.loss == plan.loss and trained.optim == plan.optim
     assert trained.data.patch_size == plan.data.patch_size and trained.data.batch_size == plan.data.batch_size
     assert "data.patch_size" in (model / "plan.yaml").read_text()  # the reasons, as comments
+
+
+def test_a_budget_plan_ends_with_its_minutes_not_its_timed_epochs(shapes: Path, tmp_path: Path) -> None:
+    """`gigaseg train --budget-min` / `gigaseg plan`: max_minutes is the budget less overhead and the timed
+    epochs become a cap with headroom, so a timing on a busy machine (too few epochs) does not cut the
+    run short: it trains on into the headroom, and its one-cycle anneals at the cap."""
+    from segcore.train import train
+
+    base = {"model": {"arch": "Unet", "encoder": "resnet18"}}
+    timed = plan_training(shapes, 0.5, base=base, device="cpu", threads=1)
+    bound = plan_training(shapes, 0.5, base=base, device="cpu", threads=1, until_minutes=True)
+    assert timed.config.max_minutes is None and bound.config.max_minutes == pytest.approx(0.5 * (1 - OVERHEAD_SHARE))
+    assert bound.config.epochs % EPOCH_HEADROOM == 0 and "max_minutes = 0.425" in "\n".join(bound.lines())
+    # as if the timing had said 1 epoch of 8 patches: the run goes on into its headroom (3 epochs, ~1 s each)
+    busy = bound.config.model_copy(update={"epochs": EPOCH_HEADROOM})
+    busy.data.patches_per_epoch, busy.data.batch_size, busy.data.patch_size = 8, 4, 64
+    result = train(busy, shapes, tmp_path / "model")
+    assert len(result.history) == EPOCH_HEADROOM
+    assert result.history[-1]["lr"] < busy.optim.lr / 100  # annealed where it stopped
 
 
 def test_trial0_snaps_the_plan_into_the_space(shapes: Path, tmp_path: Path) -> None:
