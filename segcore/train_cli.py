@@ -79,6 +79,16 @@ class MlflowEpochLogger:
             mlflow.log_metrics({k: float(v) for k, v in report.metrics.items()}, step=report.epoch)
 
 
+def epochs_flag_wins(cfg: TrainConfig, planned: TrainConfig) -> TrainConfig:
+    """A planned run ends with its budget's minutes, unless ``--epochs`` (or ``--set epochs=``) was
+    given and ``max_minutes`` was not: then the user's epochs, not the minutes, end it."""
+    if planned.max_minutes is None or cfg.epochs == planned.epochs or cfg.max_minutes != planned.max_minutes:
+        return cfg
+    log.info("epochs %d given: the run trains %d epochs (the plan's max_minutes %g is dropped)", cfg.epochs,
+             cfg.epochs, planned.max_minutes)
+    return cfg.model_copy(update={"max_minutes": None})
+
+
 def run_train(args: argparse.Namespace) -> int:
     from segcore.train import train
 
@@ -90,6 +100,8 @@ def run_train(args: argparse.Namespace) -> int:
         log.info("no --config: training with the plan for %g min (gigaseg plan %s):\n  %s", args.budget_min,
                  args.data, "\n  ".join(plan.lines()))
     cfg = config_from_args(args, plan.config if plan is not None else None)
+    if plan is not None:
+        cfg = epochs_flag_wins(cfg, plan.config)
     if args.no_mlflow:
         result = train(cfg, args.data, args.out, val_dir=args.val_data)
         _save_plan(plan, result.model_dir)

@@ -175,6 +175,7 @@ def test_train_without_config_uses_the_plan(shapes: Path, tmp_path: Path) -> Non
     plan = load_yaml_config(model / "plan.yaml")
     trained = read_card(model).train
     assert trained.epochs == 1 and trained.data.patches_per_epoch == 8  # the flags
+    assert plan.max_minutes and trained.max_minutes is None  # --epochs, not the budget's minutes, ends it
     assert trained.loss == plan.loss and trained.optim == plan.optim
     assert trained.data.patch_size == plan.data.patch_size and trained.data.batch_size == plan.data.batch_size
     assert "data.patch_size" in (model / "plan.yaml").read_text()  # the reasons, as comments
