@@ -193,8 +193,8 @@ def test_a_budget_plan_ends_with_its_minutes_not_its_timed_epochs(shapes: Path, 
     assert timed.config.max_minutes is None and bound.config.max_minutes == pytest.approx(0.5 * (1 - OVERHEAD_SHARE))
     assert bound.config.epochs % EPOCH_HEADROOM == 0 and "max_minutes = 0.425" in "\n".join(bound.lines())
     # as if the timing had said 1 epoch of 8 patches: the run goes on into its headroom (3 epochs, ~1 s each)
-    busy = bound.config.model_copy(update={"epochs": EPOCH_HEADROOM})
-    busy.data.patches_per_epoch, busy.data.batch_size, busy.data.patch_size = 8, 4, 64
+    small = bound.config.data.model_copy(update={"patches_per_epoch": 8, "batch_size": 4, "patch_size": 64})
+    busy = bound.config.model_copy(update={"epochs": EPOCH_HEADROOM, "data": small})
     result = train(busy, shapes, tmp_path / "model")
     assert len(result.history) == EPOCH_HEADROOM
     assert result.history[-1]["lr"] < busy.optim.lr / 100  # annealed where it stopped
