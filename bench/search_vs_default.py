@@ -49,10 +49,10 @@ SPACE = {  # adapted from search/examples/sem.yaml, around the plan (trial 0)
     "lr": {"loguniform": [5.0e-4, 5.0e-3]},
     "augment": {"uniform": [0.0, 0.6]},
 }
-# --loss-space: the loss mix around the plan's instead of augment (a seed003 ablation at 342 steps: the
+# --loss-space: SPACE with the loss mix around the plan's instead of augment (a seed003 ablation at 342 steps: the
 # plan's Tversky 0.3/0.7 + Focal 0.930, Dice + CE 0.938). Searching a term leaves the whole mix to the
 # space (search.planned), so every planned term is a dimension; trial 0 gets the plan's weights.
-LOSS_SPACE = {
+LOSS_SPACE = {k: v for k, v in SPACE.items() if k != "augment"} | {
     "loss.terms.tversky": {"uniform": [0.5, 1.0]},
     "focal_weight": {"uniform": [0.0, 1.0]},
     "ce_weight": {"uniform": [0.0, 1.0]},
@@ -101,14 +101,14 @@ def test_scores(model: str, test: Path, out: Path, env: dict[str, str], log: Pat
     return {"miou": float(res["miou"]), "iou": dict(zip(spec.class_names, map(float, res["iou"]), strict=True))}
 
 
-def search_yaml(task: str, train: Path, work: Path, budget_min: float, share: float, loss_space: bool = False) -> Path:
-    """The search config: plan on, 2 trials at a time of a half of the trials' wall each (about 4
-    trials, so each trains long enough to be judged), then the best 2 refitted side by side from
-    their own weights."""
+def search_yaml(task: str, train: Path, work: Path, budget_min: float, share: float,
+                space: dict = SPACE) -> Path:
+    """The search config over ``space``: plan on, 2 trials at a time of a half of the trials' wall
+    each (about 4 trials, so each trains long enough to be judged), then the best one refitted from
+    its own weights on both CPUs."""
     trial_min = max(0.25, budget_min * share * 0.7 / 2)
     spec = {
-        "name": f"svd-{task}", "data": {"train": str(train)}, "engine": "tpe", "num_samples": 64,
-        "space": {k: v for k, v in SPACE.items() if k != "augment"} | LOSS_SPACE if loss_space else SPACE,
+        "name": f"svd-{task}", "data": {"train": str(train)}, "space": space, "engine": "tpe", "num_samples": 64,
         "tpe_startup_trials": 3, "time_budget_s": round(budget_min * 60 * share), "max_concurrent_trials": 2,
         "budget": {"minutes": round(trial_min, 3)}, "asha": {"reduction_factor": 2},
         "resources": {"cpus_per_trial": 1}, "refit": {"budget_fraction": 0.3, "top_k": 1},
@@ -120,7 +120,7 @@ def search_yaml(task: str, train: Path, work: Path, budget_min: float, share: fl
     return path
 
 
-def run_task(task: str, work: Path, budget_min: float, quick: bool, share: float, loss_space: bool = False) -> dict:
+def run_task(task: str, work: Path, budget_min: float, quick: bool, share: float, space: dict = SPACE) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     home = work / "home"
     env = {"GIGASEG_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
@@ -137,7 +137,7 @@ def run_task(task: str, work: Path, budget_min: float, quick: bool, share: float
     row["plan"] = test_scores(str(work / "plan-model"), test, work / "seg-plan", env, work / "seg-plan.log") if ok \
         else None
     t0 = time.perf_counter()
-    ok = gigaseg("search", "--config", str(search_yaml(task, train, work, budget_min, share, loss_space)), env=env,
+    ok = gigaseg("search", "--config", str(search_yaml(task, train, work, budget_min, share, space)), env=env,
                  log=work / "search.log").returncode == 0
     row["search_wall_min"] = (time.perf_counter() - t0) / 60
     row["search"] = test_scores(f"models:/svd-{task}@champion", test, work / "seg-search", env,
@@ -187,7 +187,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gs-svd-") as tmp:
         root = args.work or Path(tmp)
         for task in args.tasks.split(","):
-            rows.append(run_task(task, root / task, budget, args.quick, args.search_share, args.loss_space))
+            rows.append(run_task(task, root / task, budget, args.quick, args.search_share,
+                                 LOSS_SPACE if args.loss_space else SPACE))
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=2))
     print_table(rows)
