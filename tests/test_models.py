@@ -117,6 +117,26 @@ def test_importing_segcore_turns_on_huge_pages_unless_the_user_chose(tmp_path) -
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "0"
 
 
+def test_resunet_full_res_skip_reaches_the_last_block_and_survives_save_and_fold(tmp_path) -> None:
+    """``arch_kwargs.full_res_channels`` gives ResUNet's last decoder block a skip from a block on
+    the input itself: it trains (its weights get gradients), keeps odd sizes, and a saved model
+    directory loads (BN folded) to the same outputs. Without the key there is no such block."""
+    cfg = ModelConfig(arch="ResUNet", encoder="resnet18", in_channels=1, classes=3,
+                      arch_kwargs={"full_res_channels": 8})
+    model = build_model(cfg)
+    assert build_model(cfg.model_copy(update={"arch_kwargs": {}})).decoder.full_res is None
+    out = model(torch.randn(2, 1, 64, 96))
+    assert out.shape == (2, 3, 64, 96)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.full_res.parameters())
+    save_model_dir(tmp_path / "m", model.eval(), ModelCard(train=TrainConfig(model=cfg), class_names=["a", "b", "c"]))
+    loaded = load_model_dir(tmp_path / "m", device="cpu")
+    x = torch.randn(1, 1, 64, 96)
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(loaded.predict_tensor(x), torch.softmax(want, 1), rtol=1e-4, atol=1e-5)
+
+
 def test_pan_smallest_size_is_128() -> None:
     assert smallest_size("PAN", "resnet18") == 128
     with pytest.raises(InvalidCombinationError):  # the rule is real: smp itself fails at 112 px

@@ -56,9 +56,17 @@ class ResUNetDecoderBlock(nn.Module):
 
 
 class ResUNetDecoder(nn.Module):
-    """U-Net decoder over encoder features ``[x, 1/2, 1/4, ...]``, deepest first."""
+    """U-Net decoder over encoder features ``[x, 1/2, 1/4, ...]``, deepest first.
 
-    def __init__(self, encoder_channels: Sequence[int], decoder_channels: Sequence[int]) -> None:
+    With ``full_res_channels`` > 0 a residual block on the input itself (``x``, which smp's encoders
+    pass through as their first feature) is the last block's skip, as in the original U-Net, whose
+    first stage runs at full resolution. smp's Unet and a ResNet encoder have no full-resolution
+    skip (the stem has stride 2), so the last block must place every edge from 1/2-resolution
+    features; a 3-5 px line then loses about a pixel at each border.
+    """
+
+    def __init__(self, encoder_channels: Sequence[int], decoder_channels: Sequence[int],
+                 full_res_channels: int = 0) -> None:
         super().__init__()
         n_blocks = len(encoder_channels) - 1
         if len(decoder_channels) != n_blocks:
@@ -68,7 +76,8 @@ class ResUNetDecoder(nn.Module):
             )
         enc = list(encoder_channels[1:])[::-1]  # drop the full-resolution input, deepest first
         in_chs = [enc[0], *decoder_channels[:-1]]
-        skip_chs = [*enc[1:], 0]
+        skip_chs = [*enc[1:], full_res_channels]
+        self.full_res = ResidualBlock(encoder_channels[0], full_res_channels) if full_res_channels else None
         self.blocks = nn.ModuleList(
             ResUNetDecoderBlock(i, s, o) for i, s, o in zip(in_chs, skip_chs, decoder_channels, strict=True)
         )
@@ -77,6 +86,8 @@ class ResUNetDecoder(nn.Module):
         sizes = [f.shape[-2:] for f in features][::-1]
         feats = features[1:][::-1]
         x, skips = feats[0], feats[1:]
+        if self.full_res is not None:
+            skips = [*skips, self.full_res(features[0])]
         for i, block in enumerate(self.blocks):
             skip = skips[i] if i < len(skips) else None
             x = block(x, sizes[i + 1], skip)
@@ -84,7 +95,11 @@ class ResUNetDecoder(nn.Module):
 
 
 class ResUNet(SegmentationModel):
-    """Residual U-Net with any smp encoder (``resnet18``, ``mit_b0``, ``tu-*``...)."""
+    """Residual U-Net with any smp encoder (``resnet18``, ``mit_b0``, ``tu-*``...).
+
+    ``full_res_channels`` (an ``arch_kwargs`` key; 0, the default, leaves it out) adds a
+    full-resolution skip of that many channels (:class:`ResUNetDecoder`), for thin structures.
+    """
 
     requires_divisible_input_shape = False  # the decoder resizes to each skip's size
 
@@ -97,13 +112,15 @@ class ResUNet(SegmentationModel):
         in_channels: int = 3,
         classes: int = 1,
         activation: str | None = None,
+        full_res_channels: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         self.encoder = get_encoder(
             encoder_name, in_channels=in_channels, depth=encoder_depth, weights=encoder_weights, **kwargs
         )
-        self.decoder = ResUNetDecoder(self.encoder.out_channels, list(decoder_channels)[:encoder_depth])
+        self.decoder = ResUNetDecoder(self.encoder.out_channels, list(decoder_channels)[:encoder_depth],
+                                      full_res_channels)
         self.segmentation_head = SegmentationHead(
             in_channels=list(decoder_channels)[encoder_depth - 1],
             out_channels=classes,
