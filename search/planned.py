@@ -5,7 +5,10 @@ puts it under the YAML's ``base`` (an explicit key in ``base`` wins, key by key 
 sections; free dicts such as ``loss.terms`` are replaced whole) and makes the planned
 configuration trial 0: the searched dimensions' values in the planned config, snapped to the
 space, enqueued before any ``seed_configs`` (Optuna ``points_to_evaluate``). The space then varies
-around it. The model is not taken from the plan: the space and ``base`` decide it.
+around it. The model is the space's and ``base``'s: the plan is made for (and trial 0 takes) their first
+listed architecture and encoder, or the architecture the plan prefers for the data where the space lists
+it with the plan's kwargs (ResUNet with a full-resolution skip for thin classes); only where neither names
+an architecture is the plan's model the base's.
 """
 
 from __future__ import annotations
@@ -50,9 +53,13 @@ def _distance(a: float, b: float) -> float:
     return abs(math.log(a) - math.log(b)) if a > 0 and b > 0 else abs(a - b)
 
 
-def planned_value(space: SearchSpace, dim: Dimension, terms: dict[str, float] | None = None) -> Any:
+def planned_value(space: SearchSpace, dim: Dimension, terms: dict[str, float] | None = None,
+                  model: dict[str, Any] | None = None) -> Any:
     """The value ``dim`` has in the plan: a loss term from the plan's ``terms`` when given, else
-    from the planned base (a term the mix lacks has weight 0); anything else from the base."""
+    from the planned base (a term the mix lacks has weight 0); the architecture and encoder the plan
+    planned for (``model``, see :func:`_planning_base`) when given; anything else from the base."""
+    if model and dim.path in ("model.arch", "model.encoder") and dim.path[6:] in model:
+        return model[dim.path[6:]]
     if dim.path.startswith("loss.terms."):
         mix = terms if terms is not None else space.base_value("loss.terms")
         if isinstance(mix, dict):
@@ -60,10 +67,12 @@ def planned_value(space: SearchSpace, dim: Dimension, terms: dict[str, float] | 
     return space.current(dim.key, {})
 
 
-def trial0_point(space: SearchSpace, terms: dict[str, float] | None = None) -> dict[str, Any]:
+def trial0_point(space: SearchSpace, terms: dict[str, float] | None = None,
+                 model: dict[str, Any] | None = None) -> dict[str, Any]:
     """The planned configuration as a seed: searched, applicable dimensions only, values snapped.
 
-    ``terms`` is the plan's loss mix when it was kept out of ``base`` (the space searches it)."""
+    ``terms`` is the plan's loss mix when it was kept out of ``base`` (the space searches it);
+    ``model`` the model the plan was made for (its architecture and encoder)."""
     point: dict[str, Any] = {}
     for dim in space.dims:
         if dim.fixed:
@@ -72,20 +81,35 @@ def trial0_point(space: SearchSpace, terms: dict[str, float] | None = None) -> d
         searched_arch = space.dim("architecture") is not None and not space.dim("architecture").fixed
         if act is None or (dim.key == "encoder" and searched_arch and "architecture" not in point):
             continue  # encoders depend on the architecture: no planned encoder without a planned one
-        value = snap(dim, act.choices, planned_value(space, dim, terms))
+        value = snap(dim, act.choices, planned_value(space, dim, terms, model))
         if value is not _SKIP:
             point[dim.key] = value
     return point
 
 
-def _planning_base(spec: SearchSpec) -> dict[str, Any]:
-    """The model the plan times: base's, with the first listed architecture/encoder and its kwargs."""
+def _listed(spec: SearchSpec, key: str, path: str) -> list[Any]:
+    """The values the space lists for ``key`` (or ``model.<path>``): its choices, or its one fixed value."""
+    raw = spec.space.get(key, spec.space.get(f"model.{path}"))
+    if raw is None:
+        return []
+    return list(raw["choice"]) if isinstance(raw, dict) and "choice" in raw else [raw]
+
+
+def _planning_base(spec: SearchSpec, fp: Any) -> dict[str, Any]:
+    """The model the plan times and trial 0 trains: base's, with the first listed architecture,
+    encoder and arch_kwargs (those for that architecture); the architecture the plan prefers for this
+    data instead (:func:`segcore.plan.decide_model`: ResUNet with a full-resolution skip for thin
+    classes) where the space lists it with the plan's kwargs."""
+    from segcore.plan import decide_model
+
     model = dict(spec.base.get("model", {}))
     for key, path in (("architecture", "arch"), ("encoder", "encoder"), ("arch_kwargs", "arch_kwargs")):
-        raw = spec.space.get(key, spec.space.get(f"model.{path}"))
-        if raw is not None:
-            model[path] = raw["choice"][0] if isinstance(raw, dict) and "choice" in raw else raw
-    kwargs = model.get("arch_kwargs")
+        if listed := _listed(spec, key, path):
+            model[path] = listed[0]
+    kwargs, preferred = model.get("arch_kwargs"), decide_model(fp, {})[0]
+    if (preferred.get("arch") in _listed(spec, "architecture", "arch") and is_per_arch(kwargs)
+            and kwargs.get(preferred["arch"]) == preferred.get("arch_kwargs")):
+        model["arch"] = preferred["arch"]
     if is_per_arch(kwargs):
         model["arch_kwargs"] = kwargs.get(model.get("arch", "Unet"), {})
     return {"model": model}
@@ -97,14 +121,17 @@ def plan_search(spec: SearchSpec, space: SearchSpace) -> tuple[SearchSpec, Searc
     With ``plan.enabled: false`` everything is returned unchanged (and the plan is None).
     """
     from segcore.config import flatten
-    from segcore.plan import merge_under, plan_training
+    from segcore.plan import fingerprint, merge_under, plan_training
 
     if not spec.plan.enabled:
         return spec, space, None
     minutes = getattr(spec.budget, "minutes", None)  # a minutes budget: the plan fills a trial's minutes
     threads = max(1, int(spec.resources.cpus_per_trial))  # timed as a trial trains (Ray sets its threads)
-    plan = plan_training(spec.data.train, minutes or spec.plan.budget_min, base=_planning_base(spec), threads=threads)
-    planned = {k: v for k, v in plan.overrides.items() if k != "model"}
+    fp = fingerprint(spec.data.train)
+    planning = _planning_base(spec, fp)
+    plan = plan_training(spec.data.train, minutes or spec.plan.budget_min, base=planning, fp=fp, threads=threads)
+    # the model is the space's and base's; the plan's only where neither names an architecture
+    planned = {k: v for k, v in plan.overrides.items() if k != "model" or "arch" not in planning["model"]}
     terms = None
     if any(d.path.startswith("loss.terms.") for d in space.dims) and isinstance(planned.get("loss"), dict):
         # the space searches the loss mix: the plan's terms would be added to every sampled mix,
@@ -122,7 +149,7 @@ def plan_search(spec: SearchSpec, space: SearchSpace) -> tuple[SearchSpec, Searc
     if spec.engine == "grid":
         log.info("grid search: the plan is the base, but a grid has no trial 0")
         return spec, space, plan
-    point = trial0_point(space, terms if isinstance(terms, dict) else None)
+    point = trial0_point(space, terms if isinstance(terms, dict) else None, plan.overrides["model"])
     log.info("trial 0 = the plan: %s", point or "(no searched dimension takes a planned value)")
     spec = spec.model_copy(update={"seed_configs": [point, *spec.seed_configs]})
     return spec, SearchSpace.from_spec(spec, spec.name), plan

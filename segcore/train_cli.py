@@ -39,7 +39,12 @@ def config_from_args(args: argparse.Namespace, planned: TrainConfig | None = Non
     """YAML file (else the ``planned`` config, if any), then flags, then ``--set key=value``
     overrides; validated once. Only keys written there count as set (``model_fields_set``), so
     e.g. dataset.yaml's ``normalize`` still applies when the YAML does not mention one."""
-    data: dict[str, Any] = planned.model_dump(exclude_unset=True) if planned is not None else {}
+    data = args_dict(args, planned.model_dump(exclude_unset=True) if planned is not None else {})
+    return parse_config(data, TrainConfig, source="gigaseg train")
+
+
+def args_dict(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (else the YAML file), then the flags and ``--set`` values written into it; unvalidated."""
     if args.config:
         load_yaml_config(args.config)  # validate the file alone first: errors name it, not "gigaseg train"
         data = read_yaml_mapping(args.config)
@@ -54,7 +59,7 @@ def config_from_args(args: argparse.Namespace, planned: TrainConfig | None = Non
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.weight_decay=0.01")
         set_dotted(data, key, yaml.safe_load(raw))
-    return parse_config(data, TrainConfig, source="gigaseg train")
+    return data
 
 
 def parse_loss_terms(text: str) -> dict[str, float]:
@@ -96,7 +101,9 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.config:  # no recipe given: plan one from the data (segcore.plan), as `gigaseg plan` does
         from segcore.plan import plan_training
 
-        plan = plan_training(args.data, args.budget_min, device=args.device or "auto", until_minutes=True)
+        model = args_dict(args, {}).get("model", {})  # the user's model choices: the plan plans for them
+        plan = plan_training(args.data, args.budget_min, base={"model": model} if model else None,
+                             device=args.device or "auto", until_minutes=True)
         log.info("no --config: training with the plan for %g min (gigaseg plan %s):\n  %s", args.budget_min,
                  args.data, "\n  ".join(plan.lines()))
     cfg = config_from_args(args, plan.config if plan is not None else None)

@@ -26,9 +26,11 @@ from segcore.plan import (
     MIN_PATCH,
     MIN_STEPS,
     OVERHEAD_SHARE,
+    THIN_MODEL,
     VAL_SHARE,
     Speed,
     decide_loss,
+    decide_model,
     decide_patch,
     fingerprint,
     fit_to_steps,
@@ -98,6 +100,10 @@ def test_plan_adapts_to_data(tmp_path: Path) -> None:
     blob_loss, _ = decide_loss(blobs)
     assert set(thin_loss["terms"]) == {"tversky", "focal"} and thin_loss["tversky_beta"] > thin_loss["tversky_alpha"]
     assert set(blob_loss["terms"]) == {"dice", "ce"}
+    # thin lines: a U-Net with a full-resolution skip; blobs keep the default model; a named model is kept
+    assert decide_model(thin, {"encoder": "resnet34"})[0] == {"encoder": "resnet34", **THIN_MODEL}
+    assert decide_model(blobs, {}) == ({}, None)
+    assert decide_model(thin, {"arch": "FPN"}) == ({"arch": "FPN"}, None)
 
 
 def test_a_short_budget_buys_steps_with_smaller_batches_and_patches(shapes: Path) -> None:
@@ -177,6 +183,7 @@ def test_train_without_config_uses_the_plan(shapes: Path, tmp_path: Path) -> Non
     assert trained.epochs == 1 and trained.data.patches_per_epoch == 8  # the flags
     assert plan.max_minutes and trained.max_minutes is None  # --epochs, not the budget's minutes, ends it
     assert trained.loss == plan.loss and trained.optim == plan.optim
+    assert trained.model.arch == "ResUNet" and trained.model.arch_kwargs == {"full_res_channels": 16}  # thin lines
     assert trained.data.patch_size == plan.data.patch_size and trained.data.batch_size == plan.data.batch_size
     assert "data.patch_size" in (model / "plan.yaml").read_text()  # the reasons, as comments
 
@@ -211,6 +218,29 @@ def test_trial0_snaps_the_plan_into_the_space(shapes: Path, tmp_path: Path) -> N
     point = trial0_point(space)
     assert point == {"architecture": "Unet", "encoder": "resnet18", "lr": 3e-3, "batch_size": 6,
                      "focal_weight": 0.5, "ce_weight": 0.1}
+
+
+def test_the_plan_chooses_the_model_among_the_listed_and_leaves_a_named_one(shapes: Path, tmp_path: Path) -> None:
+    """Thin data: a search whose space lists ResUNet with the plan's kwargs plans for it and trial 0 takes
+    it, though it is listed second; a space without those kwargs keeps its first architecture. A
+    `gigaseg train --arch` on thin data plans for the user's architecture, with no kwargs of the plan's."""
+    from search.planned import plan_search
+
+    kwargs = {"ResUNet": THIN_MODEL["arch_kwargs"]}
+    for listed, want in (({"arch_kwargs": kwargs}, "ResUNet"), ({}, "Unet")):
+        raw = tiny(f"model-{want}", shapes, tmp_path, base={}, plan={"enabled": True, "budget_min": 0.1}, space={
+            "architecture": {"choice": ["Unet", "ResUNet"]}, "encoder": {"choice": ["resnet18"]}, "epochs": 1,
+            **listed})
+        spec = parse_search_spec(raw)
+        planned, space, plan = plan_search(spec, SearchSpace.from_spec(spec, "m"))
+        assert plan.config.model.arch == want and planned.seed_configs[0]["architecture"] == want
+        seed = planned.seed_configs[0]
+        trial0 = space.sample(lambda dim, act, seed=seed: seed[dim.key])  # as Optuna replays the seed
+        assert space.to_train_config(trial0).model == plan.config.model
+    model = tmp_path / "unet"
+    assert gigaseg(["train", "--data", str(shapes), "--out", str(model), "--no-mlflow", "--budget-min", "0.1",
+                    "--epochs", "1", "--patches-per-epoch", "4", "--arch", "Unet"]) == 0
+    assert load_yaml_config(model / "plan.yaml").model.arch == "Unet" and read_card(model).train.model.arch_kwargs == {}
 
 
 @pytest.mark.ray
