@@ -43,8 +43,10 @@ SIZES = {"shapes": (24, 6, 192), "sem": (16, 4, 256), "ccd": (8, 4, 256), "seed0
 QUICK_SIZES = {"shapes": (12, 4, 192), "sem": (8, 3, 256), "ccd": (4, 2, 256), "seed003": (40, 6, 400),
                "lines": (40, 6, 400)}
 SIMULATE = {"seed003": ("lines", "--style", "seed003")}  # task -> `gigaseg simulate` kind and options
-SPACE = {  # adapted from search/examples/sem.yaml, around the plan (trial 0)
-    "architecture": {"choice": ["Unet", "FPN", "Linknet", "UnetPlusPlus"]},
+SPACE = {  # adapted from search/examples/sem.yaml, around the plan (trial 0); ResUNet with the plan's
+    # full-resolution skip, so that on thin data trial 0 is the plan's model (search.planned)
+    "architecture": {"choice": ["Unet", "FPN", "Linknet", "UnetPlusPlus", "ResUNet"]},
+    "arch_kwargs": {"ResUNet": {"full_res_channels": 16}},
     "encoder": {"choice": ["resnet18", "resnet34"]},
     "lr": {"loguniform": [5.0e-4, 5.0e-3]},
     "augment": {"uniform": [0.0, 0.6]},
