@@ -41,9 +41,11 @@ MAX_IMAGES = 32  # images opened by a fingerprint
 THIN_PX = 6.0  # objects at most this thick are thin structures
 RARE_FRACTION = 0.05  # classes below this share of labelled px are rare
 WEIGHT_FRACTION = 0.01  # ... and below this they also get inverse-frequency class weights
-# thin classes: a residual U-Net whose last block has a full-resolution skip (segcore.models.resunet); seed003 at
-# 10 min on 2 CPUs: smp Unet 0.958 (line IoU 0.914), this 0.974 (0.949)
+# thin lines: a residual U-Net whose last block has a full-resolution skip (segcore.models.resunet). 10 min on 2
+# CPUs, Unet -> this: seed003 0.958 -> 0.974 (line IoU 0.914 -> 0.949), lines (varied) 0.929 -> 0.924 (line
+# 0.916 -> 0.926); for small compact objects it did not pay: sem (pores 2 px) 0.965 -> 0.955, ccd 0.953 -> 0.952
 THIN_MODEL: dict[str, Any] = {"arch": "ResUNet", "arch_kwargs": {"full_res_channels": 16}}
+LINE_ELONGATION = 5.0  # a thin class whose typical extent is at least this many times its thickness is a line
 EXTENTS_PER_PATCH = 4  # a patch holds at least this many typical object extents per side
 MIN_PATCH, MAX_PATCH = 64, 1024
 TRAIN_BYTES_PER_PX = 4096  # activations + gradients per input px of a resnet18 U-Net (fp32 estimate)
@@ -339,17 +341,18 @@ def thin_classes(fp: Fingerprint) -> list[ClassStats]:
 
 def decide_model(fp: Fingerprint, base_model: dict[str, Any]) -> tuple[dict[str, Any], Decision | None]:
     """The model to plan for: the base's when it names an architecture or its kwargs (the user's or
-    the search's choice); for thin classes :data:`THIN_MODEL`, since smp's encoders start at stride 2 and their
-    U-Net places every edge from 1/2-resolution features, about a pixel off at each border of a
-    3-5 px line; else the base's (TrainConfig's default U-Net)."""
-    thin = thin_classes(fp)
-    if {"arch", "arch_kwargs"} & base_model.keys() or not thin:
+    the search's choice); for thin lines (thin classes at least :data:`LINE_ELONGATION` times as long as
+    thick) :data:`THIN_MODEL`, since smp's encoders start at stride 2 and their U-Net places every edge
+    from 1/2-resolution features, about a pixel off at each border of a 3-5 px line; else the base's
+    (TrainConfig's default U-Net)."""
+    lines = [c for c in thin_classes(fp) if c.extent_px >= LINE_ELONGATION * c.thickness_px]
+    if {"arch", "arch_kwargs"} & base_model.keys() or not lines:
         return base_model, None
     model = {**base_model, **THIN_MODEL}
-    names = ", ".join(f"{c.name} {c.thickness_px:.1f} px" for c in thin)
+    names = ", ".join(f"{c.name} {c.thickness_px:.1f} px thick, {c.extent_px:.0f} px long" for c in lines)
     return model, Decision("model", f"ResUNet ({model.get('encoder', 'resnet18')}) + a full-resolution skip of 16 ch",
-                           f"thin classes ({names}): a skip at full resolution keeps their borders, which a "
-                           "stride-2 encoder's U-Net blurs by about a pixel")
+                           f"thin lines ({names}): a skip at full resolution keeps both borders, which a "
+                           "stride-2 encoder's U-Net places about a pixel off")
 
 
 def decide_loss(fp: Fingerprint) -> tuple[dict[str, Any], list[Decision]]:
