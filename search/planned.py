@@ -7,7 +7,7 @@ configuration trial 0: the searched dimensions' values in the planned config, sn
 space, enqueued before any ``seed_configs`` (Optuna ``points_to_evaluate``). The space then varies
 around it. The model is the space's and ``base``'s: the plan is made for (and trial 0 takes) their first
 listed architecture and encoder, or the architecture the plan prefers for the data where the space lists
-it with the plan's kwargs (ResUNet with a full-resolution skip for thin classes); only where neither names
+it with the plan's kwargs (ResUNet with a full-resolution skip for thin lines); only where neither names
 an architecture is the plan's model the base's.
 """
 
@@ -98,8 +98,8 @@ def _listed(spec: SearchSpec, key: str, path: str) -> list[Any]:
 def _planning_base(spec: SearchSpec, fp: Any) -> dict[str, Any]:
     """The model the plan times and trial 0 trains: base's, with the first listed architecture,
     encoder and arch_kwargs (those for that architecture); the architecture the plan prefers for this
-    data instead (:func:`segcore.plan.decide_model`: ResUNet with a full-resolution skip for thin
-    classes) where the space lists it with the plan's kwargs."""
+    data instead (:func:`segcore.plan.decide_model`: ResUNet with a full-resolution skip for thin lines)
+    where the space lists it with the plan's kwargs."""
     from segcore.plan import decide_model
 
     model = dict(spec.base.get("model", {}))
