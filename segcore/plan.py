@@ -43,7 +43,7 @@ RARE_FRACTION = 0.05  # classes below this share of labelled px are rare
 WEIGHT_FRACTION = 0.01  # ... and below this they also get inverse-frequency class weights
 # thin lines: a residual U-Net whose last block has a full-resolution skip (segcore.models.resunet). 10 min on 2
 # CPUs, Unet -> this: seed003 0.958 -> 0.974 (line IoU 0.914 -> 0.949), lines (varied) 0.929 -> 0.924 (line
-# 0.916 -> 0.926); for small compact objects it did not pay: sem (pores 2 px) 0.965 -> 0.955, ccd 0.953 -> 0.952
+# 0.916 -> 0.926), shapes 0.990 -> 0.991; for small compact objects it did not pay: sem (pores 2 px) 0.965 -> 0.955, ccd 0.953 -> 0.952
 THIN_MODEL: dict[str, Any] = {"arch": "ResUNet", "arch_kwargs": {"full_res_channels": 16}}
 LINE_ELONGATION = 5.0  # a thin class whose typical extent is at least this many times its thickness is a line
 EXTENTS_PER_PATCH = 4  # a patch holds at least this many typical object extents per side
