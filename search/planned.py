@@ -58,8 +58,9 @@ def planned_value(space: SearchSpace, dim: Dimension, terms: dict[str, float] | 
     """The value ``dim`` has in the plan: a loss term from the plan's ``terms`` when given, else
     from the planned base (a term the mix lacks has weight 0); the architecture and encoder the plan
     planned for (``model``, see :func:`_planning_base`) when given; anything else from the base."""
-    if model and dim.path in ("model.arch", "model.encoder") and dim.path[6:] in model:
-        return model[dim.path[6:]]
+    field = dim.path.removeprefix("model.")
+    if model and dim.path in ("model.arch", "model.encoder") and field in model:
+        return model[field]
     if dim.path.startswith("loss.terms."):
         mix = terms if terms is not None else space.base_value("loss.terms")
         if isinstance(mix, dict):

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from segcore.config import TrainConfig, load_yaml_config, parse_config
+from segcore.config import ModelConfig, TrainConfig, load_yaml_config, parse_config
 from segcore.data.errors import DataError
 from segcore.data.spec import IGNORE, DatasetSpec, load_spec
 
@@ -349,8 +349,10 @@ def decide_model(fp: Fingerprint, base_model: dict[str, Any]) -> tuple[dict[str,
     if {"arch", "arch_kwargs"} & base_model.keys() or not lines:
         return base_model, None
     model = {**base_model, **THIN_MODEL}
+    encoder = model.get("encoder", ModelConfig().encoder)
     names = ", ".join(f"{c.name} {c.thickness_px:.1f} px thick, {c.extent_px:.0f} px long" for c in lines)
-    return model, Decision("model", f"ResUNet ({model.get('encoder', 'resnet18')}) + a full-resolution skip of 16 ch",
+    channels = THIN_MODEL["arch_kwargs"]["full_res_channels"]
+    return model, Decision("model", f"{THIN_MODEL['arch']} ({encoder}) + a full-resolution skip of {channels} ch",
                            f"thin lines ({names}): a skip at full resolution keeps both borders, which a "
                            "stride-2 encoder's U-Net places about a pixel off")
 
