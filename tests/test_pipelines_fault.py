@@ -58,7 +58,11 @@ def guarded():
 threading.Thread(target=guarded, daemon=True).start()
 report = segment_archive(model, [image], out, RunConfig(workers=2, worker_cpus=0.25, threads=1, progress_bars=False),
                          tile=tile, halo=halo, batch_size=2)
-print("RESULT " + json.dumps({**event, "done": report.done, "failed": report.failed,
+from ray._private.state import actors
+
+segmenters = [a for a in actors().values() if "TileSegmenter" in a["ActorClassName"]]
+incarnations = sum(1 + a["NumRestarts"] for a in segmenters)  # restarted in place, or replaced by a new actor
+print("RESULT " + json.dumps({**event, "done": report.done, "failed": report.failed, "incarnations": incarnations,
                               "nodes": sorted({w["node"] + ":" + str(w["pid"]) for w in report.workers})}))
 ray.shutdown()
 cluster.shutdown()
@@ -79,7 +83,9 @@ def test_node_loss_mid_run_gives_identical_output(tmp_path: Path, ray_local: Non
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["removed"] and 3 <= result["units_before"] < 60, result
     assert len(result["done"]) == 1 and not result["failed"]
-    assert len(result["nodes"]) >= 3  # two actors at the start plus at least one restarted one
+    # two actors at the start plus at least one restart, counted in Ray's actor table: a restarted actor need not
+    # report a unit (the survivor may finish them all first), so the workers that reported are not the measure
+    assert result["incarnations"] >= 3, result
 
     clean = tmp_path / "clean"
     segment_archive(str(model), [str(image)], clean, RunConfig(progress_bars=False), tile=TILE, halo=HALO,
