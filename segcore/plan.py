@@ -564,6 +564,57 @@ def decide_sampling(fp: Fingerprint) -> tuple[bool, Decision]:
     return balanced, Decision("data.class_balanced", str(balanced).lower(), why)
 
 
+def _data_decisions(fp: Fingerprint, spec: DatasetSpec, model: Any, multiple: int,
+                    dev: str) -> tuple[dict[str, Any], list[Decision]]:
+    """The plan's overrides that the data decides before any timing: patch, batch, loss, sampling,
+    normalisation, optimiser and validation tile, for ``model`` (a ModelConfig)."""
+    memory = memory_budget(dev)
+    patch, patch_why = decide_patch(fp, multiple, memory)
+    batch, batch_why = decide_batch(patch, memory, dev)
+    loss, loss_decisions = decide_loss(fp)
+    normalize, norm_why = decide_normalize(fp, spec)
+    balanced, balanced_decision = decide_sampling(fp)
+    val_tile = min(512, _round_to(2 * patch, multiple))
+    over: dict[str, Any] = {
+        "model": {"arch": model.arch, "encoder": model.encoder} | (
+            {"arch_kwargs": model.arch_kwargs} if model.arch_kwargs else {}),
+        "loss": loss, "normalize": normalize,
+        "data": {"patch_size": patch, "batch_size": batch, "class_balanced": balanced, "val_tile": val_tile},
+        "optim": {"name": "adamw", "lr": 2e-3, "schedule": "one_cycle"},
+    }
+    decisions = [
+        Decision("data.patch_size", str(patch), patch_why),
+        Decision("data.batch_size", str(batch), batch_why),
+        *loss_decisions,
+        balanced_decision,
+        Decision("normalize", normalize["mode"], norm_why),
+        Decision("optim", "adamw, lr 0.002, one_cycle", "one-cycle warm-up and anneal suits a fixed step budget"),
+        Decision("data.val_tile", str(val_tile), "2 x the patch (fewer tile seams), at most 512"),
+    ]
+    return over, decisions
+
+
+def _fit_steps(over: dict[str, Any], decisions: list[Decision], base: dict[str, Any], fp: Fingerprint,
+               budget_min: float, multiple: int, timing: tuple[int, str, int, int | None]) -> Speed:
+    """Time the planned steps, refit patch x batch where the budget holds too few steps
+    (:func:`fit_to_steps`), and put the epochs x patches that fill ``budget_min`` into ``over``.
+    ``timing`` = (classes, device, steps to time, torch threads)."""
+    classes, dev, time_steps, threads = timing
+    cfg = parse_config(_merge(base, over), TrainConfig, source="plan")
+    speed = _time_steps(cfg, fp, classes, dev, time_steps, threads)
+    fitted = fit_to_steps(fp, cfg, speed, budget_min, multiple)
+    if fitted is not None:
+        apply_fit(over, decisions, fitted, multiple)
+        cfg = parse_config(_merge(base, over), TrainConfig, source="plan")
+        speed = _time_steps(cfg, fp, classes, dev, time_steps, threads)
+    steps, steps_why = decide_steps(fp, cfg, speed, budget_min)
+    over["epochs"] = steps["epochs"]
+    over["data"]["patches_per_epoch"] = steps["patches_per_epoch"]
+    decisions.append(Decision("epochs x data.patches_per_epoch", f"{steps['epochs']} x {steps['patches_per_epoch']}",
+                              steps_why))
+    return speed
+
+
 def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[str, Any] | None = None,
                   device: str = "auto", fp: Fingerprint | None = None, time_steps: int = 4,
                   threads: int | None = None, until_minutes: bool = False) -> Plan:
@@ -590,42 +641,10 @@ def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[s
     dev = str(pick_device(device if device != "auto" else base_cfg.device))
     m = base_cfg.model
     multiple = input_multiple(m.arch, m.encoder, m.arch_kwargs)
-    memory = memory_budget(dev)
-    patch, patch_why = decide_patch(fp, multiple, memory)
-    batch, batch_why = decide_batch(patch, memory, dev)
-    loss, loss_decisions = decide_loss(fp)
-    normalize, norm_why = decide_normalize(fp, spec)
-    balanced, balanced_decision = decide_sampling(fp)
-    val_tile = min(512, _round_to(2 * patch, multiple))
-    over: dict[str, Any] = {
-        "model": {"arch": m.arch, "encoder": m.encoder} | ({"arch_kwargs": m.arch_kwargs} if m.arch_kwargs else {}),
-        "loss": loss, "normalize": normalize,
-        "data": {"patch_size": patch, "batch_size": batch, "class_balanced": balanced, "val_tile": val_tile},
-        "optim": {"name": "adamw", "lr": 2e-3, "schedule": "one_cycle"},
-    }
-    decisions = [
-        *([model_decision] if model_decision else []),
-        Decision("data.patch_size", str(patch), patch_why),
-        Decision("data.batch_size", str(batch), batch_why),
-        *loss_decisions,
-        balanced_decision,
-        Decision("normalize", normalize["mode"], norm_why),
-        Decision("optim", "adamw, lr 0.002, one_cycle", "one-cycle warm-up and anneal suits a fixed step budget"),
-        Decision("data.val_tile", str(val_tile), "2 x the patch (fewer tile seams), at most 512"),
-    ]
-    cfg = parse_config(_merge(base, over), TrainConfig, source="plan")
-    classes = max(len(spec.class_names), 2)
-    speed = _time_steps(cfg, fp, classes, dev, time_steps, threads)
-    fitted = fit_to_steps(fp, cfg, speed, budget_min, multiple)
-    if fitted is not None:
-        apply_fit(over, decisions, fitted, multiple)
-        cfg = parse_config(_merge(base, over), TrainConfig, source="plan")
-        speed = _time_steps(cfg, fp, classes, dev, time_steps, threads)
-    steps, steps_why = decide_steps(fp, cfg, speed, budget_min)
-    over["epochs"] = steps["epochs"]
-    over["data"]["patches_per_epoch"] = steps["patches_per_epoch"]
-    decisions.append(Decision("epochs x data.patches_per_epoch", f"{steps['epochs']} x {steps['patches_per_epoch']}",
-                              steps_why))
+    over, decisions = _data_decisions(fp, spec, m, multiple, dev)
+    decisions[:0] = [model_decision] if model_decision else []
+    speed = _fit_steps(over, decisions, base, fp, budget_min, multiple,
+                       (max(len(spec.class_names), 2), dev, time_steps, threads))
     if until_minutes:
         decisions.append(bound_by_minutes(over, budget_min))
     cfg = parse_config(_merge(base, over), TrainConfig, source="plan")
