@@ -564,10 +564,10 @@ def decide_sampling(fp: Fingerprint) -> tuple[bool, Decision]:
     return balanced, Decision("data.class_balanced", str(balanced).lower(), why)
 
 
-def _data_decisions(fp: Fingerprint, spec: DatasetSpec, model: Any, multiple: int,
+def _data_decisions(fp: Fingerprint, spec: DatasetSpec, model: ModelConfig, multiple: int,
                     dev: str) -> tuple[dict[str, Any], list[Decision]]:
     """The plan's overrides that the data decides before any timing: patch, batch, loss, sampling,
-    normalisation, optimiser and validation tile, for ``model`` (a ModelConfig)."""
+    normalisation, optimiser and validation tile, for ``model``."""
     memory = memory_budget(dev)
     patch, patch_why = decide_patch(fp, multiple, memory)
     batch, batch_why = decide_batch(patch, memory, dev)
