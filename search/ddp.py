@@ -9,6 +9,7 @@ its (storage_path, name) is stable: ``<storage>/<search>/_train/train-<trial_id>
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any], checkpoint: Any) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    out_dir = Path(tempfile.mkdtemp(prefix="gigaseg-ddp-model-"))
-    relay = run_epochs(ctx, config["params"], report, trial_id=config["trial_id"], trial_name=config["trial_name"],
-                       rank=rank, resume=ray.train.get_checkpoint(), trial_dir=None, out_dir=out_dir,
-                       extra=config["extra"])
-    relay.flush()
+    out_dir = Path(tempfile.mkdtemp(prefix="gigaseg-ddp-model-"))  # rank 0 logs the model to MLflow from here
+    try:
+        relay = run_epochs(ctx, config["params"], report, trial_id=config["trial_id"],
+                           trial_name=config["trial_name"], rank=rank, resume=ray.train.get_checkpoint(),
+                           trial_dir=None, out_dir=out_dir, extra=config["extra"])
+        relay.flush()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def run_ddp_trial(ctx: TrialContext, params: dict[str, Any], trial_id: str, trial_name: str,

@@ -9,7 +9,12 @@ file), so nothing is pickled. Its signature is a float32 NCHW tensor with free N
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import logging
+import os
+import re
+import shutil
 import tempfile
 import warnings
 from contextlib import nullcontext
@@ -110,6 +115,12 @@ def _model_dir_in(local: Path) -> Path:
     return found[0]
 
 
+CACHE_DIR = "model-cache"  # under GIGASEG_HOME: one copy of each immutable model a process downloaded
+_COMPLETE = ".complete"  # written last into a cache entry, before it is renamed into place
+_VERSION = re.compile(r"models:/(?P<name>[^/@]+)/(?P<version>\d+)/?")
+_IMMUTABLE = re.compile(r"runs:/.+|models:/m-[0-9a-f]+/?")  # a run's artifacts; an MLflow 3 logged model's id
+
+
 def download_model_dir(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
     """Download ``models:/...`` or ``runs:/...`` and return the local gigaseg model directory.
 
@@ -117,15 +128,67 @@ def download_model_dir(uri: str, dst: str | Path | None = None, tracking_uri: st
     GIGASEG_HOME, where searches register their champions). It is made the
     current URI while downloading, because MLflow 3 resolves logged models behind ``runs:/``
     and ``models:/`` URIs with the default client.
-    """
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
+    Without ``dst``, a registered version (``models:/name/3``), a logged model (``models:/m-<id>``,
+    what trials and refits log) or a run's artifacts (``runs:/...``) go to
+    ``<GIGASEG_HOME>/model-cache`` once and are reused: every segmenter actor of a pipeline loads
+    the model, and a fresh temp copy each (43-95 MB) filled a disk. Other URIs (an alias,
+    ``latest``) can move, so they go to a temp directory removed when the process exits.
+    """
     from segcore.tracking import default_tracking_uri
 
     tracking_uri = tracking_uri or default_tracking_uri()
-    dst = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="gigaseg-model-"))
+    if dst is not None:
+        return _download(uri, Path(dst), tracking_uri)
+    key = _cache_key(uri, tracking_uri)
+    if key is None:
+        tmp = Path(tempfile.mkdtemp(prefix="gigaseg-model-"))
+        atexit.register(shutil.rmtree, tmp, True)
+        return _download(uri, tmp, tracking_uri)
+    return _cached(uri, key, tracking_uri)
+
+
+def _download(uri: str, dst: Path, tracking_uri: str | None) -> Path:
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
     with _use_tracking_uri(tracking_uri) if tracking_uri else nullcontext():
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri)
     model_dir = _model_dir_in(Path(local))
     log.info("downloaded %s to %s", uri, model_dir)
     return model_dir
+
+
+def _cache_key(uri: str, tracking_uri: str | None) -> str | None:
+    """A key for a URI whose artifacts do not change, else None. A registered version's key holds
+    its source and creation time, so a version 3 in a recreated store is not taken for the old one."""
+    parts = [tracking_uri or "", uri]
+    if (match := _VERSION.fullmatch(uri)) is not None:
+        from mlflow import MlflowClient
+
+        version = MlflowClient(tracking_uri=tracking_uri).get_model_version(match["name"], match["version"])
+        parts += [str(version.source), str(version.creation_timestamp)]
+    elif not _IMMUTABLE.fullmatch(uri):
+        return None
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _cached(uri: str, key: str, tracking_uri: str | None) -> Path:
+    """The cache entry ``key`` for ``uri``: downloaded beside it, then renamed into place, so that
+    processes downloading the same model at once never see half a copy."""
+    from segcore.tracking import gigaseg_home
+
+    root = gigaseg_home() / CACHE_DIR
+    entry = root / key
+    if not (entry / _COMPLETE).is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        part = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+        try:
+            _download(uri, part, tracking_uri)
+            (part / _COMPLETE).write_text(uri + "\n")
+            os.rename(part, entry)
+        except OSError:
+            if not (entry / _COMPLETE).is_file():  # not another process's copy in place: a real failure
+                raise
+        finally:
+            shutil.rmtree(part, ignore_errors=True)
+    return _model_dir_in(entry)

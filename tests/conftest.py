@@ -12,6 +12,12 @@ import pytest
 
 _RAY_STATE: dict[str, object] = {}
 
+# Every process the suite starts (the shared Ray's workers, CLI subprocesses) keeps gigaseg's state (the
+# MLflow store, the model cache) in a session temp home, never in the user's ~/.gigaseg. A test that
+# needs its own home monkeypatches GIGASEG_HOME (mlflow_sqlite does).
+_SESSION_HOME = tempfile.mkdtemp(prefix="gshome-")
+os.environ["GIGASEG_HOME"] = _SESSION_HOME
+
 
 def ensure_ray(num_cpus: int = 2, num_gpus: int = 0) -> None:
     """Start (or reuse) a local Ray with exactly these logical resources.
@@ -80,6 +86,7 @@ def pytest_sessionfinish(session, exitstatus):
     temp_dir = _RAY_STATE.get("temp_dir")
     if temp_dir and os.path.isdir(str(temp_dir)):
         shutil.rmtree(str(temp_dir), ignore_errors=True)
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
