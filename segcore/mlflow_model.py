@@ -13,7 +13,6 @@ import atexit
 import hashlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -117,8 +116,6 @@ def _model_dir_in(local: Path) -> Path:
 
 CACHE_DIR = "model-cache"  # under GIGASEG_HOME: one copy of each immutable model a process downloaded
 _COMPLETE = ".complete"  # written last into a cache entry, before it is renamed into place
-_VERSION = re.compile(r"models:/(?P<name>[^/@]+)/(?P<version>\d+)/?")
-_IMMUTABLE = re.compile(r"runs:/.+|models:/m-[0-9a-f]+/?")  # a run's artifacts; an MLflow 3 logged model's id
 
 
 def download_model_dir(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
@@ -161,14 +158,16 @@ def _download(uri: str, dst: Path, tracking_uri: str | None) -> Path:
 def _cache_key(uri: str, tracking_uri: str | None) -> str | None:
     """A key for a URI whose artifacts do not change, else None. A registered version's key holds
     its source and creation time, so a version 3 in a recreated store is not taken for the old one."""
+    from segcore.modelref import is_immutable, registered_version
+
+    if not is_immutable(uri):
+        return None
     parts = [tracking_uri or "", uri]
-    if (match := _VERSION.fullmatch(uri)) is not None:
+    if (name_version := registered_version(uri)) is not None:
         from mlflow import MlflowClient
 
-        version = MlflowClient(tracking_uri=tracking_uri).get_model_version(match["name"], match["version"])
+        version = MlflowClient(tracking_uri=tracking_uri).get_model_version(*name_version)
         parts += [str(version.source), str(version.creation_timestamp)]
-    elif not _IMMUTABLE.fullmatch(uri):
-        return None
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 

@@ -7,6 +7,7 @@ MLflow model URI: ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or ``
 * :func:`pin` fixes a reference for a whole run: a directory becomes absolute and an alias
   becomes its current version, so every worker loads the same weights even if the alias moves;
 * :func:`digest` is a reference's identity for resume signatures;
+* :func:`is_immutable` tells the URIs whose download may be cached (:func:`segcore.mlflow_model.download_model_dir`);
 * :func:`load_model` rebuilds it anywhere (training, ``evaluate``, ``segment`` actors, the pyfunc).
 
 An MLflow URI is resolved against ``tracking_uri`` (default: gigaseg's, see
@@ -27,12 +28,27 @@ log = logging.getLogger(__name__)
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 _ALIAS = re.compile(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)")
+_VERSION = re.compile(r"models:/(?P<name>[^/@]+)/(?P<version>\d+)/?")
+_FIXED_ID = re.compile(r"runs:/.+|models:/m-[0-9a-f]+/?")  # a run's artifacts; an MLflow 3 logged model's id
 
 
 def is_mlflow_uri(ref: str | Path) -> bool:
     """True for ``models:/`` and ``runs:/`` URIs that are not also an existing path."""
     text = str(ref)
     return text.startswith(MLFLOW_SCHEMES) and not Path(text).exists()
+
+
+def registered_version(ref: str | Path) -> tuple[str, str] | None:
+    """(name, version) of a registered version ``models:/name/3`` (what :func:`pin` makes of an
+    alias), else None."""
+    match = _VERSION.fullmatch(str(ref))
+    return (match["name"], match["version"]) if match else None
+
+
+def is_immutable(ref: str | Path) -> bool:
+    """True for an MLflow URI whose artifacts cannot move: a registered version, a logged model
+    (``models:/m-<id>``) or a run's artifacts. An alias or ``latest`` can point elsewhere tomorrow."""
+    return registered_version(ref) is not None or _FIXED_ID.fullmatch(str(ref)) is not None
 
 
 def alias_uri(name: str, alias: str) -> str:

@@ -22,6 +22,7 @@ import json, sys, threading, time
 from pathlib import Path
 
 import ray
+from ray._private.state import actors  # the state API needs a dashboard; the GCS view does not
 from ray.cluster_utils import Cluster
 
 model, image, out, tile, halo = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -37,12 +38,13 @@ event = {}
 def n_done():
     return sum(len(p.read_text().splitlines()) for p in state.glob("done.*.jsonl"))
 
-def remove_a_worker_node():
-    from ray._private.state import actors  # the state API needs a dashboard; the GCS view does not
+def segmenters():
+    return [a for a in actors().values() if "TileSegmenter" in a["ActorClassName"]]
 
+def remove_a_worker_node():
     while n_done() < 3:
         time.sleep(0.05)
-    alive = [a for a in actors().values() if a["State"] == "ALIVE" and "TileSegmenter" in a["ActorClassName"]]
+    alive = [a for a in segmenters() if a["State"] == "ALIVE"]
     event["actor_nodes"] = sorted({a["Address"]["NodeID"] for a in alive})
     victim = next(n for n in workers if n.node_id in event["actor_nodes"])
     event["units_before"] = n_done()
@@ -58,10 +60,7 @@ def guarded():
 threading.Thread(target=guarded, daemon=True).start()
 report = segment_archive(model, [image], out, RunConfig(workers=2, worker_cpus=0.25, threads=1, progress_bars=False),
                          tile=tile, halo=halo, batch_size=2)
-from ray._private.state import actors
-
-segmenters = [a for a in actors().values() if "TileSegmenter" in a["ActorClassName"]]
-incarnations = sum(1 + a["NumRestarts"] for a in segmenters)  # restarted in place, or replaced by a new actor
+incarnations = sum(1 + a["NumRestarts"] for a in segmenters())  # restarted in place, or replaced by a new actor
 print("RESULT " + json.dumps({**event, "done": report.done, "failed": report.failed, "incarnations": incarnations,
                               "nodes": sorted({w["node"] + ":" + str(w["pid"]) for w in report.workers})}))
 ray.shutdown()
