@@ -55,15 +55,15 @@ class Inputs:
     shapes: dict[str, tuple[int, int]]
 
 
-def prepare_inputs(tmp_path: Path, search: str, model: str, trials: int, epochs: int) -> Inputs:
+def prepare_inputs(tmp_path: Path, search: str, model: str, trials: int, epochs: int, **over: object) -> Inputs:
     """Training shapes (4 of 96 px), a 2-file archive, and a tiny ``--working-dir`` (gigaseg is
     installed) with search.yaml: the shared tiny search, ``trials`` trials of ``epochs`` epochs all
-    at once, ASHA off so every trial trains every epoch (val_miou at steps 0..epochs-1). Every
-    node is this machine: tmp_path is "shared storage"; the tracking URI comes from the job's
-    environment."""
+    at once, ASHA off so every trial trains every epoch (val_miou at steps 0..epochs-1); ``over``
+    replaces top-level keys. Every node is this machine: tmp_path is "shared storage"; the
+    tracking URI comes from the job's environment."""
     data = simulate(tmp_path / "shapes", n=4, size=96, seed=1)
     spec = tiny_search(search, data, tmp_path / "tune", seed=7, num_samples=trials, max_concurrent_trials=trials,
-                       asha={"enabled": False}, mlflow={"registered_model_name": model})  # fmt: skip
+                       asha={"enabled": False}, mlflow={"registered_model_name": model}, **over)  # fmt: skip
     spec["space"]["epochs"] = epochs
     shapes = _archive(simulate(tmp_path / "shapes-archive", n=2, size=128, seed=2), tmp_path / "archive")
     workdir = tmp_path / "job"

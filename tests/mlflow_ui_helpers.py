@@ -47,3 +47,14 @@ def open_compare_page(driver, url: str, experiment_id: str, run_ids: list[str],
     params = list(params)
     rows = wait(driver, lambda d: param_rows(body_text(d), params, len(run_ids)))
     return rows, body_text(driver)
+
+
+def reveal(driver, text: str) -> str:
+    """Scroll the element reading ``text`` (a row of the compare page's metrics table, which
+    clips its rows to a few lines) into view; returns the page's text once it shows ``text``."""
+    from selenium.webdriver.common.by import By
+
+    cells = wait(driver, lambda d: d.find_elements(By.XPATH, f"//*[normalize-space()='{text}']"))
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", cells[0])
+    wait(driver, lambda d: text in body_text(d).splitlines(), timeout=30)
+    return body_text(driver)
