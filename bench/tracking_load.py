@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing as mp
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -226,7 +227,10 @@ def bench_backend(backend: str, load: Load, args: argparse.Namespace) -> dict:
         server.stop()
         if pg_pid:
             stop_postgres(pg_pid)
-    return _row(backend, load, args, out, counts, server)
+    row = _row(backend, load, args, out, counts, server)
+    if not args.keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return row
 
 
 def _row(backend: str, load: Load, args: argparse.Namespace, out: dict, counts: dict, server: Server) -> dict:
@@ -239,7 +243,7 @@ def _row(backend: str, load: Load, args: argparse.Namespace, out: dict, counts: 
         "runs": counts["runs"], "expected_rows": load.expected_rows, "rows": counts["rows"],
         "lost": load.expected_rows - counts["distinct"], "duplicated": counts["rows"] - counts["distinct"],
         "restart": out["restart"], "first_error": next((r["first_error"] for r in reports if r["errors"]), ""),
-        "folder": str(server.folder),
+        "folder": str(server.folder) if args.keep else "",
     }  # fmt: skip
 
 
@@ -281,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--restart-at", type=float, help="SIGKILL the server this many s into the load, restart it"
     )
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--keep", action="store_true", help="keep each store's folder (database, server log)")
     return parser
 
 

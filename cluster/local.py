@@ -45,12 +45,14 @@ from pathlib import Path
 from cluster.mlflow_server import (
     BACKENDS,
     TrackingStack,
+    backup_store,
     check_backend,
     is_healthy,
     plan_stack,
     restart_server,
     start_stack,
     stop_stack,
+    store_uri,
     wait_stack,
 )
 from segcore.cli import setup_logging
@@ -563,12 +565,7 @@ def stop_cluster(state_dir: str | Path | None = None, grace: float = 5.0) -> int
 def restart_mlflow(state_dir: str | Path | None = None, timeout: float = 300) -> ClusterInfo:
     """Start the cluster's MLflow server again, on the same port and store, after it died."""
     info = load_cluster(state_dir)
-    if info.mlflow is None:
-        raise RuntimeError(
-            f"{info.state_dir}: this cluster has no MLflow server; start one with "
-            "`python -m cluster.local start --mlflow postgres`."
-        )
-    restart_server(info.mlflow, _service_env(info), timeout)
+    restart_server(_tracking(info), _service_env(info), timeout)
     info.save()
     return info
 
@@ -587,6 +584,16 @@ def local_cluster(
         yield info
     finally:
         stop_cluster(info.state_dir)
+
+
+def _tracking(info: ClusterInfo) -> TrackingStack:
+    """The cluster's MLflow stack; a clear error when it was started without one."""
+    if info.mlflow is None:
+        raise RuntimeError(
+            f"{info.state_dir}: this cluster has no MLflow server; start one with "
+            "`python -m cluster.local start --mlflow postgres`."
+        )
+    return info.mlflow
 
 
 # ---------------------------------------------------------------- CLI
@@ -669,8 +676,13 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--mlflow-port", type=int, default=0, help="the MLflow server's port (default: a free one)"
     )
-    for name in ("start", "stop", "status", "env"):
-        p = start if name == "start" else sub.add_parser(name, help=f"{name} the cluster")
+    backup = sub.add_parser("backup", help="copy the MLflow store (pg_dump -Fc, or SQLite's backup) to --out")
+    backup.add_argument("--out", type=Path, required=True, help="the dump file to write")
+    helps = {"db-uri": "print the MLflow store's URI (for `mlflow db upgrade`)"}
+    for name in ("start", "stop", "status", "env", "backup", "db-uri"):
+        p = {"start": start, "backup": backup}.get(name) or sub.add_parser(
+            name, help=helps.get(name, f"{name} the cluster")
+        )
         p.add_argument(
             "--state-dir",
             type=Path,
@@ -702,6 +714,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped: {stop_cluster(state)} processes")
         elif args.action == "env":
             print("\n".join(_client_lines(load_cluster(state))))
+        elif args.action == "backup":
+            stack = _tracking(load_cluster(state))
+            backup_store(stack, args.out)
+            print(f"MLflow store written to {args.out}; copy {stack.artifacts} beside it")
+        elif args.action == "db-uri":
+            print(store_uri(_tracking(load_cluster(state))))
         else:
             return _print_status(state)
     except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as err:

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.postgres import PostgresServer, create_database, start_postgres, stop_postgres
+from cluster.postgres import PostgresServer, create_database, dump, start_postgres, stop_postgres
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +174,30 @@ def plan_stack(backend: str, folder: str | Path, port: int, postgres_port: int) 
     )
 
 
-def _backend_uri(stack: TrackingStack) -> str:
-    """The store's SQLAlchemy URI; on PostgreSQL, database ``mlflow`` is created if missing."""
+def store_uri(stack: TrackingStack) -> str:
+    """The store's SQLAlchemy URI (with the database password), e.g. for ``mlflow db upgrade``."""
     if stack.backend == "postgres":
-        return create_database(stack.postgres(), DATABASE)
+        return stack.postgres().uri(DATABASE)
     return f"sqlite:///{Path(stack.folder) / 'mlflow.db'}"
+
+
+def _backend_uri(stack: TrackingStack) -> str:
+    """:func:`store_uri`; on PostgreSQL, database ``mlflow`` is created first if missing."""
+    if stack.backend == "postgres":
+        create_database(stack.postgres(), DATABASE)
+    return store_uri(stack)
+
+
+def backup_store(stack: TrackingStack, out: str | Path) -> None:
+    """A consistent copy of the running store: ``pg_dump -Fc`` (PostgreSQL) or SQLite's online
+    backup. Artifacts are files under ``stack.artifacts``: copy that folder beside it."""
+    if stack.backend == "postgres":
+        dump(stack.postgres(), DATABASE, out)
+        return
+    import sqlite3
+
+    with sqlite3.connect(Path(stack.folder) / "mlflow.db") as src, sqlite3.connect(out) as dst:
+        src.backup(dst)
 
 
 def start_stack(stack: TrackingStack, env: Mapping[str, str]) -> subprocess.Popen:

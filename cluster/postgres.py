@@ -191,6 +191,14 @@ def create_database(server: PostgresServer, name: str) -> str:
     return server.uri(name)
 
 
+def dump(server: PostgresServer, database: str, out: str | Path) -> None:
+    """``pg_dump -Fc`` of ``database`` into ``out`` (restore with ``pg_restore``), server running."""
+    argv = [str(bin_path("pg_dump")), "-Fc", "-f", str(out), "-d", server.dsn(database)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"pg_dump of {database} on {HOST}:{server.port} failed: {done.stderr.strip()}")
+
+
 def stop_postgres(pid: int, timeout: float = 30) -> bool:
     """Fast shutdown (SIGINT: open transactions are rolled back, then a checkpoint), SIGKILL
     after ``timeout`` s. Returns whether the postmaster was running."""

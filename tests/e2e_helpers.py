@@ -5,11 +5,15 @@ MLflow and in the output folder."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,11 +121,41 @@ def job_status(info, job_id: str) -> str:
         return json.load(resp)["status"]
 
 
-def segment_argv(model: str, inputs: Inputs, out: Path) -> list[str]:
-    """``python -m pipelines.segment`` of the archive with ``models:/<model>@champion``."""
-    return [sys.executable, "-m", "pipelines.segment", "--model", f"models:/{model}@champion",
+def still_running(pids: list[int]) -> list[int]:
+    """Those of ``pids`` that are alive (zombies count as gone)."""
+    alive = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if b") Z " not in Path(f"/proc/{pid}/stat").read_bytes():
+                alive.append(pid)
+    return alive
+
+
+def port_open(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Record the block's wall time (s) in ``timings[key]``, also when it raises."""
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[key] = round(time.monotonic() - t0, 1)
+
+
+def segment_job(info, inputs: Inputs, runtime_env: dict, job_id: str, model: str, out: Path, log: Path) -> None:
+    """``ray job submit`` of ``python -m pipelines.segment`` of the archive with
+    ``models:/<model>@champion``; it must succeed."""
+    argv = [sys.executable, "-m", "pipelines.segment", "--model", f"models:/{model}@champion",
             "--input", *map(str, inputs.inputs.values()), "--output", str(out),
             "--tile", "64", "--halo", "16", "--workers", "2", "--no-progress"]  # fmt: skip
+    status = submit(info, inputs.workdir, runtime_env, job_id, argv, log, timeout=240)
+    assert status == "SUCCEEDED", (status, tail(log))
 
 
 def check_search_runs(uri: str, search: str, model: str, trials: int, epochs: int, artifacts: Path) -> tuple[str, list]:

@@ -13,11 +13,10 @@ the segmentation actors read it from the environment when they download the cham
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from e2e_helpers import check_outputs, check_search_runs, prepare_inputs, segment_argv, submit, tail
+from e2e_helpers import check_outputs, check_search_runs, prepare_inputs, segment_job, submit, tail, timed
 
 from cluster.local import find_cluster_pids, list_nodes, start_cluster, stop_cluster
 
@@ -38,33 +37,25 @@ def test_search_and_segment_as_ray_jobs_on_a_three_node_cluster(tmp_path, mlflow
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.url, "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     out = tmp_path / "segmented"
 
-    state = tmp_path / "cluster"
-    t0 = time.monotonic()
-    info = start_cluster(workers=2, cpus_per_node=1, gpus_per_node=0, state_dir=state,
-                         object_store_memory="100MB", timeout=180)
-    timings = {"cluster_start_s": time.monotonic() - t0}
+    state, timings = tmp_path / "cluster", {}
+    with timed(timings, "cluster_start_s"):
+        info = start_cluster(workers=2, cpus_per_node=1, gpus_per_node=0, state_dir=state,
+                             object_store_memory="100MB", timeout=180)
     try:
         nodes = list_nodes(info)
         assert len(nodes) == 3 and sum(n["is_head_node"] for n in nodes) == 1
         assert all(n["state"] == "ALIVE" and n["node_ip"] == "127.0.0.1" for n in nodes)
-
-        t0 = time.monotonic()
-        status = submit(info, inputs.workdir, runtime_env, "e2e-search",
-                        [sys.executable, "-m", "search", "--config", "search.yaml"],
-                        tmp_path / "search-job.log", timeout=420)
-        timings["search_job_s"] = time.monotonic() - t0
+        with timed(timings, "search_job_s"):
+            status = submit(info, inputs.workdir, runtime_env, "e2e-search",
+                            [sys.executable, "-m", "search", "--config", "search.yaml"],
+                            tmp_path / "search-job.log", timeout=420)
         assert status == "SUCCEEDED", (status, tail(tmp_path / "search-job.log"))
-
-        t0 = time.monotonic()
-        status = submit(info, inputs.workdir, runtime_env, "e2e-segment", segment_argv(MODEL, inputs, out),
-                        tmp_path / "segment-job.log", timeout=240)
-        timings["segment_job_s"] = time.monotonic() - t0
-        assert status == "SUCCEEDED", (status, tail(tmp_path / "segment-job.log"))
+        with timed(timings, "segment_job_s"):
+            segment_job(info, inputs, runtime_env, "e2e-segment", MODEL, out, tmp_path / "segment-job.log")
     finally:
-        t0 = time.monotonic()
-        stopped = stop_cluster(state)
-        timings["cluster_stop_s"] = time.monotonic() - t0
-        print("timings:", {k: round(v, 1) for k, v in timings.items()})
+        with timed(timings, "cluster_stop_s"):
+            stopped = stop_cluster(state)
+        print("timings:", timings)
     assert stopped > 0 and not find_cluster_pids(info), "processes of the cluster survived stop_cluster"
     assert not Path(info.temp_dir).exists() and not (state / "cluster.json").exists()
 

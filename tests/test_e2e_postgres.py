@@ -22,11 +22,14 @@ import pytest
 from e2e_helpers import (
     check_outputs,
     check_search_runs,
+    job_status,
+    port_open,
     prepare_inputs,
-    segment_argv,
-    submit,
+    segment_job,
+    still_running,
     submit_async,
     tail,
+    timed,
 )
 from mlflow_ui_helpers import open_compare_page, reveal, shown_metric
 
@@ -82,7 +85,7 @@ def _kill_and_restart_mid_search(info, job) -> dict[str, dict[str, int]]:
     stop_mlflow_server(info.mlflow.server_pid, signal.SIGKILL)
     assert job.poll() is None, "the search must still be running when its server dies"
     at_kill, t0 = _counts(info.mlflow), time.monotonic()
-    info = restart_mlflow(info.state_dir)
+    info.mlflow = restart_mlflow(info.state_dir).mlflow  # the new server's PID, the same port
     after = {**_counts(info.mlflow), "down_s": round(time.monotonic() - t0, 1)}
     assert info.mlflow.port == port
     assert after["runs"] >= at_kill["runs"] >= 1 + TRIALS, (at_kill, after)  # the parent and every trial
@@ -103,6 +106,22 @@ def _compare_in_browser(browser, url: str, runs: list, tmp_path: Path) -> None:
         assert shown_metric(run.data.metrics["val_miou"]) in body.splitlines(), run.data.metrics
 
 
+def _search_through_a_server_kill(info, inputs, runtime_env: dict, tmp_path: Path) -> dict[str, dict[str, int]]:
+    """``ray job submit`` of the search, the server killed and restarted while its trials log;
+    the job must succeed. Returns the counts at the kill, after the restart and at the end."""
+    log = tmp_path / "search-job.log"
+    job = submit_async(info, inputs.workdir, runtime_env, "pg-search",
+                       [sys.executable, "-m", "search", "--config", "search.yaml"], log)  # fmt: skip
+    try:
+        counts = _kill_and_restart_mid_search(info, job)
+        assert job.wait(timeout=420) == 0, tail(log, 6000)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job_status(info, "pg-search") == "SUCCEEDED", tail(log, 6000)
+    return {**counts, "final": _counts(info.mlflow)}
+
+
 # Limits add up to less than pytest's 900 s timeout, so the finally clause always runs.
 def test_used_by_line_on_postgres_survives_a_server_kill(tmp_path, monkeypatch, request):
     home = tmp_path / "gigaseg-home"  # where a process that missed MLFLOW_TRACKING_URI would write
@@ -114,43 +133,30 @@ def test_used_by_line_on_postgres_survives_a_server_kill(tmp_path, monkeypatch, 
     runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}  # no tracking URI here
     state, out, timings = tmp_path / "cluster", tmp_path / "segmented", {}
 
-    t0 = time.monotonic()
-    info = start_cluster(workers=2, cpus_per_node=2, state_dir=state, object_store_memory="100MB", timeout=180,
-                         mlflow="postgres")  # fmt: skip
-    timings["stack_start_s"] = time.monotonic() - t0
+    with timed(timings, "stack_start_s"):
+        info = start_cluster(workers=2, cpus_per_node=2, state_dir=state, object_store_memory="100MB", timeout=180,
+                             mlflow="postgres")  # fmt: skip
     try:
         assert len(list_nodes(info)) == 3 and info.env["MLFLOW_TRACKING_URI"] == info.mlflow.url
-        t0 = time.monotonic()
-        job = submit_async(info, inputs.workdir, runtime_env, "pg-search",
-                           [sys.executable, "-m", "search", "--config", "search.yaml"], tmp_path / "search-job.log")  # fmt: skip
-        try:
-            counts = _kill_and_restart_mid_search(info, job)
-            assert job.wait(timeout=420) == 0, tail(tmp_path / "search-job.log", 6000)
-        finally:
-            if job.poll() is None:
-                job.kill()
-        timings["search_job_s"] = time.monotonic() - t0
-        counts["final"] = _counts(info.mlflow)
+        with timed(timings, "search_job_s"):
+            counts = _search_through_a_server_kill(info, inputs, runtime_env, tmp_path)
         print("restart counts:", counts)
-
         version, runs = check_search_runs(info.mlflow.url, SEARCH, MODEL, TRIALS, EPOCHS, info.mlflow.artifacts)
         assert max(r.data.metrics["barrier_live"] for r in runs) == TRIALS  # 4 trials were training at once
         # epochs were logged after the kill (retried through the outage), each exactly once, none missing
         assert counts["final"]["trial_rows"] > counts["at_kill"]["trial_rows"], counts
         assert counts["final"]["duplicated"] == 0 and _steps_per_key(info.mlflow) == {(EPOCHS, EPOCHS, 0, EPOCHS - 1)}
-        t0 = time.monotonic()
-        status = submit(info, inputs.workdir, runtime_env, "pg-segment", segment_argv(MODEL, inputs, out),
-                        tmp_path / "segment-job.log", timeout=240)  # fmt: skip
-        timings["segment_job_s"] = time.monotonic() - t0
-        assert status == "SUCCEEDED", (status, tail(tmp_path / "segment-job.log"))
-        t0 = time.monotonic()
-        _compare_in_browser(request.getfixturevalue("browser"), info.mlflow.url, runs, tmp_path)
-        timings["browser_s"] = time.monotonic() - t0
+        with timed(timings, "segment_job_s"):
+            segment_job(info, inputs, runtime_env, "pg-segment", MODEL, out, tmp_path / "segment-job.log")
+        with timed(timings, "browser_s"):
+            _compare_in_browser(request.getfixturevalue("browser"), info.mlflow.url, runs, tmp_path)
+        started = find_cluster_pids(info)  # every process of the stack, the restarted server's included
+        assert info.mlflow.server_pid in started and info.mlflow.postgres_pid in started
     finally:
-        t0 = time.monotonic()
-        stopped = stop_cluster(state)
-        timings["stack_stop_s"] = time.monotonic() - t0
-        print("timings:", {k: round(v, 1) for k, v in timings.items()})
-    assert stopped > 0 and not find_cluster_pids(info), "processes of the stack survived stop_cluster"
+        with timed(timings, "stack_stop_s"):
+            stopped = stop_cluster(state)
+        print("timings:", timings)
+    assert stopped > 0 and not still_running(started) and not find_cluster_pids(info), still_running(started)
+    assert not port_open(info.mlflow.port) and not port_open(info.mlflow.postgres_port)
     check_outputs(out, inputs, MODEL, version)
     assert not list(home.rglob("mlflow.db")), list(home.rglob("*"))  # no fallback to a private SQLite

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from e2e_helpers import port_open, still_running
 
 from cluster.local import cluster_status, find_cluster_pids, load_cluster
 from cluster.postgres import create_database
@@ -69,9 +70,9 @@ def _stop(state: Path, pids: list[int]) -> None:
     info = load_cluster(state)
     stop = _cli("stop", "--state-dir", str(state), timeout=120)
     assert stop.returncode == 0 and re.search(r"stopped: [1-9]\d* processes", stop.stdout), stop.stderr
-    left = [p for p in pids if Path(f"/proc/{p}").exists() and b") Z " not in Path(f"/proc/{p}/stat").read_bytes()]
-    assert not left and not find_cluster_pids(info), f"processes of the stack survived stop: {left}"
+    assert not still_running(pids) and not find_cluster_pids(info), f"survived stop: {still_running(pids)}"
     assert info.mlflow.postgres_pid in pids and info.mlflow.server_pid in pids
+    assert not port_open(info.mlflow.port) and not port_open(info.mlflow.postgres_port)
     assert not (state / "cluster.json").exists() and (state / "mlflow" / "postgres" / "data" / "PG_VERSION").exists()
 
 
@@ -87,6 +88,9 @@ def test_stack_cli_keeps_runs_across_stop_and_start_and_leaves_no_process(tmp_pa
         run = client.create_run(client.create_experiment("kept"))
         client.log_metric(run.info.run_id, "val_miou", 0.75, step=3)
         client.log_text(run.info.run_id, "hello", "notes/a.txt")
+        assert _cli("db-uri", "--state-dir", str(state)).stdout.startswith("postgresql+psycopg://mlflow:")
+        backup = _cli("backup", "--out", str(tmp_path / "mlflow.dump"), "--state-dir", str(state))
+        assert backup.returncode == 0 and (tmp_path / "mlflow.dump").read_bytes()[:5] == b"PGDMP", backup.stderr
     finally:
         _stop(state, pids)
 
