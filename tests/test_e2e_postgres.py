@@ -122,6 +122,8 @@ def _search_through_a_server_kill(info, inputs, runtime_env: dict, tmp_path: Pat
     return {**counts, "final": _counts(info.mlflow)}
 
 
+# Measured on the 2-core machine shared with other jobs: 209-244 s at load average 5-10 (stack 18-32 s,
+# search with the kill 64-130 s, segment 34-48 s, browser 6-9 s, stop 7-10 s), 390 s at load 16-19.
 # Limits add up to less than pytest's 900 s timeout, so the finally clause always runs.
 def test_used_by_line_on_postgres_survives_a_server_kill(tmp_path, monkeypatch, request):
     home = tmp_path / "gigaseg-home"  # where a process that missed MLFLOW_TRACKING_URI would write
