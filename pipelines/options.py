@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from segcore import modelref
 from segcore.config import NormalizeConfig
 from segcore.errors import ConfigError
-from segcore.modeldir import LoadedModel
+from segcore.modelio import ref as modelref
+from segcore.modelio.folder import LoadedModel
 from segcore.tiling import round_up
 
 log = logging.getLogger(__name__)

@@ -31,8 +31,8 @@ from pipelines.options import BIG_WINDOW, ModelInfo, SegmentOptions, load_for_ru
 from pipelines.plan import OWNER_FIX, PLAN_FILE, ImagePlan, done_units, owner_problem, plan_batch
 from pipelines.progress import FileState, ResultSink, Tracker
 from pipelines.worker import TileSegmenter, peak_rss_mb
-from segcore import modelref
 from segcore.errors import ConfigError, UserError
+from segcore.modelio.ref import tracking_uri_for
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def _segment_locked(model: str, inputs: list[str], layout: Layout, run: RunConfi
     if not files:
         raise ConfigError(f"--input {' '.join(inputs)}: no image files found; check the paths and globs")
     stems = assign_stems(files)  # refuses clashing names before any work
-    options["tracking_uri"] = modelref.tracking_uri_for(model, options.get("tracking_uri"))  # fixed once
+    options["tracking_uri"] = tracking_uri_for(model, options.get("tracking_uri"))  # fixed once
     loaded, info = load_for_run(model, options.get("tracking_uri"))
     options = resolve_tiling(loaded, options, actors=run.workers)  # halo from the card, tile from the halo
     opts = SegmentOptions(model=info.ref, **{k: v for k, v in options.items() if v is not None})

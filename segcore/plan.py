@@ -411,8 +411,8 @@ def measure_speed(cfg: TrainConfig, channels: int, classes: int, device: str = "
     overestimates: a bigger batch costs less per patch)."""
     import torch
 
+    from segcore.device import pick_device, train_autocast
     from segcore.losses import build_loss
-    from segcore.modeldir import pick_device, train_autocast
     from segcore.models import build_model
 
     dev = pick_device(device if device != "auto" else cfg.device)
@@ -630,7 +630,7 @@ def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[s
     ``base`` (a partial TrainConfig dict) supplies the model to plan for; the plan's own keys
     are in ``Plan.overrides`` (what a search merges under its explicit ``base``).
     """
-    from segcore.modeldir import pick_device
+    from segcore.device import pick_device
     from segcore.models.validity import input_multiple
 
     fp = fp or fingerprint(data_dir)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from segcore.adversarial import AdversarialTerm
 from segcore.cli import main as gigaseg
 from segcore.config import AdversarialConfig, ConfigError, TrainConfig, parse_config
-from segcore.modeldir import load_model_dir
+from segcore.modelio.ref import load_model_dir
 from segcore.models.discriminator import PatchDiscriminator, output_size, receptive_field
 from segcore.train import STATE_FILE, build_run, load_checkpoint, train
 

@@ -146,7 +146,7 @@ def test_validation_blocks_never_overlap_training(tmp_path):
 
 
 def test_train_scale_4_on_generated_scan(tmp_path):
-    from segcore.modeldir import load_model_dir
+    from segcore.modelio.ref import load_model_dir
     from segcore.simulate.sem import generate_sem_qemscan
     from segcore.train import train
 

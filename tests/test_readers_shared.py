@@ -129,7 +129,7 @@ def test_segment_at_model_scale_writes_input_resolution(tmp_path, ray_local):
 
     from pipelines.runner import RunConfig, segment_archive
     from segcore.data.normalize import compute_norm_stats
-    from segcore.modeldir import CONFIG_FILE
+    from segcore.modelio.card import CONFIG_FILE
 
     image = (np.add.outer(np.arange(256) // 9 % 5, np.arange(322) // 13 % 3) * 40
              + np.random.default_rng(0).integers(0, 30, (256, 322))).astype(np.uint8)

@@ -25,8 +25,9 @@ from segcore.data.errors import DataError
 from segcore.data.normalize import compute_norm_stats
 from segcore.errors import ModelError
 from segcore.evaluate import predict_labels
-from segcore.modeldir import CONFIG_FILE, WEIGHTS_FILE, ModelCard, save_model_dir
-from segcore.modelref import load_model
+from segcore.modelio.card import CONFIG_FILE, WEIGHTS_FILE, ModelCard
+from segcore.modelio.folder import save_model_dir
+from segcore.modelio.ref import load_model
 from segcore.models import build_model
 from segcore.simulate import generate_shapes
 from segcore.train import build_run
