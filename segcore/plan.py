@@ -124,9 +124,9 @@ def object_sizes(binary: np.ndarray) -> tuple[int, float | None, float | None]:
 
 
 def _image_files(data_dir: Path) -> list[Path]:
-    from segcore.data.dataset import _index_files
+    from segcore.data.shared import index_files
 
-    return [p for paths in _index_files(data_dir / "images").values() for p in paths]
+    return [p for paths in index_files(data_dir / "images").values() for p in paths]
 
 
 def _spread_pick(items: list[Any], n: int) -> list[Any]:
@@ -166,16 +166,16 @@ class _Reading:
 
 def _read_one(image: Path, spec: DatasetSpec, masks: dict[str, list[Path]], budget: int, acc: _Reading) -> None:
     """Read a window of each image of ``image`` (FITS: each HDU) and its mask into ``acc``."""
-    from segcore.data.dataset import _find_mask, _mask_stem, _read_mask_for
     from segcore.data.io import RawImage, open_image_sources
+    from segcore.data.shared import find_mask, mask_stem, read_mask_for
 
-    stem = _mask_stem(image, spec, masks)
+    stem = mask_stem(image, spec, masks)
     sources = open_image_sources(image)
     try:
         for src in sources:
             raw = RawImage(src.name, np.empty(0), src.header, max(src.index, 0), getattr(src, "extname", None))
-            mask_path, from_fits = _find_mask(image, raw, len(sources), stem, masks)
-            mask = _read_mask_for(raw, mask_path, from_fits, spec)
+            mask_path, from_fits = find_mask(image, raw, len(sources), stem, masks)
+            mask = read_mask_for(raw, mask_path, from_fits, spec)
             scale = spec.mask_scale_for(src.shape, mask.shape, f"{image} (mask {mask_path.name})")
             rows, cols = _window(src.shape, max(256, budget // len(sources)))
             pixels = np.asarray(src.read(rows, cols))
@@ -212,7 +212,7 @@ def _class_stats(spec: DatasetSpec, masks: list[np.ndarray], scale: float) -> li
 
 def fingerprint(data_dir: str | Path, max_pixels: int = MAX_PIXELS, max_images: int = MAX_IMAGES) -> Fingerprint:
     """Measure a dataset on at most ``max_pixels`` image px of at most ``max_images`` images."""
-    from segcore.data.dataset import _index_files
+    from segcore.data.shared import index_files
 
     data_dir = Path(data_dir)
     spec = load_spec(data_dir)
@@ -220,7 +220,7 @@ def fingerprint(data_dir: str | Path, max_pixels: int = MAX_PIXELS, max_images: 
     if not files:
         raise DataError(data_dir / "images", "no images (PNG, JPEG, TIFF or FITS) found", "add images")
     picked = _spread_pick(files, max_images)
-    masks, acc = _index_files(data_dir / "masks"), _Reading()
+    masks, acc = index_files(data_dir / "masks"), _Reading()
     for image in picked:
         _read_one(image, spec, masks, max_pixels // len(picked), acc)
     values = np.concatenate(acc.values).astype(np.float64)

@@ -19,9 +19,9 @@ from segcore.data.lazy import (
     LazyPatchDataset,
     PatchReader,
     choose_val_blocks,
-    ignore_boundaries,
     scan_dataset,
 )
+from segcore.data.shared import ignore_boundaries
 
 CLASSES = ["a", "b", "c"]
 
