@@ -1,4 +1,4 @@
-"""Training (segcore.data.io.read_image) and segment (segcore.readers / pipelines.readers) read the
+"""Training (segcore.data.io.read_image) and segment (segcore.readers) read the
 same arrays, in the same dtypes, from the same real files."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import tifffile
 from astropy.io import fits
 from PIL import Image
 
-from pipelines.readers import open_sources as pipeline_open_sources
 from segcore.data import DataError, read_image
 from segcore.readers import open_sources
+from segcore.readers import open_sources as pipeline_open_sources
 
 
 def _segment_arrays(path) -> list[np.ndarray]:
