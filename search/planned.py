@@ -17,7 +17,8 @@ import logging
 import math
 from typing import Any
 
-from search.space import Dimension, SearchSpace, is_per_arch
+from search.dimensions import Dimension, is_per_arch
+from search.space import SearchSpace
 from search.spec import SearchSpec
 
 log = logging.getLogger(__name__)

@@ -180,7 +180,8 @@ def test_ddp_two_ranks_train_one_shared_discriminator(shapes_data, tmp_path):
 
 
 def test_adversarial_weight_is_a_search_dimension():
-    from search.space import SearchSpace, parse_dimension
+    from search.dimensions import parse_dimension
+    from search.space import SearchSpace
 
     dim = parse_dimension("adversarial_weight", {"uniform": [0.0, 0.5]})
     assert dim.path == "loss.adversarial.weight"
