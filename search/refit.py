@@ -231,7 +231,7 @@ def refit_train(plan: RefitPlan, train_dir: str, val_dir: str | None, target: Ml
     import torch
 
     from segcore.mlflow_model import log_model_dir
-    from segcore.plan import torch_threads
+    from segcore.plan.timing import torch_threads
     from segcore.train import train
 
     start = time.perf_counter()

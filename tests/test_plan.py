@@ -21,22 +21,17 @@ from segcore.cli import main as gigaseg
 from segcore.config import TrainConfig, load_yaml_config
 from segcore.data.spec import DatasetSpec
 from segcore.modelio.ref import read_card
-from segcore.plan import (
-    EPOCH_HEADROOM,
+from segcore.plan import plan_training
+from segcore.plan.decisions import (
     MIN_PATCH,
-    MIN_STEPS,
-    OVERHEAD_SHARE,
     THIN_MODEL,
-    VAL_SHARE,
-    Speed,
     decide_loss,
     decide_model,
     decide_patch,
-    fingerprint,
-    fit_to_steps,
     memory_budget,
-    plan_training,
 )
+from segcore.plan.fingerprints import fingerprint
+from segcore.plan.timing import EPOCH_HEADROOM, MIN_STEPS, OVERHEAD_SHARE, VAL_SHARE, Speed, fit_to_steps
 from segcore.simulate import generate_shapes
 from segcore.simulate.common import prepare_dataset_dir, rng_for, write_spec
 
