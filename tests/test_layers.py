@@ -142,8 +142,8 @@ def circles(edges: dict[Edge, set[str]]) -> list[list[str]]:
     return sorted(groups)
 
 
-def _file(module: str, modules: dict[str, Path]) -> str:
-    return str(modules[module].relative_to(ROOT))
+def _file(module: str, modules: dict[str, Path], root: Path) -> str:
+    return str(modules[module].relative_to(root))
 
 
 def describe_circles(edges: dict[Edge, set[str]], root: Path = ROOT) -> list[str]:
@@ -152,10 +152,10 @@ def describe_circles(edges: dict[Edge, set[str]], root: Path = ROOT) -> list[str
     text = []
     for group in circles(edges):
         members = set(group)
-        lines = [f"circle of {len(group)} files: " + ", ".join(_file(m, modules) for m in group)]
+        lines = [f"circle of {len(group)} files: " + ", ".join(_file(m, modules, root) for m in group)]
         for (a, b), names in sorted(edges.items()):
             if a in members and b in members:
-                lines.append(f"  {_file(a, modules)} -> {_file(b, modules)} ({', '.join(sorted(names))})")
+                lines.append(f"  {_file(a, modules, root)} -> {_file(b, modules, root)} ({', '.join(sorted(names))})")
         text.append("\n".join(lines))
     return text
 
@@ -166,7 +166,7 @@ def one_way_breaches(edges: dict[Edge, set[str]], root: Path = ROOT) -> list[str
     bad = []
     for (a, b), names in sorted(edges.items()):
         if b.split(".")[0] in FORBIDDEN.get(a.split(".")[0], ()):
-            bad.append(f"{_file(a, modules)} -> {_file(b, modules)} ({', '.join(sorted(names))})")
+            bad.append(f"{_file(a, modules, root)} -> {_file(b, modules, root)} ({', '.join(sorted(names))})")
     return bad
 
 
