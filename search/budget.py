@@ -1,5 +1,8 @@
 """Per-trial budgets in epochs, optimizer steps or minutes, and ASHA's clock in the same unit.
 
+The ``budget:`` section's models (:class:`StepsBudget`, :class:`MinutesBudget`) live here, below
+the search spec and its validation, which both import them.
+
 * ``epochs`` (no ``budget:``): the TrainConfig's ``epochs``; ASHA counts ``training_iteration``.
 * ``budget: {steps: N}``: :func:`apply_budget` sets ``epochs`` and ``data.patches_per_epoch`` so a
   trial makes at least N and fewer than N + epochs optimizer steps (see :func:`fit_steps`); ASHA
@@ -18,14 +21,47 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from search.spec import Budget, MinutesBudget, SearchSpec, StepsBudget
-from segcore.config import TrainConfig
+from pydantic import Discriminator, Field, Tag
+
+from segcore.config import Strict, TrainConfig
 from segcore.schedules import PCT_START
 
 log = logging.getLogger(__name__)
 
 TIME_ATTR = {"epochs": "training_iteration", "steps": "steps", "minutes": "train_minutes"}
+
+
+class StepsBudget(Strict):
+    """Each trial trains for ``steps`` optimizer steps (search/budget.py sets epochs and patches per epoch)."""
+
+    unit: Literal["steps"] = "steps"
+    steps: int = Field(ge=1, description="optimizer steps per trial (per worker with DDP)")
+
+
+class MinutesBudget(Strict):
+    """Each trial stops training at the first epoch end after ``minutes`` of wall time (``max_minutes``)."""
+
+    unit: Literal["minutes"] = "minutes"
+    minutes: float = Field(gt=0, description="training wall time per trial, epochs' validation included")
+
+
+def _budget_kind(value: Any) -> str | None:
+    """``{steps: N}`` -> steps, ``{minutes: M}`` -> minutes (a ``unit`` key, if written, decides)."""
+    if isinstance(value, dict):
+        if "unit" in value:
+            return value["unit"]
+        kinds = [k for k in ("steps", "minutes") if k in value]
+        return kinds[0] if len(kinds) == 1 else None
+    return getattr(value, "unit", None)
+
+
+Budget = Annotated[
+    Annotated[StepsBudget, Tag("steps")] | Annotated[MinutesBudget, Tag("minutes")],
+    Discriminator(_budget_kind, custom_error_type="budget_kind",
+                  custom_error_message="write exactly one of {steps: N} or {minutes: M}"),
+]
 
 
 def steps_per_epoch(patches_per_epoch: int, batch_size: int, world_size: int = 1) -> int:
@@ -69,8 +105,9 @@ class AshaClock:
     why: str
 
 
-def asha_clock(spec: SearchSpec, base: TrainConfig, max_epochs: int) -> AshaClock:
-    """ASHA's clock for ``spec.budget``; ``base`` is the base configuration (plan merged in).
+def asha_clock(spec: Any, base: TrainConfig, max_epochs: int) -> AshaClock:
+    """ASHA's clock for ``spec.budget``; ``spec`` is the :class:`search.spec.SearchSpec` (typed ``Any``:
+    budgets sit below specs), ``base`` the base configuration (plan merged in).
 
     One epoch is converted with the base configuration: under a steps budget its steps per epoch
     after :func:`fit_steps`; under a minutes budget M / base epochs (the plan fits the base's

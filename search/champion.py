@@ -6,7 +6,7 @@ After the search (driver side, :func:`search.summary.summarize`):
    on the validation split the trials used (``data.val``, else ``segcore.train.split_samples`` of
    ``data.train`` with the best model's ``val_fraction`` and seed), bounded to
    ``champion.val_pixels``;
-2. greedy ensemble selection (:func:`segcore.ensemble.greedy_select`) over those probabilities;
+2. greedy ensemble selection (:func:`segcore.modelio.ensemble.greedy_select`) over those probabilities;
    the ensemble becomes the candidate only if it beats the best single model;
 3. one temperature is fitted on validation (``segcore.calibration``) and stored on the card;
 4. flip TTA is scored on validation and set on the card (``extra["tta"]``) when it gains at least
@@ -34,11 +34,12 @@ from mlflow.entities import Metric, Param, RunTag
 from search.mlflow_runs import MlflowTarget, trial_model_uri
 from segcore.calibration import calibrate_model, log_of, set_card_extra, tiled_proba
 from segcore.data import Sample, load_samples, load_spec
-from segcore.ensemble import greedy_select, member_halo, miou_of, save_ensemble_dir
 from segcore.halo import MEASURED_ON_KEY, loaded_halo
 from segcore.metrics import ConfusionMatrix
-from segcore.modeldir import TTA_KEY, LoadedModel, read_card
-from segcore.modelref import load_model, local_dir
+from segcore.modelio.card import TTA_KEY
+from segcore.modelio.ensemble import greedy_select, member_halo, miou_of, save_ensemble_dir
+from segcore.modelio.folder import LoadedModel
+from segcore.modelio.ref import load_model, local_dir, read_card
 from segcore.tiling import round_up
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,9 @@ from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
+from search.dimensions import Dimension
 from search.planned import trial0_of
-from search.space import Active, Dimension, SearchSpace
+from search.space import Active, SearchSpace
 from search.spec import SearchSpec
 from search.validate import seed_to_optuna
 

@@ -17,7 +17,8 @@ import logging
 import math
 from typing import Any
 
-from search.space import Dimension, SearchSpace, is_per_arch
+from search.dimensions import Dimension, is_per_arch
+from search.space import SearchSpace
 from search.spec import SearchSpec
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,9 @@ def _listed(spec: SearchSpec, key: str, path: str) -> list[Any]:
 def _planning_base(spec: SearchSpec, fp: Any) -> dict[str, Any]:
     """The model the plan times and trial 0 trains: base's, with the first listed architecture,
     encoder and arch_kwargs (those for that architecture); the architecture the plan prefers for this
-    data instead (:func:`segcore.plan.decide_model`: ResUNet with a full-resolution skip for thin lines)
+    data instead (:func:`segcore.plan.decisions.decide_model`: ResUNet with a full-resolution skip for thin lines)
     where the space lists it with the plan's kwargs."""
-    from segcore.plan import decide_model
+    from segcore.plan.decisions import decide_model
 
     model = dict(spec.base.get("model", {}))
     for key, path in (("architecture", "arch"), ("encoder", "encoder"), ("arch_kwargs", "arch_kwargs")):
@@ -122,7 +123,8 @@ def plan_search(spec: SearchSpec, space: SearchSpace) -> tuple[SearchSpec, Searc
     With ``plan.enabled: false`` everything is returned unchanged (and the plan is None).
     """
     from segcore.config import flatten
-    from segcore.plan import fingerprint, merge_under, plan_training
+    from segcore.plan import merge_under, plan_training
+    from segcore.plan.fingerprints import fingerprint
 
     if not spec.plan.enabled:
         return spec, space, None

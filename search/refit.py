@@ -121,7 +121,7 @@ def plan_refit(spec: SearchSpec, best: Any, model_dir: Path, reserved_s: float,
     """The best trial's config with the epochs that fit ``reserved_s`` (warm-started from the model
     URI ``start_from`` if given); None (logged) when no epoch fits, or from scratch, when that is not
     more epochs than the trial trained."""
-    from segcore.modeldir import read_card
+    from segcore.modelio.ref import read_card
 
     history = _history(model_dir)
     epoch_times = [h["epoch_time_s"] for h in history if "epoch_time_s" in h]
@@ -231,7 +231,7 @@ def refit_train(plan: RefitPlan, train_dir: str, val_dir: str | None, target: Ml
     import torch
 
     from segcore.mlflow_model import log_model_dir
-    from segcore.plan import torch_threads
+    from segcore.plan.timing import torch_threads
     from segcore.train import train
 
     start = time.perf_counter()
@@ -277,7 +277,7 @@ def run_refits(spec: SearchSpec, target: MlflowTarget, results: Any, top: list[t
     failed; the others go on."""
     import ray
 
-    from segcore.modelref import local_dir
+    from segcore.modelio.ref import local_dir
 
     reserved = reserved_seconds(spec, results)
     plans = [p for trial, uri in top
@@ -326,7 +326,7 @@ def refit_candidates(spec: SearchSpec, target: MlflowTarget, results: Any, ranke
     ``refit.budget_fraction`` > 0; the kept refits as champion :class:`search.champion.Candidate`
     (trial id ``refit-<trial id>``)."""
     from search.champion import Candidate
-    from segcore.modelref import local_dir
+    from segcore.modelio.ref import local_dir
 
     if spec.refit.budget_fraction <= 0:
         return []

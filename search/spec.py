@@ -8,10 +8,12 @@ YAML key that is wrong. The dimension syntax itself lives in :mod:`search.space`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Field, model_validator
 
+from search.budget import Budget, StepsBudget
+from search.space import SearchSpace
 from segcore.config import ConfigError, Strict, parse_config, read_yaml_mapping
 
 Engine = Literal["tpe", "random", "grid"]
@@ -23,37 +25,6 @@ class DataSection(Strict):
     train: Path
     val: Path | None = None
     test: Path | None = Field(None, description="held-out data the champion alias is gated on; default: validation")
-
-
-class StepsBudget(Strict):
-    """Each trial trains for ``steps`` optimizer steps (search/budget.py sets epochs and patches per epoch)."""
-
-    unit: Literal["steps"] = "steps"
-    steps: int = Field(ge=1, description="optimizer steps per trial (per worker with DDP)")
-
-
-class MinutesBudget(Strict):
-    """Each trial stops training at the first epoch end after ``minutes`` of wall time (``max_minutes``)."""
-
-    unit: Literal["minutes"] = "minutes"
-    minutes: float = Field(gt=0, description="training wall time per trial, epochs' validation included")
-
-
-def _budget_kind(value: Any) -> str | None:
-    """``{steps: N}`` -> steps, ``{minutes: M}`` -> minutes (a ``unit`` key, if written, decides)."""
-    if isinstance(value, dict):
-        if "unit" in value:
-            return value["unit"]
-        kinds = [k for k in ("steps", "minutes") if k in value]
-        return kinds[0] if len(kinds) == 1 else None
-    return getattr(value, "unit", None)
-
-
-Budget = Annotated[
-    Annotated[StepsBudget, Tag("steps")] | Annotated[MinutesBudget, Tag("minutes")],
-    Discriminator(_budget_kind, custom_error_type="budget_kind",
-                  custom_error_message="write exactly one of {steps: N} or {minutes: M}"),
-]
 
 
 class AshaSection(Strict):
@@ -202,8 +173,6 @@ def _check_data(spec: SearchSpec, source: str) -> None:
 
 def parse_search_spec(data: dict[str, Any], source: str = "<dict>", root: Path | None = None) -> SearchSpec:
     """Validate a search config dict completely (sections, space, seeds, data); raise ConfigError."""
-    from search.space import SearchSpace
-
     spec = parse_config(data, SearchSpec, source=source)
     spec = _resolve_paths(spec, root or Path.cwd())
     _check_data(spec, source)

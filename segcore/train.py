@@ -27,11 +27,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from segcore.adversarial import AdversarialTerm, build_adversarial
-from segcore.config import TrainConfig
+from segcore.config import ModelConfig, TrainConfig
 from segcore.data import PatchDataset, Sample, build_augmentation, load_samples, load_spec
 from segcore.data.lazy import LazyPatchDataset, TrainData, build_lazy_data, use_lazy
 from segcore.data.normalize import input_range
 from segcore.data.spec import DatasetSpec
+from segcore.device import pick_device, train_autocast
 from segcore.halo import card_halo
 from segcore.losses import build_loss, inverse_frequency_weights
 from segcore.metrics import (
@@ -41,15 +42,8 @@ from segcore.metrics import (
     threshold_from_histograms,
     threshold_histograms,
 )
-from segcore.modeldir import (
-    INPUT_RANGE_KEY,
-    WEIGHTS_FILE,
-    ModelCard,
-    logits_to_proba,
-    pick_device,
-    save_model_dir,
-    train_autocast,
-)
+from segcore.modelio.card import INPUT_RANGE_KEY, WEIGHTS_FILE, ModelCard
+from segcore.modelio.folder import logits_to_proba, save_model_dir
 from segcore.models import build_model, check_combination
 from segcore.models.freeze import FreezeController
 from segcore.models.validity import input_multiple
@@ -253,7 +247,7 @@ def build_run(cfg: TrainConfig, data_dir: str | Path, val_dir: str | Path | None
     device = _device_for(cfg, rank, world)
     if train_autocast(device, cfg.amp) and device.type == "cpu":
         log.info("amp: training steps in bf16 autocast on this CPU (native bf16); validation in fp32")
-    model = build_model(cfg.model, load_weights=True).to(device)
+    model = build_model(_local_init_weights(cfg.model), load_weights=True).to(device)
     if cfg.channels_last:  # faster on CPUs too: x1.1-1.5 per training step on a 2-core EPYC, every arch
         model = model.to(memory_format=torch.channels_last)
     freeze = FreezeController(model, cfg.freeze, cfg.optim.lr)
@@ -270,6 +264,16 @@ def build_run(cfg: TrainConfig, data_dir: str | Path, val_dir: str | Path | None
     adversarial = build_adversarial(cfg, len(spec.class_names), device, world)  # last: weight 0 draws no RNG
     return _Run(cfg, card, model, freeze, optimizer, scheduler, loss_fn.to(device), loader, patches, data.val_samples, device, rank, world,
                 adversarial=adversarial)
+
+
+def _local_init_weights(model: ModelConfig) -> ModelConfig:
+    """``model`` with ``init_weights`` (a folder, a weights file or an MLflow URI) resolved to a local
+    path, so segcore.models reads only local files; the card keeps the reference as written."""
+    if model.init_weights is None:
+        return model
+    from segcore.modelio.ref import local_dir
+
+    return model.model_copy(update={"init_weights": str(local_dir(model.init_weights))})
 
 
 def _spec_colors(spec) -> list[tuple[int, int, int]] | None:

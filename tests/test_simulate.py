@@ -133,7 +133,7 @@ def test_lines_seed003_style_is_grey_with_flat_shapes_on_noise(tmp_path):
 
 
 def test_lines_are_3_to_5_px_wide_with_anti_aliased_edges():
-    from segcore.plan import object_sizes
+    from segcore.plan.fingerprints import object_sizes
 
     image, mask = lines.render_lines(np.random.default_rng(7))
     line = mask == 1
