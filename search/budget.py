@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from search.spec import Budget, MinutesBudget, SearchSpec, StepsBudget
-from segcore.config import TrainConfig
+from segcore.config import ConfigError, TrainConfig
 from segcore.schedules import PCT_START
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,60 @@ def apply_budget(cfg: TrainConfig, budget: Budget | None, world_size: int = 1) -
     if isinstance(budget, MinutesBudget):
         return cfg.model_copy(update={"max_minutes": budget.minutes})
     return cfg
+
+
+def plan_steps(plan: Any, minutes: float) -> int:
+    """The optimizer steps ``plan`` makes in ``minutes`` on one worker, by its own step timing (the
+    epochs x steps per epoch that ``gigaseg train --budget-min`` would plan for those minutes)."""
+    from segcore.plan import decide_steps
+
+    chosen, _ = decide_steps(plan.fingerprint, plan.config, plan.speed, minutes)
+    return chosen["epochs"] * max(1, chosen["patches_per_epoch"] // plan.config.data.batch_size)
+
+
+def resolve_plan_steps(spec: SearchSpec, plan: Any) -> SearchSpec:
+    """``steps: plan`` (budget, cluster) replaced by the plan's steps; then, with a cluster, the trial
+    budget checked against a worker's trial share (or set to it when not written)."""
+    budget, cluster = spec.budget, spec.cluster
+    wants_plan = [k for k, v in (("budget.steps", getattr(budget, "steps", None)),
+                                 ("cluster.steps_per_worker", getattr(cluster, "steps_per_worker", None)))
+                  if v == "plan"]
+    if wants_plan and plan is None:
+        raise ConfigError(f"{spec.name}: {' and '.join(wants_plan)}: plan needs the plan (plan.enabled: true); "
+                          "write a number of steps instead")
+    update: dict[str, Any] = {}
+    if isinstance(budget, StepsBudget) and budget.steps == "plan":
+        update["budget"] = StepsBudget(steps=plan_steps(plan, budget.minutes))
+        log.info("budget: steps plan = %d optimizer steps per trial (the plan's in %g min on one worker)",
+                 update["budget"].steps, budget.minutes)
+    if cluster is not None and cluster.steps_per_worker == "plan":
+        update["cluster"] = cluster.model_copy(update={"steps_per_worker": plan_steps(plan, cluster.minutes),
+                                                       "minutes": None})
+        log.info("cluster: steps_per_worker plan = %d optimizer steps (the plan's in %g min on one worker)",
+                 update["cluster"].steps_per_worker, cluster.minutes)
+    spec = spec.model_copy(update=update)
+    return _fit_trials_to_workers(spec) if spec.cluster is not None else spec
+
+
+def trial_share(spec: SearchSpec) -> int:
+    """Steps of each worker that trials may use: C less the refit's share (``refit.budget_fraction``)."""
+    per_worker = int(spec.cluster.steps_per_worker) if spec.cluster else 0  # resolved: a number by now
+    return max(1, int(per_worker * (1.0 - spec.refit.budget_fraction)))
+
+
+def _fit_trials_to_workers(spec: SearchSpec) -> SearchSpec:
+    """A cluster's trial budget: the written one if a worker's trial share holds it, else refused; when
+    none is written, the whole share (one trial per worker, e.g. a PBT population of N)."""
+    share = trial_share(spec)
+    if spec.budget is None:
+        log.info("cluster: no trial budget written; each trial gets a worker's trial share, %d steps", share)
+        return spec.model_copy(update={"budget": StepsBudget(steps=share)})
+    if spec.budget.steps > share:
+        raise ConfigError(f"{spec.name}: budget.steps {spec.budget.steps} exceeds a worker's share for trials, "
+                          f"{share} (cluster.steps_per_worker {spec.cluster.steps_per_worker} less "
+                          f"refit.budget_fraction {spec.refit.budget_fraction:g}); lower budget.steps or raise "
+                          "cluster.steps_per_worker")
+    return spec
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pydantic import Discriminator, Field, Tag, model_validator
 
 from segcore.config import ConfigError, Strict, parse_config, read_yaml_mapping
 
-Engine = Literal["tpe", "random", "grid"]
+Engine = Literal["tpe", "random", "grid", "pbt"]
 
 
 class DataSection(Strict):
@@ -25,11 +25,32 @@ class DataSection(Strict):
     test: Path | None = Field(None, description="held-out data the champion alias is gated on; default: validation")
 
 
+PlanSteps = Annotated[int, Field(ge=1)] | Literal["plan"]
+
+
+def check_plan_steps(steps: int | str, minutes: float | None, steps_key: str, minutes_key: str) -> None:
+    """``steps: plan`` needs ``minutes`` (the plan's steps in that many minutes on one worker);
+    a number of steps takes no minutes (write ``{minutes: M}`` for a wall-clock budget)."""
+    if steps == "plan" and minutes is None:
+        raise ValueError(f"{steps_key}: plan needs {minutes_key}: T (the optimizer steps the plan makes in T "
+                         "minutes on one worker, timed before the first trial)")
+    if steps != "plan" and minutes is not None:
+        raise ValueError(f"{minutes_key} goes with {steps_key}: plan only; write a number of steps or "
+                         f"{steps_key}: plan with {minutes_key}")
+
+
 class StepsBudget(Strict):
-    """Each trial trains for ``steps`` optimizer steps (search/budget.py sets epochs and patches per epoch)."""
+    """Each trial trains for ``steps`` optimizer steps (search/budget.py sets epochs and patches per epoch);
+    ``{steps: plan, minutes: T}``: the steps the plan makes in T minutes on one worker (its own timing)."""
 
     unit: Literal["steps"] = "steps"
-    steps: int = Field(ge=1, description="optimizer steps per trial (per worker with DDP)")
+    steps: PlanSteps = Field(description="optimizer steps per trial (per worker with DDP), or plan")
+    minutes: float | None = Field(None, gt=0, description="with steps: plan, the minutes the plan's steps fill")
+
+    @model_validator(mode="after")
+    def _check_plan(self) -> StepsBudget:
+        check_plan_steps(self.steps, self.minutes, "steps", "minutes")
+        return self
 
 
 class MinutesBudget(Strict):
@@ -44,15 +65,16 @@ def _budget_kind(value: Any) -> str | None:
     if isinstance(value, dict):
         if "unit" in value:
             return value["unit"]
-        kinds = [k for k in ("steps", "minutes") if k in value]
-        return kinds[0] if len(kinds) == 1 else None
+        if "steps" in value:  # {steps: plan, minutes: T} is a steps budget
+            return "steps"
+        return "minutes" if "minutes" in value else None
     return getattr(value, "unit", None)
 
 
 Budget = Annotated[
     Annotated[StepsBudget, Tag("steps")] | Annotated[MinutesBudget, Tag("minutes")],
     Discriminator(_budget_kind, custom_error_type="budget_kind",
-                  custom_error_message="write exactly one of {steps: N} or {minutes: M}"),
+                  custom_error_message="write {steps: N}, {steps: plan, minutes: T} or {minutes: M}"),
 ]
 
 
@@ -140,6 +162,38 @@ class RefitSection(Strict):
                              "the refit's epochs), so its training is not thrown away; false: from scratch")
 
 
+class ClusterSection(Strict):
+    """The cluster a search is sized for, counted in optimizer steps (search/lanes.py).
+
+    ``workers`` N trials run at a time (Tune's concurrency), each worker training at most
+    ``steps_per_worker`` C steps in all; trials, refits and any other training together use at most
+    N x C worker-steps. On N GPUs that is the wall time; on a smaller machine the same search takes
+    longer and reaches the same result."""
+
+    workers: int = Field(ge=1, description="N: workers (GPUs or nodes), one trial each at a time")
+    steps_per_worker: PlanSteps = Field(description="C: optimizer steps per worker, or plan (with minutes)")
+    minutes: float | None = Field(None, gt=0, description="with steps_per_worker: plan, the minutes C fills")
+
+    @model_validator(mode="after")
+    def _check_plan(self) -> ClusterSection:
+        check_plan_steps(self.steps_per_worker, self.minutes, "steps_per_worker", "minutes")
+        return self
+
+
+class PbtSection(Strict):
+    """Population-based training (Ray Tune's PBT, synchronous): the population trains side by side; at
+    every perturbation the worst ``quantile_fraction`` copy the best's weights and config, then
+    perturb the range dimensions (x 0.8 / 1.2, or a resample). Intervals are shares of a trial's steps."""
+
+    population: int | None = Field(None, ge=2, description="trials; default cluster.workers, else 4")
+    perturbation_interval: float = Field(0.2, gt=0, le=1, description="share of a trial's steps between "
+                                         "perturbations")
+    burn_in: float = Field(0.3, ge=0, lt=1, description="share of a trial's steps before the first "
+                           "perturbation (default: the one-cycle warm-up, when every trial still scores alike)")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    resample_probability: float = Field(0.25, ge=0, le=1)
+
+
 class SearchSpec(Strict):
     """A whole search, as written in ``search.yaml``."""
 
@@ -166,11 +220,53 @@ class SearchSpec(Strict):
     champion: ChampionSection = Field(default_factory=ChampionSection)
     refit: RefitSection = Field(default_factory=RefitSection)
     testing: TestingSection | None = None
-    budget: Budget | None = Field(None, description="per trial: {steps: N} or {minutes: M}; None: epochs")
+    budget: Budget | None = Field(None, description="per trial: {steps: N}, {steps: plan, minutes: T} or "
+                                  "{minutes: M}; None: epochs (or, with cluster, a worker's trial share)")
+    cluster: ClusterSection | None = Field(None, description="size the search in worker-steps (N x C)")
+    pbt: PbtSection = Field(default_factory=PbtSection)
 
     @property
     def experiment(self) -> str:
         return self.mlflow.experiment or self.name
+
+    @property
+    def population(self) -> int:
+        """PBT's population: ``pbt.population``, else one trial per cluster worker, else 4."""
+        return self.pbt.population or (self.cluster.workers if self.cluster else 4)
+
+    @model_validator(mode="after")
+    def _check_cluster(self) -> SearchSpec:
+        if self.cluster is None:
+            return self
+        if self.resources.workers_per_trial > 1:
+            raise ValueError("cluster: trials with workers_per_trial > 1 are not counted in worker-steps; set "
+                             "resources.workers_per_trial: 1 (the refit trains on all cluster.workers)")
+        if self.engine == "grid":
+            raise ValueError("cluster: a grid runs every combination whatever the worker-steps; use engine tpe, "
+                             "random or pbt")
+        if self.max_concurrent_trials not in (None, self.cluster.workers):
+            raise ValueError(f"cluster.workers ({self.cluster.workers}) runs that many trials at a time; remove "
+                             f"max_concurrent_trials ({self.max_concurrent_trials}) or make them equal")
+        if isinstance(self.budget, MinutesBudget):
+            raise ValueError("cluster counts optimizer steps: write budget: {steps: N} or {steps: plan, "
+                             "minutes: T}, not minutes")
+        return self
+
+    @model_validator(mode="after")
+    def _check_pbt(self) -> SearchSpec:
+        if self.engine != "pbt":
+            if "pbt" in self.model_fields_set:
+                raise ValueError(f"pbt: settings for engine pbt, but engine is {self.engine!r}")
+            return self
+        if self.asha.enabled and "asha" in self.model_fields_set:
+            raise ValueError("engine pbt schedules the trials itself: remove asha (or set asha.enabled: false)")
+        if "num_samples" in self.model_fields_set:
+            raise ValueError("engine pbt trains pbt.population trials (default: cluster.workers); remove "
+                             "num_samples")
+        if not isinstance(self.budget, StepsBudget) and self.cluster is None:
+            raise ValueError("engine pbt perturbs at step counts: give budget: {steps: N} (or "
+                             "{steps: plan, minutes: T}) or a cluster section")
+        return self
 
     @model_validator(mode="after")
     def _check_budget(self) -> SearchSpec:

@@ -125,6 +125,8 @@ def _check_value(dim: Dimension, choices: tuple[Any, ...], value: Any, where: st
 
 def _check_asha(space: SearchSpace, spec: Any, source: str) -> None:
     asha = spec.asha
+    if getattr(spec, "engine", None) == "pbt" or getattr(getattr(spec, "budget", None), "steps", None) == "plan":
+        return  # PBT schedules without ASHA; the plan's steps are known once it is timed (search/planned.py)
     if asha.enabled and getattr(spec, "budget", None) is not None:  # compared in the budget's unit
         from search.budget import asha_clock
 
