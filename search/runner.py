@@ -21,7 +21,7 @@ import yaml
 from ray import tune
 from ray.tune.stopper import CombinedStopper
 
-from search.engines import EpochBudget, build_scheduler, build_searcher, num_trials
+from search.engines import EpochBudget, build_engine, num_trials
 from search.failfast import SameErrorStop
 from search.mlflow_runs import MlflowTarget, start_parent_run
 from search.pg_guard import LedgerSweeper, get_ledger
@@ -30,7 +30,7 @@ from search.preflight import check_search_data
 from search.refit import trial_time_budget_s
 from search.space import SearchSpace
 from search.spec import ResourcesSection, SearchSpec, parse_search_spec
-from search.summary import SearchOutcome, TrialStatusCallback, summarize
+from search.summary import SearchOutcome, TrialStatusCallback, plan_advice, summarize
 from search.trial import TrialContext, trial_main
 from segcore import tracking
 from segcore.config import ConfigError
@@ -38,6 +38,7 @@ from segcore.config import ConfigError
 log = logging.getLogger(__name__)
 
 STATE_FILE = "gigaseg_search.json"
+PBT_CHECKPOINTS = 4  # a clone reads its donor's latest checkpoint: keep more than the last two
 DRIVER_CPUS = 0.01  # a multi-worker trial's own actor only drives its TorchTrainer
 
 
@@ -72,12 +73,16 @@ def make_trainable(ctx: TrialContext, res: ResourcesSection) -> Any:
 def reuse_actors(spec: SearchSpec) -> bool:
     """Reuse trial processes (saves a torch/MLflow import per trial) only when no trial is stopped
     mid-training: a stopped trial's thread is still in ``train()`` and Tune cannot reset the actor."""
-    return not spec.asha.enabled and spec.resources.workers_per_trial == 1
+    return not spec.asha.enabled and spec.engine != "pbt" and spec.resources.workers_per_trial == 1
 
 
 def default_concurrency(spec: SearchSpec) -> int | None:
     """For DDP trials Tune cannot see the workers' needs: cap trials by what the cluster holds."""
     res = spec.resources
+    if spec.engine == "pbt":  # the population runs side by side (Tune limits searchers only)
+        return None
+    if spec.cluster is not None:  # N trials at a time, in the order N workers would give their results
+        return spec.cluster.workers
     if spec.max_concurrent_trials or res.workers_per_trial == 1:
         return spec.max_concurrent_trials
     total = ray.cluster_resources()
@@ -106,12 +111,12 @@ def progress_reporter(spec: SearchSpec, space: SearchSpace) -> Any | None:
 
 def _tuner(spec: SearchSpec, space: SearchSpace, trainable: Any, target: MlflowTarget, exp_dir: Path,
            ledger_name: str, same_errors: SameErrorStop) -> tune.Tuner:
-    searcher, param_space = build_searcher(spec, space)
+    searcher, param_space, scheduler = build_engine(spec, space, target)
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=build_scheduler(spec, space),
+            metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
             num_samples=num_trials(spec, space), max_concurrent_trials=default_concurrency(spec),
             time_budget_s=trial_time_budget_s(spec),  # less the refit's share (search/refit.py)
             reuse_actors=reuse_actors(spec), trial_dirname_creator=trial_dirname,
@@ -121,7 +126,7 @@ def _tuner(spec: SearchSpec, space: SearchSpace, trainable: Any, target: MlflowT
             storage_path=str(exp_dir.parent),
             stop=_stopper(spec, same_errors),
             failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS if spec.engine == "pbt" else 2),
             callbacks=[TrialStatusCallback(target), LedgerSweeper(ledger_name), same_errors],
             progress_reporter=progress_reporter(spec, space),
             verbose=1,
@@ -166,6 +171,8 @@ def _fit(spec: SearchSpec, target: MlflowTarget, exp_dir: Path, restore: bool, s
     log.info("search %s: %s; best %s=%s (trial %s)%s", spec.name, outcome.counts, spec.metric,
              outcome.best_value, outcome.best_trial_id,
              f"; champion {outcome.champion_uri}" if outcome.champion_uri else "")
+    if advice := plan_advice(spec, results, target):
+        log.info(advice)  # the last line: what to run instead
     return outcome
 
 

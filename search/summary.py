@@ -10,7 +10,6 @@ from typing import Any
 from mlflow.entities import Metric, RunTag
 from ray import tune
 
-from search.engines import IS_LAST
 from search.failfast import error_message, most_common_error
 from search.mlflow_runs import (
     COMPLETED,
@@ -25,6 +24,7 @@ from search.mlflow_runs import (
     mark_trial,
     trial_runs_tagged,
 )
+from search.report import IS_LAST, creation_order
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,30 @@ def summarize(results: Any, spec: Any, target: MlflowTarget, path: str,
     outcome.failure = failure_reason(results, outcome, spec, stopped_because)
     _log_outcome(target, outcome, spec.metric)
     return outcome
+
+
+PLAN_MARGIN = 0.002  # a champion this close to the plan's own trial is the plan, trained for fewer steps
+
+
+def plan_advice(spec: Any, results: Any, target: MlflowTarget) -> str | None:
+    """The search's last log line when its champion is within :data:`PLAN_MARGIN` of the plan's own
+    trial (trial 0) on validation: for this data, more steps on the plan pay more than the search."""
+    if not spec.plan.enabled or spec.engine == "grid" or not spec.mlflow.registered_model_name:
+        return None
+    done = [r for r in results if r.metrics and r.metrics.get(spec.metric) is not None]
+    champion = target.client().get_run(target.parent_run_id).data.metrics.get("ensemble_val_miou")
+    if not done or champion is None or spec.metric != "val_miou":
+        return None
+    plan_score = float(min(done, key=lambda r: creation_order(str(r.metrics.get("trial_id", "")))).metrics[spec.metric])
+    if champion - plan_score > PLAN_MARGIN:
+        return None
+    workers = spec.cluster.workers if spec.cluster else 1
+    steps = spec.cluster.steps_per_worker if spec.cluster else getattr(spec.budget, "steps", None)
+    command = f"gigaseg train --data {spec.data.train}" + (f" --workers {workers}" if workers > 1 else "") + (
+        f" --steps {steps}" if steps else "")
+    return (f"for this data, train the plan longer: the champion's validation mIoU {champion:.4f} is within "
+            f"{PLAN_MARGIN} of the plan's own trial ({plan_score:.4f}); `{command}` spends the same "
+            f"{'worker-' if workers > 1 else ''}steps on the plan alone")
 
 
 def _log_outcome(target: MlflowTarget, outcome: SearchOutcome, metric: str) -> None:
