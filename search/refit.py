@@ -321,7 +321,8 @@ def _judge(spec: SearchSpec, target: MlflowTarget, plan: RefitPlan, run_id: str,
     return out
 
 
-def refit_candidates(spec: SearchSpec, target: MlflowTarget, results: Any, ranked: list[Any]) -> list[Any]:
+def refit_candidates(spec: SearchSpec, target: MlflowTarget, results: Any, ranked: list[Any],
+                     used: Any = None) -> list[Any]:
     """Refit the best ``refit.top_k`` of ``ranked`` (completed trials, best first) when
     ``refit.budget_fraction`` > 0; the kept refits as champion :class:`search.champion.Candidate`
     (trial id ``refit-<trial id>``)."""

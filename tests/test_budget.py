@@ -87,7 +87,7 @@ def test_a_run_cut_by_max_minutes_ends_annealed_not_at_peak_lr(shapes: Path, tmp
 @pytest.mark.slow
 def test_search_with_a_steps_budget_reports_steps_and_asha_counts_them(
         ray_local, mlflow_sqlite, shapes: Path, tmp_path: Path, monkeypatch) -> None:
-    import search.runner
+    import search.engines
 
     schedulers = []
 
@@ -95,8 +95,8 @@ def test_search_with_a_steps_budget_reports_steps_and_asha_counts_them(
         schedulers.append(build(spec, space))
         return schedulers[-1]
 
-    build = search.runner.build_scheduler
-    monkeypatch.setattr(search.runner, "build_scheduler", spy)
+    build = search.engines.build_scheduler
+    monkeypatch.setattr(search.engines, "build_scheduler", spy)
     raw = tiny("t-budget-steps", shapes, tmp_path / "store", budget={"steps": 6})
     raw["space"] = {**{k: v for k, v in raw["space"].items() if k != "epochs"}, "batch_size": {"choice": [4, 8]}}
     outcome = run_search(parse_search_spec(raw))
