@@ -82,6 +82,7 @@ def default_concurrency(spec: SearchSpec) -> int | None:
     if spec.engine == "pbt":  # the population runs side by side (Tune limits searchers only)
         return None
     if spec.cluster is not None:  # N trials at a time, in the order N workers would give their results
+        _check_cluster_fits(spec)
         return spec.cluster.workers
     if spec.max_concurrent_trials or res.workers_per_trial == 1:
         return spec.max_concurrent_trials
@@ -90,6 +91,18 @@ def default_concurrency(spec: SearchSpec) -> int | None:
     if res.gpus_per_trial:
         fits = min(fits, int(total.get("GPU", 0) // (res.gpus_per_trial * res.workers_per_trial)))
     return max(1, fits)
+
+
+def _check_cluster_fits(spec: SearchSpec) -> None:
+    """Warn when this Ray cannot run ``cluster.workers`` trials at once: the steps are counted the same,
+    but results arrive in another order than N workers would give them to TPE and the schedulers."""
+    res, workers = spec.resources, spec.cluster.workers
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    if workers * res.cpus_per_trial > cpus:
+        log.warning("cluster: %d workers x resources.cpus_per_trial %g = %g CPUs, but this Ray has %g: fewer "
+                    "trials run at once than on %d workers (the worker-steps are the same); set "
+                    "resources.cpus_per_trial: %g to run them side by side here", workers, res.cpus_per_trial,
+                    workers * res.cpus_per_trial, cpus, workers, cpus / workers)
 
 
 def _stopper(spec: SearchSpec, same_errors: SameErrorStop) -> Any:
