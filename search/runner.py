@@ -79,10 +79,11 @@ def reuse_actors(spec: SearchSpec) -> bool:
 def default_concurrency(spec: SearchSpec) -> int | None:
     """For DDP trials Tune cannot see the workers' needs: cap trials by what the cluster holds."""
     res = spec.resources
+    if spec.cluster is not None:
+        _check_cluster_fits(spec)
     if spec.engine == "pbt":  # the population runs side by side (Tune limits searchers only)
         return None
     if spec.cluster is not None:  # N trials at a time, in the order N workers would give their results
-        _check_cluster_fits(spec)
         return spec.cluster.workers
     if spec.max_concurrent_trials or res.workers_per_trial == 1:
         return spec.max_concurrent_trials
