@@ -201,7 +201,8 @@ def resumed_state(args: argparse.Namespace, run_dir: Path) -> TrainState:
                if given]
     wanted = {"--workers": (args.workers, state.workers), "--cpus-per-worker": (args.cpus_per_worker,
               state.cpus_per_worker), "--gpus-per-worker": (args.gpus_per_worker, state.gpus_per_worker),
-              "--data": (str(Path(args.data).resolve()), state.data)}
+              "--data": (str(Path(args.data).resolve()), state.data),
+              "--val-data": (str(Path(args.val_data).resolve()) if args.val_data else None, state.val_data)}
     changed += [f"{flag} {now} (it ran with {then})" for flag, (now, then) in wanted.items()
                 if now is not None and now != then]
     if changed:
@@ -278,6 +279,11 @@ def run(args: argparse.Namespace) -> int:
         state = state or new_state(args, res, run_dir)
         out = train_and_log(state, run_dir, MAX_FAILURES if args.max_failures is None else args.max_failures,
                             args.run_name)
+    except BaseException:
+        if (run_dir / STATE_FILE).is_file():
+            log.error("the run stopped before it finished; continue it from its last epoch with the same command "
+                      "and --resume (state: %s)", run_dir / STATE_FILE)
+        raise
     finally:
         if started:
             ray.shutdown()
