@@ -2,7 +2,7 @@
 
 * ``epochs`` (no ``budget:``): the TrainConfig's ``epochs``; ASHA counts ``training_iteration``.
 * ``budget: {steps: N}``: :func:`apply_budget` sets ``epochs`` and ``data.patches_per_epoch`` so a
-  trial makes at least N and fewer than N + epochs optimizer steps (see :func:`fit_steps`); ASHA
+  trial makes at least N and fewer than N + epochs optimizer steps (:func:`segcore.steps.fit_steps`); ASHA
   counts the reported ``steps``, so trials with different batch sizes meet at equal steps.
 * ``budget: {minutes: M}``: ``max_minutes = M`` (``segcore.train`` stops at the first epoch end
   after M minutes of training wall time); ASHA counts the reported ``train_minutes``.
@@ -23,38 +23,17 @@ from typing import Any
 from search.spec import Budget, MinutesBudget, SearchSpec, StepsBudget
 from segcore.config import ConfigError, TrainConfig
 from segcore.schedules import PCT_START
+from segcore.steps import fit_steps, steps_per_epoch, with_steps
 
 log = logging.getLogger(__name__)
 
 TIME_ATTR = {"epochs": "training_iteration", "steps": "steps", "minutes": "train_minutes"}
 
 
-def steps_per_epoch(patches_per_epoch: int, batch_size: int, world_size: int = 1) -> int:
-    """Optimizer steps per epoch on each rank, as segcore.train's loader makes them (drop_last
-    when a rank holds at least one full batch, else one short batch)."""
-    per_rank = math.ceil(patches_per_epoch / world_size)
-    return max(1, per_rank // batch_size)
-
-
-def fit_steps(steps: int, patches_per_epoch: int, batch_size: int, world_size: int = 1) -> tuple[int, int]:
-    """``(epochs, patches_per_epoch)`` that make at least ``steps`` optimizer steps per rank.
-
-    Rounding: epochs = max(1, round(steps / steps per epoch at the configured patches_per_epoch)),
-    so validation keeps about the configured cadence; then each epoch gets ceil(steps / epochs)
-    steps, i.e. patches_per_epoch = that x batch_size x world_size. The total overshoots ``steps``
-    by less than one step per epoch.
-    """
-    epochs = max(1, round(steps / steps_per_epoch(patches_per_epoch, batch_size, world_size)))
-    per_epoch = math.ceil(steps / epochs)
-    return epochs, per_epoch * batch_size * world_size
-
-
 def apply_budget(cfg: TrainConfig, budget: Budget | None, world_size: int = 1) -> TrainConfig:
     """The trial's TrainConfig under ``budget`` (unchanged without one)."""
     if isinstance(budget, StepsBudget):
-        epochs, ppe = fit_steps(budget.steps, cfg.data.patches_per_epoch, cfg.data.batch_size, world_size)
-        data = cfg.data.model_copy(update={"patches_per_epoch": ppe})
-        return cfg.model_copy(update={"epochs": epochs, "data": data})
+        return with_steps(cfg, budget.steps, world_size)
     if isinstance(budget, MinutesBudget):
         return cfg.model_copy(update={"max_minutes": budget.minutes})
     return cfg

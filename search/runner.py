@@ -21,6 +21,7 @@ import yaml
 from ray import tune
 from ray.tune.stopper import CombinedStopper
 
+from search.ddp import connect_ray
 from search.engines import EpochBudget, build_engine, num_trials
 from search.failfast import SameErrorStop
 from search.mlflow_runs import MlflowTarget, start_parent_run
@@ -40,16 +41,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = "gigaseg_search.json"
 PBT_CHECKPOINTS = 4  # a clone reads its donor's latest checkpoint: keep more than the last two
 DRIVER_CPUS = 0.01  # a multi-worker trial's own actor only drives its TorchTrainer
-
-
-def connect_ray() -> bool:
-    """Use the running Ray (``ray.init`` done, or RAY_ADDRESS); else start a local one. True if started."""
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS")
-    log.info("Ray: %s", f"connecting to {address}" if address else "starting a local instance")
-    ray.init(address=address or "local")
-    return not address
 
 
 def experiment_dir(spec: SearchSpec) -> Path:

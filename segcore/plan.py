@@ -556,6 +556,22 @@ def bound_by_minutes(over: dict[str, Any], budget_min: float) -> Decision:
                     "only a cap")
 
 
+def decide_workers(over: dict[str, Any], workers: int) -> Decision:
+    """N data-parallel workers: each keeps the planned batch and steps, so a step costs what was timed,
+    the global batch and the patches per epoch grow N x, and the budget's minutes buy about N x the
+    samples. The peak lr grows by sqrt(N) (square-root scaling, the rule for Adam-type optimizers,
+    Malladi et al. 2022), reached through the one-cycle's warm-up."""
+    data, optim = over["data"], over["optim"]
+    lr = optim["lr"] * math.sqrt(workers)
+    data["patches_per_epoch"] *= workers
+    optim["lr"] = float(f"{lr:.3g}")
+    return Decision("workers", f"{workers}: global batch {workers * data['batch_size']}, lr {optim['lr']:g}",
+                    f"each of the {workers} data-parallel workers keeps the planned batch {data['batch_size']} and "
+                    f"steps (patches_per_epoch x {workers} = {data['patches_per_epoch']}), so the minutes buy "
+                    f"~{workers}x the samples of one; lr x sqrt({workers}) (square-root scaling for AdamW: linear "
+                    "scaling overshoots with Adam), warmed up by the one-cycle's first 30 %")
+
+
 def decide_sampling(fp: Fingerprint) -> tuple[bool, Decision]:
     """Class-balanced patches when a class is rare or a class has no objects of its own (a dominant background)."""
     balanced = any(0 < c.fraction < RARE_FRACTION for c in fp.classes) or len(_objects(fp)) < len(fp.classes)
@@ -617,7 +633,7 @@ def _fit_steps(over: dict[str, Any], decisions: list[Decision], base: dict[str, 
 
 def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[str, Any] | None = None,
                   device: str = "auto", fp: Fingerprint | None = None, time_steps: int = 4,
-                  threads: int | None = None, until_minutes: bool = False) -> Plan:
+                  threads: int | None = None, until_minutes: bool = False, workers: int = 1) -> Plan:
     """Fingerprint ``data_dir`` (unless given) and plan a TrainConfig for ``budget_min`` minutes.
 
     ``threads``: time the steps with this many torch CPU threads (a search trial's CPUs), not the
@@ -626,6 +642,9 @@ def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[s
     ``until_minutes``: the run stops when the budget's minutes end (:func:`bound_by_minutes`), not
     after the epochs the timing planned (``gigaseg train --budget-min``, ``gigaseg plan``; a search
     sets its trials' minutes itself).
+
+    ``workers``: the run trains on this many data-parallel workers, each timed as one
+    (:func:`decide_workers`: same per-worker batch and steps, N x the patches, lr x sqrt(N)).
 
     ``base`` (a partial TrainConfig dict) supplies the model to plan for; the plan's own keys
     are in ``Plan.overrides`` (what a search merges under its explicit ``base``).
@@ -645,6 +664,8 @@ def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[s
     decisions[:0] = [model_decision] if model_decision else []
     speed = _fit_steps(over, decisions, base, fp, budget_min, multiple,
                        (max(len(spec.class_names), 2), dev, time_steps, threads))
+    if workers > 1:
+        decisions.append(decide_workers(over, workers))
     if until_minutes:
         decisions.append(bound_by_minutes(over, budget_min))
     cfg = parse_config(_merge(base, over), TrainConfig, source="plan")
