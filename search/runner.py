@@ -43,11 +43,6 @@ PBT_CHECKPOINTS = 4  # a clone reads its donor's latest checkpoint: keep more th
 DRIVER_CPUS = 0.01  # a multi-worker trial's own actor only drives its TorchTrainer
 
 
-def experiment_dir(spec: SearchSpec) -> Path:
-    storage = spec.storage_path or tracking.gigaseg_home() / "searches"
-    return Path(storage) / spec.name
-
-
 def trial_dirname(trial: Any) -> str:
     """Short trial folder names (Tune's default spells out every parameter)."""
     return f"trial_{trial.trial_id}"
@@ -188,7 +183,7 @@ def _announce(uri: str) -> None:
 
 def run_search(spec: SearchSpec, spec_yaml: str | None = None) -> SearchOutcome:
     """Run a validated search to the end; returns the outcome (also on the parent MLflow run)."""
-    exp_dir = experiment_dir(spec)
+    exp_dir = spec.folder
     if (exp_dir / STATE_FILE).exists():
         raise ConfigError(f"search {spec.name!r} already exists at {exp_dir}; continue it with "
                           f"`gigaseg search --resume {exp_dir}` or choose another name/storage_path.")

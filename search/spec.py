@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
+from segcore import tracking
 from segcore.config import ConfigError, Strict, parse_config, read_yaml_mapping
 
 Engine = Literal["tpe", "random", "grid", "pbt"]
@@ -230,6 +231,11 @@ class SearchSpec(Strict):
         return self.mlflow.experiment or self.name
 
     @property
+    def folder(self) -> Path:
+        """Where Tune keeps this search (``<storage_path>/<name>``; storage default GIGASEG_HOME/searches)."""
+        return Path(self.storage_path or tracking.gigaseg_home() / "searches") / self.name
+
+    @property
     def population(self) -> int:
         """PBT's population: ``pbt.population``, else one trial per cluster worker, else 4."""
         return self.pbt.population or (self.cluster.workers if self.cluster else 4)
@@ -241,6 +247,8 @@ class SearchSpec(Strict):
         if self.resources.workers_per_trial > 1:
             raise ValueError("cluster: trials with workers_per_trial > 1 are not counted in worker-steps; set "
                              "resources.workers_per_trial: 1 (the refit trains on all cluster.workers)")
+        if self.refit.top_k > 1:
+            raise ValueError("cluster: the refit trains the best trial on all cluster.workers; set refit.top_k: 1")
         if self.engine == "grid":
             raise ValueError("cluster: a grid runs every combination whatever the worker-steps; use engine tpe, "
                              "random or pbt")

@@ -32,6 +32,7 @@ import yaml
 from segcore.config import ModelConfig, TrainConfig, load_yaml_config, parse_config
 from segcore.data.errors import DataError
 from segcore.data.spec import IGNORE, DatasetSpec, load_spec
+from segcore.steps import worker_lr
 
 log = logging.getLogger(__name__)
 
@@ -562,9 +563,8 @@ def decide_workers(over: dict[str, Any], workers: int) -> Decision:
     samples. The peak lr grows by sqrt(N) (square-root scaling, the rule for Adam-type optimizers,
     Malladi et al. 2022), reached through the one-cycle's warm-up."""
     data, optim = over["data"], over["optim"]
-    lr = optim["lr"] * math.sqrt(workers)
     data["patches_per_epoch"] *= workers
-    optim["lr"] = float(f"{lr:.3g}")
+    optim["lr"] = worker_lr(optim["lr"], workers)
     return Decision("workers", f"{workers}: global batch {workers * data['batch_size']}, lr {optim['lr']:g}",
                     f"each of the {workers} data-parallel workers keeps the planned batch {data['batch_size']} and "
                     f"steps (patches_per_epoch x {workers} = {data['patches_per_epoch']}), so the minutes buy "

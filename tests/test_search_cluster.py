@@ -140,15 +140,18 @@ def test_the_default_space_is_centred_on_the_plan_and_keeps_what_the_user_wrote(
     assert "lr" not in kept and "architecture" not in kept and "arch_kwargs" not in kept
 
 
-def test_pbt_on_two_workers_clones_logs_one_run_per_member_and_counts_worker_steps(
+def test_pbt_then_a_refit_on_both_workers_within_the_worker_steps(
         ray_local, mlflow_sqlite, shapes: Path, tmp_path: Path) -> None:
-    """A population of 2 over lr and the focal weight, 16 steps per worker, perturbing once, at 8 steps:
-    the worse member copies the better one's weights (its run gets a pbt.exploit tag), every member
-    finishes its steps, and the parent run holds the worker-steps, never above N x C."""
+    """2 workers x 32 steps, half for the trials: a population of 2 over lr and the focal weight, 16
+    steps each, perturbing once, at 8 steps (the worse member copies the better one's weights: its run
+    gets a pbt.exploit tag; every member finishes its steps); then the best member refitted from its
+    weights on both workers (DDP, gloo) for the 16 steps each has left. The parent run holds the
+    worker-steps, never above N x C (+ less than an epoch per run)."""
     space = {"lr": {"loguniform": [1e-3, 1e-2]}, "focal_weight": {"uniform": [0.0, 1.0]}, "patch_size": 64}
     raw = tiny("t-pbt", shapes, tmp_path / "store", engine="pbt", space=space,
                base={**TINY_BASE, "data": {**TINY_BASE["data"], "patches_per_epoch": 32}},
-               cluster={"workers": 2, "steps_per_worker": 16}, pbt={"perturbation_interval": 0.5, "burn_in": 0.25},
+               cluster={"workers": 2, "steps_per_worker": 32}, pbt={"perturbation_interval": 0.5, "burn_in": 0.25},
+               refit={"budget_fraction": 0.5},
                resources={"cpus_per_trial": 1}, champion={"ensemble_size": 1, "tta": "off", "calibrate": False})
     for key in ("num_samples", "max_concurrent_trials", "asha", "tpe_startup_trials"):
         raw.pop(key)
@@ -158,7 +161,14 @@ def test_pbt_on_two_workers_clones_logs_one_run_per_member_and_counts_worker_ste
     client = mlflow.MlflowClient(mlflow_sqlite)
     exp = client.get_experiment_by_name("t-pbt")
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
-    assert len(runs) == 2  # one run per member, clones included
+    members = [r for r in runs if r.data.tags.get("gigaseg.kind") != "refit"]
+    assert len(members) == 2  # one run per member, clones included
+    (refit,) = [r for r in runs if r.data.tags.get("gigaseg.kind") == "refit"]
+    assert refit.data.params["refit.workers"] == "2" and refit.data.params["refit.steps_per_worker"] == "16"
+    assert refit.data.params["refit.start_from"].startswith("models:/")
+    assert max(m.value for m in client.get_metric_history(refit.info.run_id, "steps")) >= 16  # per worker
+    assert list((tmp_path / "store" / "t-pbt" / "_train").glob("refit-*/checkpoint_*"))  # a Ray Train run
+    runs = members
     exploits = [v for r in runs for k, v in r.data.tags.items() if k.startswith("pbt.exploit.")]
     assert exploits and all("cloned trial" in e for e in exploits)
     for run in runs:
@@ -167,5 +177,7 @@ def test_pbt_on_two_workers_clones_logs_one_run_per_member_and_counts_worker_ste
     cloned = next(r for r in runs if any(k.startswith("pbt.exploit.") for k in r.data.tags))
     assert json.loads(cloned.data.tags["pbt.params"]).keys() >= {"lr", "focal_weight"}
     parent = client.get_run(outcome.parent_run_id).data.metrics
-    assert parent["worker_steps_budget"] == 32
-    assert 32 <= parent["worker_steps_trials"] <= parent["worker_steps_budget"] + 2 * 2  # + < 1 epoch per member
+    assert parent["worker_steps_budget"] == 64
+    assert 32 <= parent["worker_steps_trials"] <= 32 + 2 * 4  # + < 1 epoch (4 steps) per member
+    assert 32 <= parent["worker_steps_refit"] <= 32 + 2 * 4
+    assert parent["worker_steps_used"] == parent["worker_steps_trials"] + parent["worker_steps_refit"] <= 64 + 16
