@@ -34,7 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 # task -> (train images, test images, size) at the full budget; --quick uses QUICK_SIZES
@@ -73,34 +72,23 @@ def gigaseg(*args: str, env: dict[str, str] | None = None, log: Path | None = No
     return proc
 
 
-def simulate(task: str, work: Path, quick: bool) -> tuple[Path, Path]:
+def simulate(task: str, work: Path, quick: bool, recipes: dict[str, tuple[str, ...]] = SIMULATE) -> tuple[Path, Path]:
+    """Train (seed 1) and test (seed 2) splits of ``task``, made by ``gigaseg simulate`` with ``recipes[task]``."""
     n_train, n_test, size = (QUICK_SIZES if quick else SIZES)[task]
     for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
-        gigaseg("simulate", *SIMULATE.get(task, (task,)), "--out", str(work / split), "--n", str(n), "--size", str(size), "--seed", str(seed),
+        gigaseg("simulate", *recipes.get(task, (task,)), "--out", str(work / split), "--n", str(n), "--size", str(size), "--seed", str(seed),
                 log=work / "simulate.log")
     return work / "train", work / "test"
 
 
 def test_scores(model: str, test: Path, out: Path, env: dict[str, str], log: Path) -> dict | None:
     """``gigaseg segment`` the test images with ``model``; mIoU and per-class IoU against the masks."""
-    from segcore.data import load_samples, load_spec
-    from segcore.metrics import ConfusionMatrix
+    from pipelines.score import score_outputs
 
     if gigaseg("segment", "--model", model, "--input", str(test / "images"), "--output", str(out), "--no-progress",
                env=env, log=log).returncode != 0:
         return None
-    import zarr
-
-    spec = load_spec(test)
-    cm = ConfusionMatrix(len(spec.class_names))
-    for s in load_samples(test, spec):
-        stem = Path(s.source).stem
-        part = s.name[len(stem) + 1:] if s.name != stem else ""
-        pred = np.asarray(zarr.open(str(out / f"{stem}.zarr" / part / "0") if part else str(out / f"{stem}.zarr/0"),
-                                    mode="r")[...])
-        cm.update(pred, s.mask)
-    res = cm.compute()
-    return {"miou": float(res["miou"]), "iou": dict(zip(spec.class_names, map(float, res["iou"]), strict=True))}
+    return score_outputs(out, test)
 
 
 def search_yaml(task: str, train: Path, work: Path, budget_min: float, share: float,

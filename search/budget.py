@@ -5,7 +5,7 @@ the search spec and its validation, which both import them.
 
 * ``epochs`` (no ``budget:``): the TrainConfig's ``epochs``; ASHA counts ``training_iteration``.
 * ``budget: {steps: N}``: :func:`apply_budget` sets ``epochs`` and ``data.patches_per_epoch`` so a
-  trial makes at least N and fewer than N + epochs optimizer steps (see :func:`fit_steps`); ASHA
+  trial makes at least N and fewer than N + epochs optimizer steps (:func:`segcore.steps.fit_steps`); ASHA
   counts the reported ``steps``, so trials with different batch sizes meet at equal steps.
 * ``budget: {minutes: M}``: ``max_minutes = M`` (``segcore.train`` stops at the first epoch end
   after M minutes of training wall time); ASHA counts the reported ``train_minutes``.
@@ -23,21 +23,43 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from segcore.config import Strict, TrainConfig
 from segcore.schedules import PCT_START
+from segcore.steps import fit_steps, steps_per_epoch, with_steps
 
 log = logging.getLogger(__name__)
 
 TIME_ATTR = {"epochs": "training_iteration", "steps": "steps", "minutes": "train_minutes"}
 
 
+PlanSteps = Annotated[int, Field(ge=1)] | Literal["plan"]
+
+
+def check_plan_steps(steps: int | str, minutes: float | None, steps_key: str, minutes_key: str) -> None:
+    """``steps: plan`` needs ``minutes`` (the plan's steps in that many minutes on one worker);
+    a number of steps takes no minutes (write ``{minutes: M}`` for a wall-clock budget)."""
+    if steps == "plan" and minutes is None:
+        raise ValueError(f"{steps_key}: plan needs {minutes_key}: T (the optimizer steps the plan makes in T "
+                         "minutes on one worker, timed before the first trial)")
+    if steps != "plan" and minutes is not None:
+        raise ValueError(f"{minutes_key} goes with {steps_key}: plan only; write a number of steps or "
+                         f"{steps_key}: plan with {minutes_key}")
+
+
 class StepsBudget(Strict):
-    """Each trial trains for ``steps`` optimizer steps (search/budget.py sets epochs and patches per epoch)."""
+    """Each trial trains for ``steps`` optimizer steps (search/budget.py sets epochs and patches per epoch);
+    ``{steps: plan, minutes: T}``: the steps the plan makes in T minutes on one worker (its own timing)."""
 
     unit: Literal["steps"] = "steps"
-    steps: int = Field(ge=1, description="optimizer steps per trial (per worker with DDP)")
+    steps: PlanSteps = Field(description="optimizer steps per trial (per worker with DDP), or plan")
+    minutes: float | None = Field(None, gt=0, description="with steps: plan, the minutes the plan's steps fill")
+
+    @model_validator(mode="after")
+    def _check_plan(self) -> StepsBudget:
+        check_plan_steps(self.steps, self.minutes, "steps", "minutes")
+        return self
 
 
 class MinutesBudget(Strict):
@@ -52,47 +74,35 @@ def _budget_kind(value: Any) -> str | None:
     if isinstance(value, dict):
         if "unit" in value:
             return value["unit"]
-        kinds = [k for k in ("steps", "minutes") if k in value]
-        return kinds[0] if len(kinds) == 1 else None
+        if "steps" in value:  # {steps: plan, minutes: T} is a steps budget
+            return "steps"
+        return "minutes" if "minutes" in value else None
     return getattr(value, "unit", None)
 
 
 Budget = Annotated[
     Annotated[StepsBudget, Tag("steps")] | Annotated[MinutesBudget, Tag("minutes")],
     Discriminator(_budget_kind, custom_error_type="budget_kind",
-                  custom_error_message="write exactly one of {steps: N} or {minutes: M}"),
+                  custom_error_message="write {steps: N}, {steps: plan, minutes: T} or {minutes: M}"),
 ]
-
-
-def steps_per_epoch(patches_per_epoch: int, batch_size: int, world_size: int = 1) -> int:
-    """Optimizer steps per epoch on each rank, as segcore.train's loader makes them (drop_last
-    when a rank holds at least one full batch, else one short batch)."""
-    per_rank = math.ceil(patches_per_epoch / world_size)
-    return max(1, per_rank // batch_size)
-
-
-def fit_steps(steps: int, patches_per_epoch: int, batch_size: int, world_size: int = 1) -> tuple[int, int]:
-    """``(epochs, patches_per_epoch)`` that make at least ``steps`` optimizer steps per rank.
-
-    Rounding: epochs = max(1, round(steps / steps per epoch at the configured patches_per_epoch)),
-    so validation keeps about the configured cadence; then each epoch gets ceil(steps / epochs)
-    steps, i.e. patches_per_epoch = that x batch_size x world_size. The total overshoots ``steps``
-    by less than one step per epoch.
-    """
-    epochs = max(1, round(steps / steps_per_epoch(patches_per_epoch, batch_size, world_size)))
-    per_epoch = math.ceil(steps / epochs)
-    return epochs, per_epoch * batch_size * world_size
 
 
 def apply_budget(cfg: TrainConfig, budget: Budget | None, world_size: int = 1) -> TrainConfig:
     """The trial's TrainConfig under ``budget`` (unchanged without one)."""
     if isinstance(budget, StepsBudget):
-        epochs, ppe = fit_steps(budget.steps, cfg.data.patches_per_epoch, cfg.data.batch_size, world_size)
-        data = cfg.data.model_copy(update={"patches_per_epoch": ppe})
-        return cfg.model_copy(update={"epochs": epochs, "data": data})
+        return with_steps(cfg, budget.steps, world_size)
     if isinstance(budget, MinutesBudget):
         return cfg.model_copy(update={"max_minutes": budget.minutes})
     return cfg
+
+
+def plan_steps(plan: Any, minutes: float) -> int:
+    """The optimizer steps ``plan`` makes in ``minutes`` on one worker, by its own step timing (the
+    epochs x steps per epoch that ``gigaseg train --budget-min`` would plan for those minutes)."""
+    from segcore.plan import decide_steps
+
+    chosen, _ = decide_steps(plan.fingerprint, plan.config, plan.speed, minutes)
+    return chosen["epochs"] * max(1, chosen["patches_per_epoch"] // plan.config.data.batch_size)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The Tune trial function: one sampled configuration -> ``segcore.train.train`` -> reports.
 
-Single-worker trials train inside the trial actor; ``workers_per_trial > 1`` launches a
-TorchTrainer from here (:mod:`search.ddp`). Either way every epoch is relayed by an
-:class:`EpochRelay`: logged to the trial's MLflow run (rank 0), checkpointed, and reported
+Single-worker trials train inside the trial actor; ``workers_per_trial > 1`` runs
+:func:`run_epochs` on every worker of a TorchTrainer (:func:`run_ddp_trial`, through the launcher
+:func:`search.ddp.fit_workers`). Either way every epoch is relayed by a
+:class:`search.relay.EpochRelay`: logged to the trial's MLflow run (rank 0), checkpointed, and reported
 (``tune.report`` or ``ray.train.report``), with segcore.train's cumulative ``steps`` (optimizer
 steps) and ``train_minutes``, the clocks of step and minute budgets (:mod:`search.budget`). The
 final epoch's report is held back until the model, preview and confusion matrix are logged,
@@ -13,23 +14,21 @@ nothing after the last report is guaranteed to run.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from search.ddp import WorkerResources, WorkerSlot, fit_workers
+from search.ddp import report as train_report
 from search.hooks import FailOnce, barrier_arrive, barrier_done
 from search.mlflow_runs import COMPLETED, MlflowTarget, TrialRun
 from search.quiet_exit import guard_current_thread
+from search.relay import EpochRelay, ReportFn
 from search.space import SearchSpace
 from search.spec import Budget, ResourcesSection, TestingSection
 
 log = logging.getLogger(__name__)
-
-ReportFn = Callable[[dict[str, Any], Any], None]  # (metrics, ray Checkpoint | None)
 
 
 @dataclass(frozen=True)
@@ -45,44 +44,6 @@ class TrialContext:
     ledger_name: str
     testing: TestingSection | None = None
     budget: Budget | None = None  # per trial: steps or minutes (None: the config's epochs)
-
-
-class EpochRelay:
-    """EpochCallback: MLflow metrics (rank 0), fail-once hook, checkpoint, report; holds the last one."""
-
-    def __init__(self, report: ReportFn, run: TrialRun | None, fail_once: FailOnce, extra: dict[str, float]) -> None:
-        self.report, self.run, self.fail_once, self.extra = report, run, fail_once, extra
-        self.pending: tuple[dict[str, Any], Path | None] | None = None
-
-    def __call__(self, rep: Any) -> None:
-        self.fail_once(rep.epoch)
-        metrics = {**rep.metrics, "epoch": rep.epoch, "is_last": float(rep.is_last),
-                   "world_size": rep.world_size, **self.extra}
-        if self.run is not None and rep.rank == 0:
-            self.run.log_epoch({k: v for k, v in metrics.items() if k != "is_last"}, rep.epoch)
-        ckpt_dir = None
-        if rep.rank == 0:
-            ckpt_dir = Path(tempfile.mkdtemp(prefix="gigaseg-ckpt-"))
-            rep.save_checkpoint(ckpt_dir)
-        if rep.is_last:
-            self.pending = (metrics, ckpt_dir)
-        else:
-            self._send(metrics, ckpt_dir)
-
-    def flush(self) -> None:
-        """Send the held final report (after the trial logged its model)."""
-        if self.pending is not None:
-            self._send(*self.pending)
-            self.pending = None
-
-    def _send(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-        from ray.tune import Checkpoint
-
-        try:
-            self.report(metrics, Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
-        finally:
-            if ckpt_dir is not None:
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 def run_epochs(ctx: TrialContext, params: dict[str, Any], report: ReportFn, *, trial_id: str, trial_name: str,
@@ -110,6 +71,30 @@ def run_epochs(ctx: TrialContext, params: dict[str, Any], report: ReportFn, *, t
     return relay
 
 
+def _ddp_body(slot: WorkerSlot, payload: dict[str, Any]) -> None:
+    """One worker of a multi-worker trial (:func:`search.ddp.fit_workers` calls it); rank 0 logs the model."""
+    relay = run_epochs(payload["ctx"], payload["params"], train_report, trial_id=payload["trial_id"],
+                       trial_name=payload["trial_name"], rank=slot.rank, resume=slot.resume, trial_dir=None,
+                       out_dir=slot.out_dir, extra=payload["extra"])
+    relay.flush()
+
+
+def run_ddp_trial(ctx: TrialContext, params: dict[str, Any], trial_id: str, trial_name: str,
+                  extra: dict[str, float]) -> None:
+    """Fit ``workers_per_trial`` Train workers for this trial's configuration. Restarting a trial restores
+    its Train run from its checkpoints, because its (storage, name) is stable:
+    ``<storage>/<search>/_train/train-<trial_id>``; Tune, not Train, retries a failed trial."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from search.pg_guard import LedgerCallback
+
+    res = ctx.resources
+    payload = {"ctx": ctx, "params": params, "trial_id": trial_id, "trial_name": trial_name, "extra": extra}
+    fit_workers(_ddp_body, payload, WorkerResources(res.workers_per_trial, res.cpus_per_trial, res.gpus_per_trial),
+                name=f"train-{trial_id}", storage=ctx.train_storage, max_failures=0,
+                callbacks=[TuneReportCallback(), LedgerCallback(ctx.ledger_name)])
+
+
 def _tune_report(metrics: dict[str, Any], checkpoint: Any) -> None:
     from ray import tune
 
@@ -128,8 +113,6 @@ def trial_main(config: dict[str, Any], ctx: TrialContext) -> None:
     extra = {"barrier_live": float(live)} if live is not None else {}
     try:
         if ctx.resources.workers_per_trial > 1:
-            from search.ddp import run_ddp_trial
-
             run_ddp_trial(ctx, params, trial_id, trial_name, extra)
         else:
             trial_dir = Path(tctx.get_trial_dir())

@@ -130,6 +130,8 @@ def _check_value(dim: Dimension, choices: tuple[Any, ...], value: Any, where: st
 
 def _check_asha(space: Any, spec: Any, source: str) -> None:
     asha = spec.asha
+    if getattr(spec, "engine", None) == "pbt" or getattr(getattr(spec, "budget", None), "steps", None) == "plan":
+        return  # PBT schedules without ASHA; the plan's steps are known once it is timed (search/planned.py)
     if asha.enabled and getattr(spec, "budget", None) is not None:  # compared in the budget's unit
         clock = asha_clock(spec, space.to_train_config({}, source=source), space.max_epochs())
         if clock.grace_period > clock.max_t:

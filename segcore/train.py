@@ -42,7 +42,7 @@ from segcore.metrics import (
     threshold_from_histograms,
     threshold_histograms,
 )
-from segcore.modelio.card import INPUT_RANGE_KEY, WEIGHTS_FILE, ModelCard
+from segcore.modelio.card import INPUT_RANGE_KEY, WEIGHTS_FILE, ModelCard, read_single_card
 from segcore.modelio.folder import logits_to_proba, save_model_dir
 from segcore.models import build_model, check_combination
 from segcore.models.freeze import FreezeController
@@ -412,12 +412,34 @@ def load_checkpoint(run: _Run, directory: Path) -> int:
     if run.scheduler is not None and state["scheduler"] is not None:
         run.scheduler.load_state_dict(state["scheduler"])
     run.history = json.loads(state["history"])
+    follow_changed_lr(run, read_single_card(directory).train.optim.lr)
     if run.adversarial is not None and state.get("adversarial") is not None:
         run.adversarial.load_state_dict(state["adversarial"])
     elif run.adversarial is not None:
         log.warning("%s holds no discriminator state: the discriminator starts from scratch", directory)
     log.info("resumed from %s after epoch %d", directory, state["epoch"])
     return int(state["epoch"]) + 1
+
+
+LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # what torch's schedulers keep in the param groups
+
+
+def follow_changed_lr(run: _Run, checkpoint_lr: float) -> None:
+    """A resume whose config sets another lr than the checkpoint's (PBT's explore, search/pbt.py)
+    rescales the restored optimizer and schedule by new / old, so the schedule keeps its shape and
+    position and takes the new peak."""
+    ratio = run.cfg.optim.lr / checkpoint_lr
+    if math.isclose(ratio, 1.0):
+        return
+    for group in run.optimizer.param_groups:
+        for key in LR_KEYS:
+            if key in group:
+                group[key] *= ratio
+    if run.scheduler is not None and hasattr(run.scheduler, "base_lrs"):
+        run.scheduler.base_lrs = [b * ratio for b in run.scheduler.base_lrs]
+        run.scheduler._last_lr = [g["lr"] for g in run.optimizer.param_groups]
+    log.info("resumed with lr %.3g where the checkpoint had %.3g: the schedule is rescaled by %.3g",
+             run.cfg.optim.lr, checkpoint_lr, ratio)
 
 
 def _clock(run: _Run, epoch: int, epoch_s: float) -> dict[str, float]:

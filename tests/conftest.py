@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,34 @@ _RAY_STATE: dict[str, object] = {}
 # needs its own home monkeypatches GIGASEG_HOME (mlflow_sqlite does).
 _SESSION_HOME = tempfile.mkdtemp(prefix="gshome-")
 os.environ["GIGASEG_HOME"] = _SESSION_HOME
+
+
+def register_declared_entry_points(root: Path, where: Path) -> dict[str, list[str]]:
+    """Entry points that pyproject.toml declares but the installed metadata lacks (an editable install made
+    before they were added; `pip install -e .` adds them) are registered for this session: a dist-info
+    folder under ``where`` goes on sys.path and PYTHONPATH (CLI subprocesses, Ray workers). Returns them."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: trust the installed metadata
+        return {}
+    from importlib.metadata import entry_points
+
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["entry-points"]
+    missing = {group: {name: value for name, value in eps.items()
+                       if name not in {ep.name for ep in entry_points(group=group)}} for group, eps in declared.items()}
+    missing = {group: eps for group, eps in missing.items() if eps}
+    if missing:
+        info = where / "gigaseg_declared_entry_points-0.dist-info"
+        info.mkdir(parents=True, exist_ok=True)
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gigaseg-declared-entry-points\nVersion: 0\n")
+        (info / "entry_points.txt").write_text("".join(
+            f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in eps.items()) for group, eps in missing.items()))
+        sys.path.insert(0, str(where))
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(where), os.environ.get("PYTHONPATH")) if p)
+    return {group: sorted(eps) for group, eps in missing.items()}
+
+
+register_declared_entry_points(Path(__file__).resolve().parents[1], Path(_SESSION_HOME) / "entry-points")
 
 
 def ensure_ray(num_cpus: int = 2, num_gpus: int = 0) -> None:

@@ -19,7 +19,7 @@ import yaml
 from segcore.config import TrainConfig, load_yaml_config, parse_config
 from segcore.data.errors import DataError
 from segcore.data.spec import load_spec
-from segcore.plan.decisions import Decision, apply_fit, data_decisions, decide_model
+from segcore.plan.decisions import Decision, apply_fit, data_decisions, decide_model, decide_workers
 from segcore.plan.fingerprints import MAX_PIXELS, Fingerprint, fingerprint
 from segcore.plan.timing import Speed, bound_by_minutes, decide_steps, fit_to_steps, timed_speed
 
@@ -68,7 +68,7 @@ def _fit_steps(over: dict[str, Any], decisions: list[Decision], base: dict[str, 
 
 def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[str, Any] | None = None,
                   device: str = "auto", fp: Fingerprint | None = None, time_steps: int = 4,
-                  threads: int | None = None, until_minutes: bool = False) -> Plan:
+                  threads: int | None = None, until_minutes: bool = False, workers: int = 1) -> Plan:
     """Fingerprint ``data_dir`` (unless given) and plan a TrainConfig for ``budget_min`` minutes.
 
     ``threads``: time the steps with this many torch CPU threads (a search trial's CPUs), not the
@@ -77,6 +77,9 @@ def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[s
     ``until_minutes``: the run stops when the budget's minutes end (:func:`bound_by_minutes`), not
     after the epochs the timing planned (``gigaseg train --budget-min``, ``gigaseg plan``; a search
     sets its trials' minutes itself).
+
+    ``workers``: the run trains on this many data-parallel workers, each timed as one
+    (:func:`decide_workers`: same per-worker batch and steps, N x the patches, lr x sqrt(N)).
 
     ``base`` (a partial TrainConfig dict) supplies the model to plan for; the plan's own keys
     are in ``Plan.overrides`` (what a search merges under its explicit ``base``).
@@ -96,6 +99,8 @@ def plan_training(data_dir: str | Path, budget_min: float = 5.0, *, base: dict[s
     decisions[:0] = [model_decision] if model_decision else []
     speed = _fit_steps(over, decisions, base, fp, budget_min, multiple,
                        (max(len(spec.class_names), 2), dev, time_steps, threads))
+    if workers > 1:
+        decisions.append(decide_workers(over, workers))
     if until_minutes:
         decisions.append(bound_by_minutes(over, budget_min))
     cfg = parse_config(_merge(base, over), TrainConfig, source="plan")

@@ -14,6 +14,7 @@ import numpy as np
 from segcore.config import ModelConfig
 from segcore.data.spec import DatasetSpec
 from segcore.plan.fingerprints import ClassStats, Fingerprint
+from segcore.steps import worker_lr
 
 THIN_PX = 6.0  # objects at most this thick are thin structures
 RARE_FRACTION = 0.05  # classes below this share of labelled px are rare
@@ -152,6 +153,21 @@ def decide_normalize(fp: Fingerprint, spec: DatasetSpec) -> tuple[dict[str, Any]
                                         "dtype's range: 0.5/99.5 percentiles")
     return {"mode": "dtype_range"}, (f"{fp.dtype} pixels span {100 * fp.dtype_fraction:.0f} % of the dtype's "
                                      "range: divide by the range")
+
+
+def decide_workers(over: dict[str, Any], workers: int) -> Decision:
+    """N data-parallel workers: each keeps the planned batch and steps, so a step costs what was timed,
+    the global batch and the patches per epoch grow N x, and the budget's minutes buy about N x the
+    samples. The peak lr grows by sqrt(N) (square-root scaling, the rule for Adam-type optimizers,
+    Malladi et al. 2022), reached through the one-cycle's warm-up."""
+    data, optim = over["data"], over["optim"]
+    data["patches_per_epoch"] *= workers
+    optim["lr"] = worker_lr(optim["lr"], workers)
+    return Decision("workers", f"{workers}: global batch {workers * data['batch_size']}, lr {optim['lr']:g}",
+                    f"each of the {workers} data-parallel workers keeps the planned batch {data['batch_size']} and "
+                    f"steps (patches_per_epoch x {workers} = {data['patches_per_epoch']}), so the minutes buy "
+                    f"~{workers}x the samples of one; lr x sqrt({workers}) (square-root scaling for AdamW: linear "
+                    "scaling overshoots with Adam), warmed up by the one-cycle's first 30 %")
 
 
 def decide_sampling(fp: Fingerprint) -> tuple[bool, Decision]:

@@ -1,0 +1,45 @@
+"""Optimizer steps per epoch, and the epochs x patches that make a given number of steps.
+
+One copy of the rounding for every step count in gigaseg: ``gigaseg train --steps S`` and a
+search's ``budget: {steps: N}`` (search/budget.py) both go through :func:`fit_steps`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from segcore.config import TrainConfig
+
+
+def steps_per_epoch(patches_per_epoch: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch on each rank, as segcore.train's loader makes them (drop_last
+    when a rank holds at least one full batch, else one short batch)."""
+    per_rank = math.ceil(patches_per_epoch / world_size)
+    return max(1, per_rank // batch_size)
+
+
+def fit_steps(steps: int, patches_per_epoch: int, batch_size: int, world_size: int = 1) -> tuple[int, int]:
+    """``(epochs, patches_per_epoch)`` that make at least ``steps`` optimizer steps per rank.
+
+    Rounding: epochs = max(1, round(steps / steps per epoch at the configured patches_per_epoch)),
+    so validation keeps about the configured cadence; then each epoch gets ceil(steps / epochs)
+    steps, i.e. patches_per_epoch = that x batch_size x world_size. The total overshoots ``steps``
+    by less than one step per epoch.
+    """
+    epochs = max(1, round(steps / steps_per_epoch(patches_per_epoch, batch_size, world_size)))
+    per_epoch = math.ceil(steps / epochs)
+    return epochs, per_epoch * batch_size * world_size
+
+
+def with_steps(cfg: TrainConfig, steps: int, world_size: int = 1) -> TrainConfig:
+    """``cfg`` with the ``epochs`` and ``data.patches_per_epoch`` of :func:`fit_steps`: at least
+    ``steps`` optimizer steps on each of ``world_size`` ranks, at ``cfg``'s validation cadence."""
+    epochs, ppe = fit_steps(steps, cfg.data.patches_per_epoch, cfg.data.batch_size, world_size)
+    return cfg.model_copy(update={"epochs": epochs, "data": cfg.data.model_copy(update={"patches_per_epoch": ppe})})
+
+
+def worker_lr(lr: float, workers: int) -> float:
+    """The peak lr for ``workers`` data-parallel workers that each keep one worker's batch: x sqrt(N)
+    (square-root scaling, the rule for Adam-type optimizers, Malladi et al. 2022; linear scaling
+    overshoots with Adam), reached through the one-cycle's warm-up. Three significant digits."""
+    return float(f"{lr * math.sqrt(workers):.3g}")
