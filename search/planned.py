@@ -183,7 +183,7 @@ def _plan_and_seed(spec: SearchSpec, space: SearchSpace) -> tuple[SearchSpec, Se
 def _with_default_space(spec: SearchSpec, plan: Any) -> SearchSpec:
     """``spec`` with the space around ``plan`` (none was written), logged one dimension a line."""
     from search.around import around_plan
-    from segcore.plan import MIN_PATCH
+    from segcore.plan.decisions import MIN_PATCH
 
     around = around_plan(plan.config, plan.fingerprint.min_side, MIN_PATCH, spec.base)
     for key, value in around.items():
