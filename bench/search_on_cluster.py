@@ -100,9 +100,14 @@ def run_task(task: str, work: Path, minutes: float, workers: int, cpus: float) -
         "S": ("search", "--config", str(search_yaml(task, train, work, workers, steps, cpus))),
     }
     for name, args in contenders.items():
-        ok, row[f"{name}_wall_min"] = timed(*args, env=env, log=work / f"{name}.log")
-        model = f"models:/soc-{task}@champion" if name == "S" else str(work / name)
-        row[name] = test_scores(model, test, work / f"seg-{name}", env, work / f"seg-{name}.log") if ok else None
+        done = work / f"{name}.json"  # a rerun with the same --work reuses a finished contender
+        if not done.is_file():
+            ok, wall = timed(*args, env=env, log=work / f"{name}.log")
+            model = f"models:/soc-{task}@champion" if name == "S" else str(work / name)
+            scores = test_scores(model, test, work / f"seg-{name}", env, work / f"seg-{name}.log") if ok else None
+            done.write_text(json.dumps({"wall": wall, "scores": scores}))
+        got = json.loads(done.read_text())
+        row[name], row[f"{name}_wall_min"] = got["scores"], got["wall"]
         print(f"  {name}: {row[name] and round(row[name]['miou'], 4)} in {row[f'{name}_wall_min']:.1f} min",
               flush=True)
     row["S_makeup"] = champion_makeup(env, task)

@@ -22,13 +22,16 @@ from dataclasses import replace
 from typing import Any
 
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
+from search.budget import apply_budget
 from search.mlflow_runs import MlflowTarget, find_trial_run
 from search.report import IS_LAST
 from search.space import Dimension, SearchSpace, draw_random
 from search.spec import SearchSpec
 from segcore.config import ConfigError
+from segcore.steps import steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,18 @@ class LoggedPBT(PopulationBasedTraining):
             return TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
 
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        """Tune's choice, unless every waiting member is already past the next sync point and none runs
+        (an epoch longer than the interval): then the next point moves one interval past them."""
+        trial = super().choose_trial_to_run(tune_controller)
+        trials = tune_controller.get_trials()
+        waiting = [t for t in trials if t.status in (Trial.PENDING, Trial.PAUSED)]
+        if trial is None and waiting and not any(t.status == Trial.RUNNING for t in trials):
+            last = max(self._trial_state[t].last_train_time for t in waiting)
+            self._next_perturbation_sync = last + self._perturbation_interval
+            trial = super().choose_trial_to_run(tune_controller)
+        return trial
+
     def _exploit(self, tune_controller: Any, trial: Any, trial_to_clone: Any) -> None:
         own, donor = self._trial_state[trial], self._trial_state[trial_to_clone]
         before = dict(trial.config.get("params", {}))
@@ -110,6 +125,17 @@ class LoggedPBT(PopulationBasedTraining):
         log.info("pbt: trial %s %s", trial.trial_id, text)
 
 
+def whole_epochs(spec: SearchSpec, space: SearchSpace, member: dict[str, Any]) -> tuple[float, float]:
+    """``pbt.perturbation_interval`` and ``pbt.burn_in`` in steps, rounded to whole epochs (at least one
+    epoch between perturbations): members report at epoch ends, and synchronous PBT waits at every
+    perturbation point for all of them, so a point inside an epoch would be passed by all at once."""
+    cfg = apply_budget(space.to_train_config(member, source="pbt member"), spec.budget)
+    per_epoch = steps_per_epoch(cfg.data.patches_per_epoch, cfg.data.batch_size)
+    steps = float(spec.budget.steps)  # a steps budget: checked by SearchSpec, resolved by search.lanes
+    interval = max(1, round(spec.pbt.perturbation_interval * steps / per_epoch)) * per_epoch
+    return float(interval), float(round(spec.pbt.burn_in * steps / per_epoch) * per_epoch)
+
+
 def build_pbt(spec: SearchSpec, space: SearchSpace, target: MlflowTarget) -> tuple[LoggedPBT, dict[str, Any]]:
     """The PBT scheduler and the Tuner param space (the population as one grid of ``spec.population``)."""
     members = population(spec, space)
@@ -117,14 +143,14 @@ def build_pbt(spec: SearchSpec, space: SearchSpace, target: MlflowTarget) -> tup
     if not dims:
         raise ConfigError(f"{spec.name}: engine pbt needs a range dimension to perturb (e.g. lr: {{loguniform: "
                           "[3.0e-4, 3.0e-3]}); the space has none")
-    steps = float(spec.budget.steps)  # a steps budget: checked by SearchSpec, resolved by search.budget
+    interval, burn_in = whole_epochs(spec, space, members[0])
     scheduler = LoggedPBT(
-        target, time_attr="steps", perturbation_interval=max(1.0, spec.pbt.perturbation_interval * steps),
-        burn_in_period=spec.pbt.burn_in * steps, quantile_fraction=spec.pbt.quantile_fraction,
+        target, time_attr="steps", perturbation_interval=interval,
+        burn_in_period=burn_in, quantile_fraction=spec.pbt.quantile_fraction,
         resample_probability=spec.pbt.resample_probability, synch=True,
         hyperparam_mutations={"params": {d.key: _domain(d) for d in dims}},
         custom_explore_fn=ClampToSpace({d.key: tuple(map(float, d.values)) for d in dims}),
     )
     log.info("pbt: %d members (trial 0 = the plan), perturbing %s every %.0f steps after %.0f", len(members),
-             ", ".join(d.key for d in dims), scheduler._perturbation_interval, spec.pbt.burn_in * steps)
+             ", ".join(d.key for d in dims), interval, burn_in)
     return scheduler, {"params": tune.grid_search(members)}
