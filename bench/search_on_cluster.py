@@ -83,14 +83,14 @@ def champion_makeup(env: dict[str, str], task: str) -> dict:
             "refit_kept": t.get("refit.kept"), "tta_gain": m.get("tta_gain")}
 
 
-def run_task(task: str, work: Path, minutes: float, workers: int, cpus: float) -> dict:
+def run_task(task: str, work: Path, minutes: float, workers: int, cpus: float, steps: int | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     home = work / "home"
     home.mkdir(exist_ok=True)
     env = {"GIGASEG_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
     train, test = (work / "train", work / "test") if (work / "test").is_dir() else \
         simulate(task, work, quick=False, recipes=RECIPES)
-    steps = plan_steps_for(train, minutes)
+    steps = steps or plan_steps_for(train, minutes)
     row: dict = {"task": task, "workers": workers, "steps": steps, "minutes": minutes, "images": SIZES[task]}
     print(f"{task}: C = {steps} steps (the plan's in {minutes:g} min); N = {workers}", flush=True)
     contenders = {
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--workers", type=int, default=4, help="N (default 4)")
     parser.add_argument("--minutes", type=float, default=5.0, help="C = the plan's steps in this many minutes")
+    parser.add_argument("--steps", type=int, help="C itself (e.g. timed on an idle machine), instead of timing the plan")
     parser.add_argument("--cpus-per-worker", type=float, default=0.5,
                         help="each worker's CPUs here (N x this <= the machine's CPUs: all N run at once)")
     parser.add_argument("--work", type=Path, help="keep the data, models and logs here (default: a temp dir)")
@@ -150,7 +151,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gs-soc-") as tmp:
         root = args.work or Path(tmp)
         for task in args.tasks.split(","):
-            rows.append(run_task(task, root / task, args.minutes, args.workers, args.cpus_per_worker))
+            rows.append(run_task(task, root / task, args.minutes, args.workers, args.cpus_per_worker, args.steps))
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=2))
     print_table(rows)
