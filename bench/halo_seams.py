@@ -31,8 +31,8 @@ import numpy as np
 from pipelines.options import resolve_tiling, tile_overhead
 from segcore.config import TrainConfig, parse_config, read_yaml_mapping
 from segcore.data.normalize import apply_norm, compute_norm_stats
-from segcore.modeldir import LoadedModel
-from segcore.modelref import load_model
+from segcore.modelio.folder import LoadedModel
+from segcore.modelio.ref import load_model
 from segcore.simulate.sem import render_sem
 from segcore.tiling import forward_pixels, pad_to_multiple, predict_tiled, predict_whole
 
@@ -71,7 +71,7 @@ def remeasure_if_stale(model_dir: Path, val_dir: Path) -> None:
     measured again with :func:`segcore.halo.loaded_halo` on the same validation images, and its card updated."""
     from segcore.data import load_samples
     from segcore.halo import HALO_TOL, MEASURED_ON_KEY, loaded_halo
-    from segcore.modeldir import save_model_dir
+    from segcore.modelio.folder import save_model_dir
 
     loaded = load_model(str(model_dir), device="cpu", fold_bn=False)  # saved back below
     if loaded.card.extra.get(MEASURED_ON_KEY, {}).get("tol") == HALO_TOL:

@@ -72,10 +72,11 @@ def gigaseg(*args: str, env: dict[str, str] | None = None, log: Path | None = No
     return proc
 
 
-def simulate(task: str, work: Path, quick: bool) -> tuple[Path, Path]:
+def simulate(task: str, work: Path, quick: bool, recipes: dict[str, tuple[str, ...]] = SIMULATE) -> tuple[Path, Path]:
+    """Train (seed 1) and test (seed 2) splits of ``task``, made by ``gigaseg simulate`` with ``recipes[task]``."""
     n_train, n_test, size = (QUICK_SIZES if quick else SIZES)[task]
     for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
-        gigaseg("simulate", *SIMULATE.get(task, (task,)), "--out", str(work / split), "--n", str(n), "--size", str(size), "--seed", str(seed),
+        gigaseg("simulate", *recipes.get(task, (task,)), "--out", str(work / split), "--n", str(n), "--size", str(size), "--seed", str(seed),
                 log=work / "simulate.log")
     return work / "train", work / "test"
 

@@ -30,14 +30,15 @@ import numpy as np
 import torch
 
 from pipelines.plan import to_model_channels
-from pipelines.readers import open_sources
 from pipelines.runner import RunConfig, segment_archive
 from pipelines.worker import peak_rss_mb
 from segcore.config import ModelConfig, TrainConfig
 from segcore.data.normalize import apply_norm, compute_norm_stats
-from segcore.modeldir import ModelCard, save_model_dir
-from segcore.modelref import load_model
+from segcore.modelio.card import ModelCard
+from segcore.modelio.folder import save_model_dir
+from segcore.modelio.ref import load_model
 from segcore.models import build_model
+from segcore.readers import open_sources
 from segcore.tiling import (
     grid_shape,
     pad_to_multiple,

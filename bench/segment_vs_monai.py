@@ -157,7 +157,7 @@ def run_measured(cmd: list[str], log_path: Path, env: dict[str, str] | None = No
 def _load(spec: dict[str, Any]) -> tuple[Any, Any]:
     import torch
 
-    from segcore.modelref import load_model
+    from segcore.modelio.ref import load_model
 
     torch.set_num_threads(THREADS)
     torch.set_num_interop_threads(1)
@@ -293,7 +293,7 @@ def prepare_model(args: argparse.Namespace, workdir: Path) -> str:
 
 def size_multiple(model: str) -> int:
     """The model's input size multiple, from its card (no weights loaded)."""
-    from segcore.modelref import load_model
+    from segcore.modelio.ref import load_model
 
     return load_model(model, device="cpu").size_multiple
 

@@ -4,7 +4,7 @@
     python bench/train_amp.py --archs Unet:resnet18 --threads 2 --patch 256 --batch 8
 
 ``amp: true`` (the default) trains under bf16 autocast on a GPU and on a CPU that runs bf16 in
-hardware (Intel AMX or AVX512-BF16; :func:`segcore.modeldir.train_autocast`). This script times the
+hardware (Intel AMX or AVX512-BF16; :func:`segcore.device.train_autocast`). This script times the
 step that ``segcore.train`` runs (channels-last, AdamW, the loss in fp32) both ways, side by side in
 one process, and prints the fastest of ``--steps`` steps after warm-up. The fp32 column is the
 baseline; ``speed-up`` is fp32 / bf16. On a CPU without native bf16, training stays fp32 and the
@@ -49,7 +49,7 @@ def step_seconds(arch: str, encoder: str, bf16: bool, patch: int, batch: int, st
 
 
 def main() -> None:
-    from segcore.modeldir import cpu_has_native_bf16
+    from segcore.device import cpu_has_native_bf16
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--archs", nargs="+", default=["Unet:resnet18", "Unet:resnet34", "FPN:resnet18"])

@@ -42,6 +42,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cluster.mlflow_server import (
+    BACKENDS,
+    TrackingStack,
+    backup_store,
+    check_backend,
+    is_healthy,
+    plan_stack,
+    restart_server,
+    start_stack,
+    stop_stack,
+    store_uri,
+    wait_stack,
+)
 from segcore.cli import setup_logging
 
 log = logging.getLogger(__name__)
@@ -60,6 +73,7 @@ NODE_PORTS = (
 )
 HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port")
 ENV_PORTS = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")  # fixed 44217/44227 unless set
+_SESSION_NAMES = (b"ray", b"postgres")  # what a process in one of our sessions is called
 _MAX_TEMP_ROOT = 40  # unix socket paths (temp/nX/session_.../sockets/plasma_store) must stay < 107
 
 
@@ -87,6 +101,7 @@ class ClusterInfo:
     env_ports: dict[str, int] = field(default_factory=dict)  # fixed-by-default ports moved by env
     sessions: list[int] = field(default_factory=list)  # PIDs of the `ray start`s = their session ids
     pids: list[int] = field(default_factory=list)  # processes seen right after start
+    mlflow: TrackingStack | None = None  # the MLflow server (and its PostgreSQL), if started with one
 
     @property
     def token_path(self) -> Path:
@@ -105,7 +120,10 @@ class ClusterInfo:
                 f"{path}: no local cluster recorded here. Start one with "
                 f"`python -m cluster.local start --state-dir {state_dir}`."
             )
-        return cls(**json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if data.get("mlflow"):
+            data["mlflow"] = TrackingStack(**data["mlflow"])
+        return cls(**data)
 
 
 def default_state_dir() -> Path:
@@ -146,24 +164,27 @@ def _is_zombie(pid: int) -> bool:
     return b") Z " in stat or not stat
 
 
-def _session_id(pid: int) -> int:
-    """Field 6 of /proc/PID/stat (the session id); -1 when unreadable."""
+def _stat_ids(pid: int) -> tuple[int, int]:
+    """Fields 4 and 6 of /proc/PID/stat (parent PID, session id); -1s when unreadable."""
     stat = _read_proc(pid, "stat")
     try:
-        return int(stat[stat.rindex(b")") + 2 :].split()[3])
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        return int(fields[1]), int(fields[3])
     except ValueError:
-        return -1
+        return -1, -1
 
 
 def _belongs(pid: int, info: ClusterInfo) -> bool:
     """One of three marks: our marker in the environment (job drivers inherit it), our temp dir
-    in the command line, or a Ray process in the session of one of our ``ray start`` runs.
-    The session is needed because Ray renames some processes (``ray::DashboardAgent``) and
-    setproctitle then blanks their /proc environ; "ray" in the command line guards PID reuse."""
+    in the command line, or a Ray or PostgreSQL process in the session of one of our ``ray start``
+    runs or of our postmaster, or a child of one (PostgreSQL's children start sessions of their
+    own). The session is needed because Ray renames some processes (``ray::DashboardAgent``) and
+    setproctitle then blanks their /proc environ, as PostgreSQL's titles do; "ray" / "postgres"
+    in the command line guards PID reuse."""
     cmdline = _read_proc(pid, "cmdline")
     if f"{info.temp_dir}/".encode() in cmdline:
         return True
-    if b"ray" in cmdline and _session_id(pid) in info.sessions:
+    if any(name in cmdline for name in _SESSION_NAMES) and set(_stat_ids(pid)) & set(info.sessions):
         return True
     return f"{MARKER_ENV}={info.cluster_id}".encode() in _read_proc(pid, "environ").split(b"\0")
 
@@ -259,11 +280,12 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _allocate_ports(workers: int) -> tuple[list[dict[str, int]], dict[str, int]]:
-    """Port flags per node (head first) and the env-configured ports, all distinct."""
+def _allocate_ports(workers: int, extra: int = 0) -> tuple[list[dict[str, int]], dict[str, int], list[int]]:
+    """Port flags per node (head first), the env-configured ports and ``extra`` more, all distinct."""
     names = [list(HEAD_PORTS + NODE_PORTS)] + [list(NODE_PORTS)] * workers
-    ports = iter(free_ports(sum(len(n) for n in names) + len(ENV_PORTS)))
-    return [{name: next(ports) for name in node} for node in names], {k: next(ports) for k in ENV_PORTS}
+    ports = iter(free_ports(sum(len(n) for n in names) + len(ENV_PORTS) + extra))
+    flags = [{name: next(ports) for name in node} for node in names]
+    return flags, {k: next(ports) for k in ENV_PORTS}, list(ports)
 
 
 def _write_token(state_dir: Path) -> Path:
@@ -381,17 +403,30 @@ def wait_for_nodes(info: ClusterInfo, count: int, timeout: float = 120.0) -> lis
 
 
 def cluster_status(state_dir: str | Path | None = None) -> dict:
-    """``{"info": ClusterInfo, "nodes": [alive nodes], "pids": [...], "listening": {(ip, port)}}``."""
+    """``{"info": ClusterInfo, "nodes": [alive nodes], "pids": [...], "listening": {(ip, port)},
+    "mlflow": whether its MLflow server answers (None without one)}``."""
     info = load_cluster(state_dir)
     pids = find_cluster_pids(info)
-    return {"info": info, "nodes": alive_nodes(info), "pids": pids, "listening": listening_sockets(pids)}
+    healthy = is_healthy(info.mlflow.url) if info.mlflow else None
+    return {
+        "info": info,
+        "nodes": alive_nodes(info),
+        "pids": pids,
+        "listening": listening_sockets(pids),
+        "mlflow": healthy,
+    }
 
 
 # ---------------------------------------------------------------- API
 
 
-def _prepare(state_dir: Path, workers: int, cpus: float, gpus: float) -> ClusterInfo:
-    """Fresh temp dir, ports, token and state file for a new cluster in ``state_dir``."""
+def _prepare(
+    state_dir: Path, workers: int, cpus: float, gpus: float, mlflow: str | None = None, mlflow_port: int = 0
+) -> ClusterInfo:
+    """Fresh temp dir, ports, token and state file for a new cluster in ``state_dir``; with
+    ``mlflow``, the tracking stack's ports and ``MLFLOW_TRACKING_URI`` in the client env."""
+    if mlflow:
+        check_backend(mlflow)
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     if (state_dir / STATE_FILE).exists():
@@ -405,7 +440,7 @@ def _prepare(state_dir: Path, workers: int, cpus: float, gpus: float) -> Cluster
     if len(temp_dir) > _MAX_TEMP_ROOT:
         raise RuntimeError(f"{temp_dir}: too long for Ray's unix socket paths (< 107 characters)")
     token_path = _write_token(state_dir)
-    ports, env_ports = _allocate_ports(workers)
+    ports, env_ports, extra = _allocate_ports(workers, extra=2 if mlflow else 0)
     address = f"{NODE_IP}:{ports[0]['port']}"
     dashboard_url = f"http://{NODE_IP}:{ports[0]['dashboard-port']}"
     env = {
@@ -415,6 +450,10 @@ def _prepare(state_dir: Path, workers: int, cpus: float, gpus: float) -> Cluster
         "RAY_AUTH_TOKEN_PATH": str(token_path),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep 127.0.0.1 (see cluster/_raystart.py)
     }
+    stack = None
+    if mlflow:
+        stack = plan_stack(mlflow, state_dir / "mlflow", mlflow_port or extra[0], extra[1])
+        env["MLFLOW_TRACKING_URI"] = stack.url  # every node, job and trial logs there
     info = ClusterInfo(
         address,
         dashboard_url,
@@ -427,9 +466,27 @@ def _prepare(state_dir: Path, workers: int, cpus: float, gpus: float) -> Cluster
         gpus,
         ports=ports,
         env_ports=env_ports,
+        mlflow=stack,
     )
     info.save()  # before the first process, so `stop` can always clean up
     return info
+
+
+def _service_env(info: ClusterInfo) -> dict[str, str]:
+    """Environment of the MLflow server and PostgreSQL: ours without ``MLFLOW_*``, plus the marker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return {**env, MARKER_ENV: info.cluster_id}
+
+
+def _start_tracking(info: ClusterInfo) -> subprocess.Popen | None:
+    """Start the tracking stack, if asked for (PostgreSQL ready, server launched, not waited for)."""
+    if info.mlflow is None:
+        return None
+    proc = start_stack(info.mlflow, _service_env(info))
+    if info.mlflow.postgres_pid:
+        info.sessions.append(info.mlflow.postgres_pid)  # postgres renames its processes: found by session
+    info.save()
+    return proc
 
 
 def start_cluster(
@@ -440,25 +497,31 @@ def start_cluster(
     *,
     object_store_memory: int | str = "300MB",
     timeout: float = 180.0,
+    mlflow: str | None = None,
+    mlflow_port: int = 0,
 ) -> ClusterInfo:
     """Start a head plus ``workers`` worker nodes on this machine and wait until all are
     ALIVE. GPUs are logical (no CUDA needed): enough to try Tune's resource packing.
-    On any failure the processes started so far are stopped before the error is raised."""
-    info = _prepare(Path(state_dir or default_state_dir()), workers, cpus_per_node, gpus_per_node)
+    ``mlflow="postgres"`` (or ``"sqlite"``) also starts an MLflow server on that store, with
+    proxied artifacts, under ``<state_dir>/mlflow``, and sets ``MLFLOW_TRACKING_URI`` on every
+    node. On any failure the processes started so far are stopped before the error is raised."""
+    info = _prepare(
+        Path(state_dir or default_state_dir()), workers, cpus_per_node, gpus_per_node, mlflow, mlflow_port
+    )
     env = _node_env(info)
     store = parse_size(object_store_memory)
     cmds = [_start_command(i, info, store) for i in range(workers + 1)]
     try:
+        server = _start_tracking(info)  # the server starts up while the nodes do
         _run_ray_start(cmds[:1], env, info, timeout)
         if workers:
             _run_ray_start(cmds[1:], env, info, timeout)
         wait_for_nodes(info, workers + 1, timeout)
+        if info.mlflow:
+            wait_stack(info.mlflow, server, max(timeout, 300))
     except BaseException:
         log.error("starting the local cluster failed; stopping what was started")
-        try:
-            stop_cluster(info.state_dir)
-        except Exception:  # keep the original error; this one is only logged
-            log.exception("cleaning up the failed start failed too")
+        _stop_after_failed_start(info)
         raise
     info.pids = find_cluster_pids(info)
     info.save()
@@ -468,17 +531,43 @@ def start_cluster(
     return info
 
 
+def _stop_after_failed_start(info: ClusterInfo) -> None:
+    """Stop what a failed start left (the in-memory stack may know PIDs not yet saved)."""
+    try:
+        if info.mlflow:
+            stop_stack(info.mlflow)
+        stop_cluster(info.state_dir)
+    except Exception:  # keep the original error; this one is only logged
+        log.exception("cleaning up the failed start failed too")
+
+
 def stop_cluster(state_dir: str | Path | None = None, grace: float = 5.0) -> int:
-    """Stop every process of the cluster recorded in ``state_dir`` (SIGTERM, then SIGKILL
-    after ``grace`` s), verify none is left, remove its temp dir, state file and token.
-    Returns the number of processes stopped. Never touches other Ray clusters."""
+    """Stop every process of the cluster recorded in ``state_dir``: the MLflow server and
+    PostgreSQL first (a clean database shutdown), then the rest (SIGTERM, then SIGKILL after
+    ``grace`` s); verify none is left, remove its temp dir, state file and token. The tracking
+    data under ``<state_dir>/mlflow`` stays. Returns the number of processes stopped. Never
+    touches other Ray clusters."""
     info = load_cluster(state_dir)
-    count = terminate(lambda: find_cluster_pids(info), grace)
+    count = len(find_cluster_pids(info))
+    if info.mlflow:
+        try:
+            stop_stack(info.mlflow)
+        except RuntimeError as err:  # what survived is killed below
+            log.warning("%s", err)
+    terminate(lambda: find_cluster_pids(info), grace)
     shutil.rmtree(info.temp_dir, ignore_errors=True)
     (Path(info.state_dir) / STATE_FILE).unlink(missing_ok=True)
     info.token_path.unlink(missing_ok=True)
     log.info("local Ray cluster stopped: %d processes ended", count)
     return count
+
+
+def restart_mlflow(state_dir: str | Path | None = None, timeout: float = 300) -> ClusterInfo:
+    """Start the cluster's MLflow server again, on the same port and store, after it died."""
+    info = load_cluster(state_dir)
+    restart_server(_tracking(info), _service_env(info), timeout)
+    info.save()
+    return info
 
 
 @contextlib.contextmanager
@@ -497,6 +586,16 @@ def local_cluster(
         stop_cluster(info.state_dir)
 
 
+def _tracking(info: ClusterInfo) -> TrackingStack:
+    """The cluster's MLflow stack; a clear error when it was started without one."""
+    if info.mlflow is None:
+        raise RuntimeError(
+            f"{info.state_dir}: this cluster has no MLflow server; start one with "
+            "`python -m cluster.local start --mlflow postgres`."
+        )
+    return info.mlflow
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -504,9 +603,24 @@ def _client_lines(info: ClusterInfo) -> list[str]:
     return [f"export {k}={v}" for k, v in info.env.items()]
 
 
+def _tracking_lines(stack: TrackingStack | None) -> list[str]:
+    """What the CLI says about the MLflow server: its URI, the UI and where the data is."""
+    if stack is None:
+        return []
+    where = f"SQLite {stack.folder}/mlflow.db"
+    if stack.backend == "postgres":
+        where = f"PostgreSQL on 127.0.0.1:{stack.postgres_port} (database mlflow, data {stack.postgres().data_dir})"
+    return [
+        f"MLFLOW_TRACKING_URI={stack.url}",
+        f"MLFLOW_UI={stack.url}/#/experiments",
+        f"# MLflow server (PID {stack.server_pid}) on {where}; artifacts served from {stack.artifacts}",
+    ]
+
+
 def _print_started(info: ClusterInfo) -> None:
     print(f"RAY_ADDRESS={info.address}")
     print(f"DASHBOARD_URL={info.dashboard_url}")
+    print("\n".join(_tracking_lines(info.mlflow)))
     print(f"# {info.workers + 1} nodes, temp dir {info.temp_dir}, state {info.state_dir}")
     print('# Token auth is on. Clients need this environment (or: eval "$(python -m cluster.local env)"):')
     print("\n".join(_client_lines(info)))
@@ -524,6 +638,8 @@ def _print_status(state_dir: Path) -> int:
     print(f"RAY_ADDRESS={info.address}")
     print(f"DASHBOARD_URL={info.dashboard_url}")
     print(f"processes: {len(status['pids'])}  nodes alive: {len(nodes)} of {info.workers + 1}")
+    if info.mlflow:
+        print(f"MLFLOW_TRACKING_URI={info.mlflow.url} ({'healthy' if status['mlflow'] else 'NOT answering'})")
     hosts = sorted({ip for ip, _ in status["listening"]})
     print(f"listening on: {', '.join(hosts) or '-'} ({len(status['listening'])} TCP ports)")
     for n in sorted(nodes, key=lambda n: not n.get("is_head_node")):
@@ -533,7 +649,7 @@ def _print_status(state_dir: Path) -> int:
             f"  {role} {n['node_id'][:12]} {n.get('node_ip')} CPU={res.get('CPU', 0):g} "
             f"GPU={res.get('GPU', 0):g}"
         )
-    return 0 if len(nodes) == info.workers + 1 else 1
+    return 0 if len(nodes) == info.workers + 1 and status["mlflow"] is not False else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -551,8 +667,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--object-store-memory", default="300MB", help="per node, e.g. 100MB, 2GiB")
     start.add_argument("--timeout", type=float, default=180, help="seconds to wait for the nodes")
-    for name in ("start", "stop", "status", "env"):
-        p = start if name == "start" else sub.add_parser(name, help=f"{name} the cluster")
+    start.add_argument(
+        "--mlflow",
+        choices=BACKENDS,
+        default=None,
+        help="also start an MLflow server (proxied artifacts) on PostgreSQL or SQLite, data under the state dir",
+    )
+    start.add_argument(
+        "--mlflow-port", type=int, default=0, help="the MLflow server's port (default: a free one)"
+    )
+    backup = sub.add_parser("backup", help="copy the MLflow store (pg_dump -Fc, or SQLite's backup) to --out")
+    backup.add_argument("--out", type=Path, required=True, help="the dump file to write")
+    helps = {"db-uri": "print the MLflow store's URI (for `mlflow db upgrade`)"}
+    for name in ("start", "stop", "status", "env", "backup", "db-uri"):
+        p = {"start": start, "backup": backup}.get(name) or sub.add_parser(
+            name, help=helps.get(name, f"{name} the cluster")
+        )
         p.add_argument(
             "--state-dir",
             type=Path,
@@ -576,12 +706,20 @@ def main(argv: list[str] | None = None) -> int:
                     state,
                     object_store_memory=args.object_store_memory,
                     timeout=args.timeout,
+                    mlflow=args.mlflow,
+                    mlflow_port=args.mlflow_port,
                 )
             )
         elif args.action == "stop":
             print(f"stopped: {stop_cluster(state)} processes")
         elif args.action == "env":
             print("\n".join(_client_lines(load_cluster(state))))
+        elif args.action == "backup":
+            stack = _tracking(load_cluster(state))
+            backup_store(stack, args.out)
+            print(f"MLflow store written to {args.out}; copy {stack.artifacts} beside it")
+        elif args.action == "db-uri":
+            print(store_uri(_tracking(load_cluster(state))))
         else:
             return _print_status(state)
     except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as err:

@@ -19,7 +19,7 @@ from pipelines.layout import Layout
 from pipelines.options import ModelInfo, SegmentOptions
 from pipelines.plan import ImagePlan, done_units
 from pipelines.preview import MAX_SIDE, compose_preview, save_preview
-from pipelines.readers import open_source
+from segcore.readers import open_source
 
 log = logging.getLogger(__name__)
 

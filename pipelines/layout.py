@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.lock import LOCK_NAME, TAKEOVER_NAME
-from pipelines.readers import reader_name, safe_name
 from segcore.errors import ConfigError
+from segcore.readers import reader_name, safe_name
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ scan's run peaked at 2.4x MONAI's single-process RSS). Here the model is loaded 
 process, and its work units run on ``lanes`` threads (torch releases the GIL inside operators):
 
 * ``lanes`` and torch ``threads`` come from the same rule as the Ray pool of one node
-  (:func:`pipelines.runner.cpu_pool`): windows of at least ``BIG_WINDOW`` px get one lane with
-  every CPU as a torch thread; smaller windows one single-threaded lane per CPU, which was
-  1.17x faster on 512² windows (2 x 1 thread 0.69 MP/s against 1 x 2 threads 0.59 MP/s);
+  (:func:`pipelines.runner.cpu_pool`, :func:`pipelines.options.one_actor_per_node`): big windows
+  get one lane with every CPU as a torch thread; smaller windows one single-threaded lane per CPU,
+  which was 1.17x faster on 512² windows (2 x 1 thread 0.69 MP/s against 1 x 2 threads 0.59 MP/s);
 * one more thread than lanes, so reading and writing overlap the forward passes (``--no-overlap``
   turns it off), as the actors' two concurrent calls do;
 * the same units, the same ``done.jsonl`` resume log, the same finishing step and manifest:

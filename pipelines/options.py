@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from segcore import modelref
 from segcore.config import NormalizeConfig
 from segcore.errors import ConfigError
-from segcore.modeldir import LoadedModel
+from segcore.modelio import ref as modelref
+from segcore.modelio.folder import LoadedModel
 from segcore.tiling import round_up
 
 log = logging.getLogger(__name__)
@@ -258,15 +258,27 @@ def resolve_tiling(loaded: LoadedModel, options: dict[str, Any], actors: int | N
     return out
 
 
+def one_actor_per_node(window: int) -> bool:
+    """The pool rule for CPU nodes: windows (tile + 2 halo) of at least :data:`BIG_WINDOW` px a side
+    get one actor per node with every CPU of the node as a torch thread; smaller windows one actor
+    per CPU (``runner.cpu_pool``, and the lanes of ``pipelines.local``).
+
+    A big tile leaves an image few work units (a 4096² scan at tile 2304: 2 units), so
+    single-threaded actors sit idle once the units run out (a one-window image used one of two
+    cores), and one model copy per node halves the actors' memory. The memory budget follows the
+    same rule (:func:`tile_within_memory`)."""
+    return window >= BIG_WINDOW
+
+
 def tile_within_memory(halo: int, multiple: int, max_overhead: float, per_px: float,
                        actors: int | None) -> tuple[float, int]:
     """(memory budget per actor, tile). With ``actors`` unknown (no ``--workers``) the budget is
-    first the node's for one actor: the pool a CPU node runs for windows of :data:`BIG_WINDOW` px
-    or more (``runner.cpu_pool``); if the tile that gives is smaller, one actor per CPU shares it."""
+    first the node's for one actor: the pool a CPU node runs when the tile's windows are big
+    (:func:`one_actor_per_node`); if the tile that gives is smaller, one actor per CPU shares it."""
     for n in ([actors] if actors else [1, os.cpu_count() or 1]):
         budget = memory_budget_bytes(n)
         tile = choose_tile(halo, multiple, max_overhead, budget / per_px)
-        if actors or tile + 2 * halo >= BIG_WINDOW:
+        if actors or one_actor_per_node(tile + 2 * halo):
             break
     return budget, tile
 

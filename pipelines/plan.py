@@ -31,10 +31,10 @@ import numpy as np
 from pipelines import omezarr
 from pipelines.layout import Layout, input_identity
 from pipelines.options import ModelInfo, SegmentOptions
-from pipelines.readers import ImageSource, open_sources
 from segcore.data.errors import DataError
 from segcore.data.normalize import apply_norm, compute_norm_stats, range_warning
 from segcore.errors import OutputError, UserError
+from segcore.readers import ImageSource, open_sources
 from segcore.readers.scaled import output_factor, scaled
 from segcore.tiling import balanced_tile, grid_shape, round_up, strip_cols
 

@@ -17,7 +17,7 @@ import torch
 
 from pipelines.omezarr import NODATA  # label where the input pixel is NaN/inf (not a class; counted apart)
 from pipelines.options import SegmentOptions
-from segcore.modeldir import LoadedModel
+from segcore.modelio.folder import LoadedModel
 from segcore.tiling import PredictFn, blended_predictor, flip_tta, pad_to_multiple
 
 

@@ -27,12 +27,12 @@ from pipelines.finalize import finalize_file
 from pipelines.layout import STATE_DIR, Layout, Manifest, assign_stems, expand_inputs, input_identity
 from pipelines.local import consume_local, local_cpus, unit_rows
 from pipelines.lock import OutputLock
-from pipelines.options import BIG_WINDOW, ModelInfo, SegmentOptions, load_for_run, resolve_tiling
+from pipelines.options import ModelInfo, SegmentOptions, load_for_run, one_actor_per_node, resolve_tiling
 from pipelines.plan import OWNER_FIX, PLAN_FILE, ImagePlan, done_units, owner_problem, plan_batch
 from pipelines.progress import FileState, ResultSink, Tracker
 from pipelines.worker import TileSegmenter, peak_rss_mb
-from segcore import modelref
 from segcore.errors import ConfigError, UserError
+from segcore.modelio.ref import tracking_uri_for
 
 log = logging.getLogger(__name__)
 
@@ -148,16 +148,14 @@ def _cpu_actors(cpus: float) -> int:
 def cpu_pool(cpus: float, nodes: int, window: int) -> tuple[int, int]:
     """(actors, torch threads per actor) for CPU-only nodes, from the window edge (tile + 2 halo).
 
-    Windows of at least :data:`BIG_WINDOW` px a side: one actor per node with every CPU of the node
-    as a torch thread. A big tile leaves an image few work units (a 4096² scan at tile 2304: 2
-    units), so single-threaded actors sit idle once the units run out (a one-window image used one
-    of two cores), and one model copy per node halves the actors' memory. Smaller windows keep
-    :func:`_cpu_actors`. Measured on a 2-core machine shared with other jobs (load 20+), a
-    resnet18 U-Net forward of two 1536² windows took 59 s in one process with 2 threads against
-    32 s in two 1-thread processes side by side: under heavy oversubscription intra-op threads
-    lose; ``--workers/--threads`` override. A pure function: the same node and tile give the same pool."""
+    Big windows (:func:`pipelines.options.one_actor_per_node`, which says why): one actor per node
+    with every CPU of the node as a torch thread. Smaller windows keep :func:`_cpu_actors`.
+    Measured on a 2-core machine shared with other jobs (load 20+), a resnet18 U-Net forward of
+    two 1536² windows took 59 s in one process with 2 threads against 32 s in two 1-thread
+    processes side by side: under heavy oversubscription intra-op threads lose;
+    ``--workers/--threads`` override. A pure function: the same node and tile give the same pool."""
     nodes = max(1, nodes)
-    if window < BIG_WINDOW:
+    if not one_actor_per_node(window):
         size = _cpu_actors(cpus)
         return size, max(1, int(cpus // size))
     return min(nodes, MAX_CPU_ACTORS), max(1, int(cpus / nodes))
@@ -347,7 +345,7 @@ def _segment_locked(model: str, inputs: list[str], layout: Layout, run: RunConfi
     if not files:
         raise ConfigError(f"--input {' '.join(inputs)}: no image files found; check the paths and globs")
     stems = assign_stems(files)  # refuses clashing names before any work
-    options["tracking_uri"] = modelref.tracking_uri_for(model, options.get("tracking_uri"))  # fixed once
+    options["tracking_uri"] = tracking_uri_for(model, options.get("tracking_uri"))  # fixed once
     loaded, info = load_for_run(model, options.get("tracking_uri"))
     options = resolve_tiling(loaded, options, actors=run.workers)  # halo from the card, tile from the halo
     opts = SegmentOptions(model=info.ref, **{k: v for k, v in options.items() if v is not None})

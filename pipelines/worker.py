@@ -24,8 +24,8 @@ from pipelines import omezarr
 from pipelines.options import ModelInfo, SegmentOptions
 from pipelines.plan import ImagePlan, to_model_channels
 from pipelines.predictor import PostProcessor, Products, build_predictor
-from pipelines.readers import ImageSource, open_source
 from segcore.data.normalize import NormStats, apply_norm
+from segcore.readers import ImageSource, open_source
 from segcore.readers.scaled import scaled, upsample_write
 from segcore.tiling import (
     Window,
@@ -73,7 +73,7 @@ class TileSegmenter:
                  lanes: int = 1) -> None:
         import torch
 
-        from segcore.modelref import load_model
+        from segcore.modelio.ref import load_model
 
         if threads:
             torch.set_num_threads(threads)

@@ -1,5 +1,8 @@
 """Per-trial budgets in epochs, optimizer steps or minutes, and ASHA's clock in the same unit.
 
+The ``budget:`` section's models (:class:`StepsBudget`, :class:`MinutesBudget`) live here, below
+the search spec and its validation, which both import them.
+
 * ``epochs`` (no ``budget:``): the TrainConfig's ``epochs``; ASHA counts ``training_iteration``.
 * ``budget: {steps: N}``: :func:`apply_budget` sets ``epochs`` and ``data.patches_per_epoch`` so a
   trial makes at least N and fewer than N + epochs optimizer steps (:func:`segcore.steps.fit_steps`); ASHA
@@ -18,15 +21,70 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from search.spec import Budget, MinutesBudget, SearchSpec, StepsBudget
-from segcore.config import TrainConfig
+from pydantic import Discriminator, Field, Tag, model_validator
+
+from segcore.config import Strict, TrainConfig
 from segcore.schedules import PCT_START
 from segcore.steps import fit_steps, steps_per_epoch, with_steps
 
 log = logging.getLogger(__name__)
 
 TIME_ATTR = {"epochs": "training_iteration", "steps": "steps", "minutes": "train_minutes"}
+
+
+PlanSteps = Annotated[int, Field(ge=1)] | Literal["plan"]
+
+
+def check_plan_steps(steps: int | str, minutes: float | None, steps_key: str, minutes_key: str) -> None:
+    """``steps: plan`` needs ``minutes`` (the plan's steps in that many minutes on one worker);
+    a number of steps takes no minutes (write ``{minutes: M}`` for a wall-clock budget)."""
+    if steps == "plan" and minutes is None:
+        raise ValueError(f"{steps_key}: plan needs {minutes_key}: T (the optimizer steps the plan makes in T "
+                         "minutes on one worker, timed before the first trial)")
+    if steps != "plan" and minutes is not None:
+        raise ValueError(f"{minutes_key} goes with {steps_key}: plan only; write a number of steps or "
+                         f"{steps_key}: plan with {minutes_key}")
+
+
+class StepsBudget(Strict):
+    """Each trial trains for ``steps`` optimizer steps (search/budget.py sets epochs and patches per epoch);
+    ``{steps: plan, minutes: T}``: the steps the plan makes in T minutes on one worker (its own timing)."""
+
+    unit: Literal["steps"] = "steps"
+    steps: PlanSteps = Field(description="optimizer steps per trial (per worker with DDP), or plan")
+    minutes: float | None = Field(None, gt=0, description="with steps: plan, the minutes the plan's steps fill")
+
+    @model_validator(mode="after")
+    def _check_plan(self) -> StepsBudget:
+        check_plan_steps(self.steps, self.minutes, "steps", "minutes")
+        return self
+
+
+class MinutesBudget(Strict):
+    """Each trial stops training at the first epoch end after ``minutes`` of wall time (``max_minutes``)."""
+
+    unit: Literal["minutes"] = "minutes"
+    minutes: float = Field(gt=0, description="training wall time per trial, epochs' validation included")
+
+
+def _budget_kind(value: Any) -> str | None:
+    """``{steps: N}`` -> steps, ``{minutes: M}`` -> minutes (a ``unit`` key, if written, decides)."""
+    if isinstance(value, dict):
+        if "unit" in value:
+            return value["unit"]
+        if "steps" in value:  # {steps: plan, minutes: T} is a steps budget
+            return "steps"
+        return "minutes" if "minutes" in value else None
+    return getattr(value, "unit", None)
+
+
+Budget = Annotated[
+    Annotated[StepsBudget, Tag("steps")] | Annotated[MinutesBudget, Tag("minutes")],
+    Discriminator(_budget_kind, custom_error_type="budget_kind",
+                  custom_error_message="write {steps: N}, {steps: plan, minutes: T} or {minutes: M}"),
+]
 
 
 def apply_budget(cfg: TrainConfig, budget: Budget | None, world_size: int = 1) -> TrainConfig:
@@ -36,6 +94,15 @@ def apply_budget(cfg: TrainConfig, budget: Budget | None, world_size: int = 1) -
     if isinstance(budget, MinutesBudget):
         return cfg.model_copy(update={"max_minutes": budget.minutes})
     return cfg
+
+
+def plan_steps(plan: Any, minutes: float) -> int:
+    """The optimizer steps ``plan`` makes in ``minutes`` on one worker, by its own step timing (the
+    epochs x steps per epoch that ``gigaseg train --budget-min`` would plan for those minutes)."""
+    from segcore.plan import decide_steps
+
+    chosen, _ = decide_steps(plan.fingerprint, plan.config, plan.speed, minutes)
+    return chosen["epochs"] * max(1, chosen["patches_per_epoch"] // plan.config.data.batch_size)
 
 
 @dataclass(frozen=True)
@@ -48,8 +115,9 @@ class AshaClock:
     why: str
 
 
-def asha_clock(spec: SearchSpec, base: TrainConfig, max_epochs: int) -> AshaClock:
-    """ASHA's clock for ``spec.budget``; ``base`` is the base configuration (plan merged in).
+def asha_clock(spec: Any, base: TrainConfig, max_epochs: int) -> AshaClock:
+    """ASHA's clock for ``spec.budget``; ``spec`` is the :class:`search.spec.SearchSpec` (typed ``Any``:
+    budgets sit below specs), ``base`` the base configuration (plan merged in).
 
     One epoch is converted with the base configuration: under a steps budget its steps per epoch
     after :func:`fit_steps`; under a minutes budget M / base epochs (the plan fits the base's

@@ -6,7 +6,7 @@ After the search (driver side, :func:`search.summary.summarize`):
    on the validation split the trials used (``data.val``, else ``segcore.train.split_samples`` of
    ``data.train`` with the best model's ``val_fraction`` and seed), bounded to
    ``champion.val_pixels``;
-2. greedy ensemble selection (:func:`segcore.ensemble.greedy_select`) over those probabilities;
+2. greedy ensemble selection (:func:`segcore.modelio.ensemble.greedy_select`) over those probabilities;
    the ensemble becomes the candidate only if it beats the best single model;
 3. one temperature is fitted on validation (``segcore.calibration``) and stored on the card;
 4. flip TTA is scored on validation and set on the card (``extra["tta"]``) when it gains at least
@@ -34,12 +34,13 @@ from mlflow.entities import Metric, Param, RunTag
 from search.mlflow_runs import MlflowTarget, trial_model_uri
 from segcore.calibration import calibrate_model, log_of, set_card_extra, tiled_proba
 from segcore.data import Sample, load_samples, load_spec
-from segcore.ensemble import greedy_select, member_halo, miou_of, save_ensemble_dir
 from segcore.halo import MEASURED_ON_KEY, loaded_halo
 from segcore.metrics import ConfusionMatrix
-from segcore.modeldir import TTA_KEY, LoadedModel, read_card
-from segcore.modelref import load_model, local_dir
-from segcore.tiling import round_up
+from segcore.modelio.card import TTA_KEY
+from segcore.modelio.ensemble import greedy_select, member_halo, miou_of, save_ensemble_dir
+from segcore.modelio.folder import LoadedModel
+from segcore.modelio.ref import load_model, local_dir, read_card
+from segcore.tiling import FLIPS, round_up
 
 log = logging.getLogger(__name__)
 TTA_MIN_GAIN = 0.005  # validation mIoU flip TTA must gain to be on by default: it costs 4x the forward time
@@ -93,6 +94,12 @@ class ChampionReport:
     throughput_cost: float = 1.0
     calibration: dict[str, float] = field(default_factory=dict)
     tta_gain: float | None = None
+    tta: bool = False  # flip TTA on the card: every forward becomes len(FLIPS)
+
+    @property
+    def forward_cost(self) -> float:
+        """Forward passes per tile against one plain model: ensemble members x TTA flips."""
+        return self.throughput_cost * (len(FLIPS) if self.tta else 1)
 
 
 def validation_heldout(card_dir: Path, train_dir: Path, val_dir: Path | None, max_pixels: int) -> HeldOut:
@@ -274,6 +281,7 @@ def calibrate_and_tta(report: ChampionReport, cands: list[Candidate], labels: np
         pays = report.tta_gain >= TTA_MIN_GAIN
         if pays:
             set_card_extra(report.model_dir, TTA_KEY, True)
+            report.tta = True
         log.info("flip TTA: validation mIoU %.4f with, %.4f without (%+.4f) -> %s", flipped, plain, report.tta_gain,
                  "on by default (card), at 4x the forward time" if pays
                  else f"off (a gain below {TTA_MIN_GAIN} does not pay for 4x the forward time)")
@@ -297,7 +305,7 @@ def log_report(target: MlflowTarget, report: ChampionReport) -> None:
     client, run_id, now = target.client(), target.parent_run_id, int(time.time() * 1000)
     metrics = {"ensemble_val_miou": report.score, "best_single_val_miou": report.best_single,
                "ensemble_gain": report.score - report.best_single, "ensemble_members": float(len(report.members)),
-               "ensemble_throughput_cost": report.throughput_cost,
+               "ensemble_throughput_cost": report.throughput_cost, "champion_forward_cost": report.forward_cost,
                **{f"calibration_{k}": v for k, v in report.calibration.items()},
                **({"tta_gain": report.tta_gain} if report.tta_gain is not None else {})}
     params = {"ensemble.members": ",".join(report.members), "ensemble.weights": ",".join(f"{w:.4f}" for w in

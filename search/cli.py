@@ -69,12 +69,23 @@ def _print_plan(spec: Any, space: Any) -> None:
     trial0 = trial0_of(planned)
     if trial0 is not None:
         print(f"  trial 0 = the plan: {trial0 or '(no searched dimension takes a planned value)'}")
-    cfg = apply_budget(planned_space.to_train_config(trial0 or {}, source="trial 0"), spec.budget,
+    budget = planned.budget
+    cfg = apply_budget(planned_space.to_train_config(trial0 or {}, source="trial 0"), budget,
                        spec.resources.workers_per_trial)
-    unit = f"{spec.budget.unit} {getattr(spec.budget, spec.budget.unit):g}" if spec.budget else "epochs"
+    unit = f"{budget.unit} {getattr(budget, budget.unit):g}" if budget else "epochs"
     print(f"  budget per trial: {unit} -> epochs {cfg.epochs} x {cfg.data.patches_per_epoch} patches / batch "
           f"{cfg.data.batch_size}" + (f", max_minutes {cfg.max_minutes:g}" if cfg.max_minutes else ""))
-    if spec.asha.enabled:
+    if planned.cluster is not None:
+        from search.lanes import trial_share
+
+        c = planned.cluster
+        print(f"  cluster: {c.workers} workers x {c.steps_per_worker} steps = {c.workers * c.steps_per_worker} "
+              f"worker-steps; trials use up to {trial_share(planned)} of each worker's, the refit the rest")
+    if planned.engine == "pbt":
+        p = planned.pbt
+        print(f"  PBT: {planned.population} members, perturbing every {p.perturbation_interval:.0%} of a trial's "
+              f"steps after {p.burn_in:.0%}")
+    elif spec.asha.enabled:
         clock = asha_clock(planned, planned_space.to_train_config({}, source="base"), planned_space.max_epochs())
         print(f"  ASHA on {clock.time_attr}: grace_period {clock.grace_period:.4g}, max_t {clock.max_t:.4g} "
               f"({clock.why})")

@@ -24,14 +24,16 @@ from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
+from search.dimensions import Dimension
+from search.mlflow_runs import MlflowTarget
 from search.planned import trial0_of
-from search.space import Active, Dimension, SearchSpace
+from search.report import IS_LAST
+from search.space import Active, SearchSpace
 from search.spec import SearchSpec
 from search.validate import seed_to_optuna
 
 log = logging.getLogger(__name__)
 
-IS_LAST = "is_last"  # reported with every epoch: 1.0 on a trial's final epoch, else 0.0
 
 
 class DefineByRun:
@@ -166,8 +168,35 @@ class PlanKeepingASHA(ASHAScheduler):
 
 
 def num_trials(spec: SearchSpec, space: SearchSpace) -> int:
-    """Tuner num_samples: the grid repeats once; tpe/random run ``num_samples`` trials."""
-    return 1 if spec.engine == "grid" else spec.num_samples
+    """Tuner num_samples: the grid (and PBT's population, one grid) once; tpe/random run ``num_samples``
+    trials, or with a cluster as many as its worker-steps hold (``num_samples``, if written, caps them)."""
+    if spec.engine in ("grid", "pbt"):
+        return 1
+    if spec.cluster is not None and "num_samples" not in spec.model_fields_set:
+        return UNBOUNDED_TRIALS
+    return spec.num_samples
+
+
+UNBOUNDED_TRIALS = 100_000  # the worker-steps end a cluster's search (search.lanes.LaneSearcher)
+
+
+def build_engine(spec: SearchSpec, space: SearchSpace,
+                 target: MlflowTarget) -> tuple[Searcher | BasicVariantGenerator, dict[str, Any], TrialScheduler]:
+    """Search algorithm, Tuner param space and scheduler for ``spec.engine``; with a cluster, tpe and
+    random trials start only on a worker that still holds their steps (:class:`search.lanes.LaneSearcher`)."""
+    if spec.engine == "pbt":
+        from search.pbt import build_pbt
+
+        scheduler, param_space = build_pbt(spec, space, target)
+        return BasicVariantGenerator(random_state=spec.seed), param_space, scheduler
+    searcher, param_space = build_searcher(spec, space)
+    if spec.cluster is not None and isinstance(searcher, Searcher):
+        from search.lanes import LaneSearcher, trial_share
+
+        searcher = LaneSearcher(searcher, spec.cluster.workers, trial_share(spec), int(spec.budget.steps))
+        log.info("cluster: %d workers x %d steps; trials of %d steps on %d steps of each worker",
+                 spec.cluster.workers, spec.cluster.steps_per_worker, spec.budget.steps, trial_share(spec))
+    return searcher, param_space, build_scheduler(spec, space)
 
 
 class EpochBudget(Stopper):

@@ -110,7 +110,9 @@ class TrialRun:
     def __init__(self, target: MlflowTarget, trial_id: str, trial_name: str) -> None:
         self.target, self.trial_id, self.trial_name = target, trial_id, trial_name
         self.client = target.client()
-        self.run_id = find_trial_run(target, trial_id) or self._create()
+        found = find_trial_run(target, trial_id)
+        self.reopened = found is not None  # a retry, a resume or a PBT clone of this trial
+        self.run_id = found or self._create()
         self.status = self.client.get_run(self.run_id).data.tags.get(STATUS_TAG, RUNNING)
 
     def _create(self) -> str:
@@ -119,8 +121,12 @@ class TrialRun:
         return run.info.run_id
 
     def log_params(self, params: dict[str, Any], train_config: dict[str, Any]) -> None:
-        """Sampled dimensions under their YAML names plus the whole TrainConfig, flat."""
-        _log_params(self.client, self.run_id, {**flatten(train_config), **params})
+        """Sampled dimensions under their YAML names plus the whole TrainConfig, flat. A reopened run
+        keeps the params it has (MLflow refuses a changed value; a PBT clone's changes are its
+        ``pbt.*`` tags, search/pbt.py) and gets only the missing ones."""
+        have = self.client.get_run(self.run_id).data.params if self.reopened else {}
+        flat = {**flatten(train_config), **params}
+        _log_params(self.client, self.run_id, {k: v for k, v in flat.items() if k[:250] not in have})
 
     def log_epoch(self, metrics: dict[str, float], step: int) -> None:
         import time

@@ -17,7 +17,8 @@ import logging
 import math
 from typing import Any
 
-from search.space import Dimension, SearchSpace, is_per_arch
+from search.dimensions import Dimension, is_per_arch
+from search.space import SearchSpace
 from search.spec import SearchSpec
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,21 @@ def planned_value(space: SearchSpace, dim: Dimension, terms: dict[str, float] | 
     field = dim.path.removeprefix("model.")
     if model and dim.path in ("model.arch", "model.encoder") and field in model:
         return model[field]
+    if model is not None and dim.path == "model.arch_kwargs" and dim.kind == "choice":
+        return _planned_kwargs_choice(dim, model)
     if dim.path.startswith("loss.terms."):
         mix = terms if terms is not None else space.base_value("loss.terms")
         if isinstance(mix, dict):
             return mix.get(dim.path.split(".", 2)[2], 0.0)
     return space.current(dim.key, {})
+
+
+def _planned_kwargs_choice(dim: Dimension, model: dict[str, Any]) -> Any:
+    """The per-architecture kwargs choice that gives the planned architecture the plan's kwargs."""
+    from segcore.config import ModelConfig
+
+    arch, kwargs = model.get("arch", ModelConfig().arch), model.get("arch_kwargs", {})
+    return next((c for c in dim.values if is_per_arch(c) and c.get(arch) == kwargs), None)
 
 
 def trial0_point(space: SearchSpace, terms: dict[str, float] | None = None,
@@ -99,9 +110,9 @@ def _listed(spec: SearchSpec, key: str, path: str) -> list[Any]:
 def _planning_base(spec: SearchSpec, fp: Any) -> dict[str, Any]:
     """The model the plan times and trial 0 trains: base's, with the first listed architecture,
     encoder and arch_kwargs (those for that architecture); the architecture the plan prefers for this
-    data instead (:func:`segcore.plan.decide_model`: ResUNet with a full-resolution skip for thin lines)
+    data instead (:func:`segcore.plan.decisions.decide_model`: ResUNet with a full-resolution skip for thin lines)
     where the space lists it with the plan's kwargs."""
-    from segcore.plan import decide_model
+    from segcore.plan.decisions import decide_model
 
     model = dict(spec.base.get("model", {}))
     for key, path in (("architecture", "arch"), ("encoder", "encoder"), ("arch_kwargs", "arch_kwargs")):
@@ -119,18 +130,31 @@ def _planning_base(spec: SearchSpec, fp: Any) -> dict[str, Any]:
 def plan_search(spec: SearchSpec, space: SearchSpace) -> tuple[SearchSpec, SearchSpace, Any]:
     """The spec with the plan under ``base`` and trial 0 first in ``seed_configs``; its space; the plan.
 
-    With ``plan.enabled: false`` everything is returned unchanged (and the plan is None).
+    Without a written ``space:`` the space is the one around the plan (:mod:`search.around`). A
+    ``steps: plan`` budget (or cluster) becomes the plan's steps (:func:`search.budget.resolve_plan_steps`).
+    With ``plan.enabled: false`` the spec is unchanged but for that (and the plan is None).
     """
-    from segcore.config import flatten
-    from segcore.plan import fingerprint, merge_under, plan_training
+    from search.lanes import resolve_plan_steps
 
-    if not spec.plan.enabled:
-        return spec, space, None
+    spec, space, plan = _plan_and_seed(spec, space) if spec.plan.enabled else (spec, space, None)
+    return resolve_plan_steps(spec, plan), space, plan
+
+
+def _plan_and_seed(spec: SearchSpec, space: SearchSpace) -> tuple[SearchSpec, SearchSpace, Any]:
+    """Plan, put the plan under ``base`` (explicit keys win), the default space if none is written,
+    and trial 0 first in ``seed_configs``."""
+    from segcore.config import flatten
+    from segcore.plan import merge_under, plan_training
+    from segcore.plan.fingerprints import fingerprint
+
     minutes = getattr(spec.budget, "minutes", None)  # a minutes budget: the plan fills a trial's minutes
     threads = max(1, int(spec.resources.cpus_per_trial))  # timed as a trial trains (Ray sets its threads)
     fp = fingerprint(spec.data.train)
     planning = _planning_base(spec, fp)
     plan = plan_training(spec.data.train, minutes or spec.plan.budget_min, base=planning, fp=fp, threads=threads)
+    if not spec.space:
+        spec = _with_default_space(spec, plan)
+        space = SearchSpace.from_spec(spec, spec.name)
     # the model is the space's and base's; the plan's only where neither names an architecture
     planned = {k: v for k, v in plan.overrides.items() if k != "model" or "arch" not in planning["model"]}
     terms = None
@@ -154,6 +178,17 @@ def plan_search(spec: SearchSpec, space: SearchSpace) -> tuple[SearchSpec, Searc
     log.info("trial 0 = the plan: %s", point or "(no searched dimension takes a planned value)")
     spec = spec.model_copy(update={"seed_configs": [point, *spec.seed_configs]})
     return spec, SearchSpace.from_spec(spec, spec.name), plan
+
+
+def _with_default_space(spec: SearchSpec, plan: Any) -> SearchSpec:
+    """``spec`` with the space around ``plan`` (none was written), logged one dimension a line."""
+    from search.around import around_plan
+    from segcore.plan.decisions import MIN_PATCH
+
+    around = around_plan(plan.config, plan.fingerprint.min_side, MIN_PATCH, spec.base)
+    for key, value in around.items():
+        log.info("space around the plan: %s = %s", key, value)
+    return spec.model_copy(update={"space": around})
 
 
 def trial0_of(spec: SearchSpec) -> dict[str, Any] | None:

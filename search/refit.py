@@ -27,9 +27,10 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ from search.mlflow_runs import (
 )
 from search.spec import ResourcesSection, SearchSpec
 from segcore.config import TrainConfig, flatten
+from segcore.modelio.ref import local_dir, read_card
+from segcore.steps import steps_per_epoch, with_steps, worker_lr
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,8 @@ class RefitPlan:
     best_score: float
     start_from: str | None = None  # the trial's model URI (warm start), resolved where the task runs
     cpus: float = 1.0  # the refit task's CPUs (and torch threads): a trial's, or the idle CPUs' share
+    workers: int = 1  # > 1: data-parallel on a cluster's workers (search.ddp), steps_per_worker each
+    steps_per_worker: int = 0
 
 
 @dataclass
@@ -85,6 +90,7 @@ class RefitOutcome:
     seconds: float
     model_uri: str | None = None
     trial_id: str = ""
+    worker_steps: float = 0.0  # optimizer steps x workers (a cluster's refit)
 
 
 def trial_time_budget_s(spec: SearchSpec) -> float | None:
@@ -121,8 +127,6 @@ def plan_refit(spec: SearchSpec, best: Any, model_dir: Path, reserved_s: float,
     """The best trial's config with the epochs that fit ``reserved_s`` (warm-started from the model
     URI ``start_from`` if given); None (logged) when no epoch fits, or from scratch, when that is not
     more epochs than the trial trained."""
-    from segcore.modeldir import read_card
-
     history = _history(model_dir)
     epoch_times = [h["epoch_time_s"] for h in history if "epoch_time_s" in h]
     trial_id = best.metrics["trial_id"]
@@ -193,7 +197,7 @@ def open_refit_run(target: MlflowTarget, plan: RefitPlan) -> str:
     params = {**flatten(plan.config.model_dump(mode="json")), "refit.of_trial": plan.trial_id,
               "refit.reserved_s": round(plan.reserved_s, 1), "refit.trial_epochs": plan.trial_epochs,
               "refit.trial_epoch_s": round(plan.epoch_s, 2), "refit.start_from": plan.start_from or "scratch",
-              "refit.cpus": plan.cpus}
+              "refit.cpus": plan.cpus, "refit.workers": plan.workers, "refit.steps_per_worker": plan.steps_per_worker}
     _log_params(client, run_id, params)
     return run_id
 
@@ -231,7 +235,7 @@ def refit_train(plan: RefitPlan, train_dir: str, val_dir: str | None, target: Ml
     import torch
 
     from segcore.mlflow_model import log_model_dir
-    from segcore.plan import torch_threads
+    from segcore.plan.timing import torch_threads
     from segcore.train import train
 
     start = time.perf_counter()
@@ -277,7 +281,6 @@ def run_refits(spec: SearchSpec, target: MlflowTarget, results: Any, top: list[t
     failed; the others go on."""
     import ray
 
-    from segcore.modelref import local_dir
 
     reserved = reserved_seconds(spec, results)
     plans = [p for trial, uri in top
@@ -297,23 +300,22 @@ def run_refits(spec: SearchSpec, target: MlflowTarget, results: Any, top: list[t
         ref = task.remote(plan, str(spec.data.train), val, target, run_id, spec.metric, spec.mode)
         launched.append((plan, run_id, ref))
     return [out for plan, run_id, ref in launched
-            if (out := _judge(spec, target, plan, run_id, ref, on_parent=plan.trial_id == best_id)) is not None]
+            if (out := _judge(spec, target, plan, run_id, partial(ray.get, ref),
+                               on_parent=plan.trial_id == best_id)) is not None]
 
 
-def _judge(spec: SearchSpec, target: MlflowTarget, plan: RefitPlan, run_id: str, ref: Any,
+def _judge(spec: SearchSpec, target: MlflowTarget, plan: RefitPlan, run_id: str, get: Callable[[], dict[str, Any]],
            on_parent: bool) -> RefitOutcome | None:
-    """Wait for one refit task, close its run (and, for the best trial's, note it on the parent)."""
-    import ray
-
+    """Wait for one refit (``get()``: its result), close its run (and, for the best trial's, note it on the parent)."""
     try:
-        got = ray.get(ref)
+        got = get()
     except Exception as exc:
         target.client().log_batch(run_id, tags=[RunTag(STATUS_TAG, FAILED)])
         target.client().set_terminated(run_id, "FAILED")
         log.warning("refit of trial %s failed (%s: %s)", plan.trial_id, type(exc).__name__, exc, exc_info=True)
         return None
     out = RefitOutcome(run_id, got["score"], plan.best_score, got["model_uri"] is not None, got["epochs"],
-                       got["seconds"], got["model_uri"], plan.trial_id)
+                       got["seconds"], got["model_uri"], plan.trial_id, got.get("steps", 0.0))
     close_refit_run(target, run_id, out, on_parent)
     log.info("refit kept: %s (refit %s %.4f after %d epochs in %.0f s vs trial %s %.4f)",
              "the refit" if out.kept else f"trial {plan.trial_id} (refit discarded)", spec.metric, out.score,
@@ -321,12 +323,90 @@ def _judge(spec: SearchSpec, target: MlflowTarget, plan: RefitPlan, run_id: str,
     return out
 
 
-def refit_candidates(spec: SearchSpec, target: MlflowTarget, results: Any, ranked: list[Any]) -> list[Any]:
+def plan_worker_refit(spec: SearchSpec, best: Any, model_dir: Path, used: Any,
+                      start_from: str | None) -> RefitPlan | None:
+    """The best trial's config for the steps each of a cluster's N workers has left (``used``:
+    :class:`search.lanes.WorkerSteps`), data-parallel on all N: each keeps the trial's batch and
+    validation cadence, the peak lr grows by sqrt(N) (segcore.steps.worker_lr, as ``gigaseg train
+    --workers N`` plans it), a fresh one-cycle from the trial's weights. None (logged) when the steps
+    left do not make one epoch of the trial."""
+    steps, workers = used.refit_steps(), used.workers
+    cfg = read_card(model_dir).train
+    trial_id = best.metrics["trial_id"]
+    per_epoch = steps_per_epoch(cfg.data.patches_per_epoch, cfg.data.batch_size)
+    if steps < per_epoch:
+        log.warning("refit: the workers have %d steps each left after the trials (%d x %d worker-steps, the "
+                    "busiest trained %.0f), less than one epoch of trial %s (%d); no refit", steps, workers,
+                    used.per_worker, max(used.lanes), trial_id, per_epoch)
+        return None
+    optim = cfg.optim.model_copy(update={"lr": worker_lr(cfg.optim.lr, workers)})
+    data = cfg.data.model_copy(update={"patches_per_epoch": cfg.data.patches_per_epoch * workers})
+    scaled = with_steps(cfg.model_copy(update={"optim": optim, "data": data, "max_minutes": None}), steps, workers)
+    history = _history(model_dir)
+    return RefitPlan(trial_id, scaled, 0.0, len(history), 0.0, 0.0, float(best.metrics[spec.metric]), start_from,
+                     spec.resources.cpus_per_trial, workers, steps)
+
+
+def refit_on_workers(spec: SearchSpec, target: MlflowTarget, plan: RefitPlan, run_id: str,
+                     storage: str) -> dict[str, Any]:
+    """Train ``plan`` on its workers (Ray Train, :func:`search.ddp.fit_workers`; rank 0 logs every epoch
+    on the refit run); log the model there only when it beats the best trial."""
+    from search.ddp import WorkerResources, fit_workers
+    from search.train_workers import WorkersJob, copy_model, train_worker
+    from segcore.mlflow_model import log_model_dir
+
+    start = time.perf_counter()
+    cfg = plan.config
+    if plan.start_from:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_weights": plan.start_from})})
+    val = str(spec.data.val) if spec.data.val else None
+    job = WorkersJob(cfg, str(spec.data.train), val, target.uri, run_id)
+    res = WorkerResources(plan.workers, plan.cpus, 1.0 if spec.resources.gpus_per_trial else 0.0)
+    result = fit_workers(train_worker, job, res, name=f"refit-{plan.trial_id}", storage=storage,
+                         max_failures=spec.failure.max_failures)
+    score, uri = float(result.metrics[spec.metric]), None
+    if beats(score, plan.best_score, spec.mode):
+        import mlflow
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        with tempfile.TemporaryDirectory(prefix="gigaseg-refit-") as tmp, _use_tracking_uri(target.uri), \
+                mlflow.start_run(run_id=run_id):
+            uri = log_model_dir(copy_model(result, f"refit-{plan.trial_id}", Path(tmp) / "model"), name="model").model_uri
+    return {"score": score, "epochs": int(result.metrics["epoch"]) + 1, "seconds": time.perf_counter() - start,
+            "model_uri": uri, "steps": float(result.metrics["steps"]) * plan.workers}
+
+
+def run_worker_refit(spec: SearchSpec, target: MlflowTarget, top: tuple[Any, str], used: Any) -> list[RefitOutcome]:
+    """The best trial (``(result, model URI)``) refitted on all of a cluster's workers in the worker-steps
+    left; its worker-steps go on the parent run beside the trials'."""
+
+    best, uri = top
+    plan = plan_worker_refit(spec, best, local_dir(uri, target.uri), used,
+                             uri if spec.refit.warm_start else None)
+    if plan is None:
+        return []
+    run_id = open_refit_run(target, plan)
+    log.info("refit: trial %s's configuration on %d workers x %d steps (%d worker-steps; lr %.3g, global batch %d) "
+             "from %s, MLflow run %s", plan.trial_id, plan.workers, plan.steps_per_worker,
+             plan.workers * plan.steps_per_worker, plan.config.optim.lr, plan.workers * plan.config.data.batch_size,
+             "its weights" if plan.start_from else "scratch", run_id)
+    storage = str(spec.folder / "_train")
+    out = _judge(spec, target, plan, run_id, lambda: refit_on_workers(spec, target, plan, run_id, storage),
+                 on_parent=True)
+    if out is not None:
+        now = int(time.time() * 1000)
+        target.client().log_batch(target.parent_run_id, metrics=[
+            Metric("worker_steps_refit", out.worker_steps, now, 0),
+            Metric("worker_steps_used", used.trials + out.worker_steps, now, 0)])
+    return [out] if out is not None else []
+
+
+def refit_candidates(spec: SearchSpec, target: MlflowTarget, results: Any, ranked: list[Any],
+                     used: Any = None) -> list[Any]:
     """Refit the best ``refit.top_k`` of ``ranked`` (completed trials, best first) when
     ``refit.budget_fraction`` > 0; the kept refits as champion :class:`search.champion.Candidate`
     (trial id ``refit-<trial id>``)."""
     from search.champion import Candidate
-    from segcore.modelref import local_dir
 
     if spec.refit.budget_fraction <= 0:
         return []
@@ -336,6 +416,9 @@ def refit_candidates(spec: SearchSpec, target: MlflowTarget, results: Any, ranke
         log.warning("refit: trial(s) %s have no logged model to read the configuration from; not refitted",
                     ", ".join(missing))
     top = [(r, uris[r.metrics["trial_id"]]) for r in ranked if uris.get(r.metrics["trial_id"])]
-    outs = run_refits(spec, target, results, top, best_id=ranked[0].metrics["trial_id"])
+    if used is not None:  # a cluster: the best trial on all its workers, in the worker-steps left
+        outs = run_worker_refit(spec, target, top[0], used) if top else []
+    else:
+        outs = run_refits(spec, target, results, top, best_id=ranked[0].metrics["trial_id"])
     return [Candidate(f"{REFIT}-{o.trial_id}", local_dir(o.model_uri, target.uri))
             for o in outs if o.kept and o.model_uri is not None]

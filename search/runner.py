@@ -22,7 +22,7 @@ from ray import tune
 from ray.tune.stopper import CombinedStopper
 
 from search.ddp import connect_ray
-from search.engines import EpochBudget, build_scheduler, build_searcher, num_trials
+from search.engines import EpochBudget, build_engine, num_trials
 from search.failfast import SameErrorStop
 from search.mlflow_runs import MlflowTarget, start_parent_run
 from search.pg_guard import LedgerSweeper, get_ledger
@@ -31,7 +31,7 @@ from search.preflight import check_search_data
 from search.refit import trial_time_budget_s
 from search.space import SearchSpace
 from search.spec import ResourcesSection, SearchSpec, parse_search_spec
-from search.summary import SearchOutcome, TrialStatusCallback, summarize
+from search.summary import SearchOutcome, TrialStatusCallback, plan_advice, summarize
 from search.trial import TrialContext, trial_main
 from segcore import tracking
 from segcore.config import ConfigError
@@ -39,12 +39,8 @@ from segcore.config import ConfigError
 log = logging.getLogger(__name__)
 
 STATE_FILE = "gigaseg_search.json"
+PBT_CHECKPOINTS = 4  # a clone reads its donor's latest checkpoint: keep more than the last two
 DRIVER_CPUS = 0.01  # a multi-worker trial's own actor only drives its TorchTrainer
-
-
-def experiment_dir(spec: SearchSpec) -> Path:
-    storage = spec.storage_path or tracking.gigaseg_home() / "searches"
-    return Path(storage) / spec.name
 
 
 def trial_dirname(trial: Any) -> str:
@@ -63,12 +59,18 @@ def make_trainable(ctx: TrialContext, res: ResourcesSection) -> Any:
 def reuse_actors(spec: SearchSpec) -> bool:
     """Reuse trial processes (saves a torch/MLflow import per trial) only when no trial is stopped
     mid-training: a stopped trial's thread is still in ``train()`` and Tune cannot reset the actor."""
-    return not spec.asha.enabled and spec.resources.workers_per_trial == 1
+    return not spec.asha.enabled and spec.engine != "pbt" and spec.resources.workers_per_trial == 1
 
 
 def default_concurrency(spec: SearchSpec) -> int | None:
     """For DDP trials Tune cannot see the workers' needs: cap trials by what the cluster holds."""
     res = spec.resources
+    if spec.cluster is not None:
+        _check_cluster_fits(spec)
+    if spec.engine == "pbt":  # the population runs side by side (Tune limits searchers only)
+        return None
+    if spec.cluster is not None:  # N trials at a time, in the order N workers would give their results
+        return spec.cluster.workers
     if spec.max_concurrent_trials or res.workers_per_trial == 1:
         return spec.max_concurrent_trials
     total = ray.cluster_resources()
@@ -76,6 +78,18 @@ def default_concurrency(spec: SearchSpec) -> int | None:
     if res.gpus_per_trial:
         fits = min(fits, int(total.get("GPU", 0) // (res.gpus_per_trial * res.workers_per_trial)))
     return max(1, fits)
+
+
+def _check_cluster_fits(spec: SearchSpec) -> None:
+    """Warn when this Ray cannot run ``cluster.workers`` trials at once: the steps are counted the same,
+    but results arrive in another order than N workers would give them to TPE and the schedulers."""
+    res, workers = spec.resources, spec.cluster.workers
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    if workers * res.cpus_per_trial > cpus:
+        log.warning("cluster: %d workers x resources.cpus_per_trial %g = %g CPUs, but this Ray has %g: fewer "
+                    "trials run at once than on %d workers (the worker-steps are the same); set "
+                    "resources.cpus_per_trial: %g to run them side by side here", workers, res.cpus_per_trial,
+                    workers * res.cpus_per_trial, cpus, workers, cpus / workers)
 
 
 def _stopper(spec: SearchSpec, same_errors: SameErrorStop) -> Any:
@@ -97,12 +111,12 @@ def progress_reporter(spec: SearchSpec, space: SearchSpace) -> Any | None:
 
 def _tuner(spec: SearchSpec, space: SearchSpace, trainable: Any, target: MlflowTarget, exp_dir: Path,
            ledger_name: str, same_errors: SameErrorStop) -> tune.Tuner:
-    searcher, param_space = build_searcher(spec, space)
+    searcher, param_space, scheduler = build_engine(spec, space, target)
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=build_scheduler(spec, space),
+            metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
             num_samples=num_trials(spec, space), max_concurrent_trials=default_concurrency(spec),
             time_budget_s=trial_time_budget_s(spec),  # less the refit's share (search/refit.py)
             reuse_actors=reuse_actors(spec), trial_dirname_creator=trial_dirname,
@@ -112,7 +126,7 @@ def _tuner(spec: SearchSpec, space: SearchSpace, trainable: Any, target: MlflowT
             storage_path=str(exp_dir.parent),
             stop=_stopper(spec, same_errors),
             failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS if spec.engine == "pbt" else 2),
             callbacks=[TrialStatusCallback(target), LedgerSweeper(ledger_name), same_errors],
             progress_reporter=progress_reporter(spec, space),
             verbose=1,
@@ -157,6 +171,8 @@ def _fit(spec: SearchSpec, target: MlflowTarget, exp_dir: Path, restore: bool, s
     log.info("search %s: %s; best %s=%s (trial %s)%s", spec.name, outcome.counts, spec.metric,
              outcome.best_value, outcome.best_trial_id,
              f"; champion {outcome.champion_uri}" if outcome.champion_uri else "")
+    if advice := plan_advice(spec, results, target):
+        log.info(advice)  # the last line: what to run instead
     return outcome
 
 
@@ -167,7 +183,7 @@ def _announce(uri: str) -> None:
 
 def run_search(spec: SearchSpec, spec_yaml: str | None = None) -> SearchOutcome:
     """Run a validated search to the end; returns the outcome (also on the parent MLflow run)."""
-    exp_dir = experiment_dir(spec)
+    exp_dir = spec.folder
     if (exp_dir / STATE_FILE).exists():
         raise ConfigError(f"search {spec.name!r} already exists at {exp_dir}; continue it with "
                           f"`gigaseg search --resume {exp_dir}` or choose another name/storage_path.")

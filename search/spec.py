@@ -8,13 +8,16 @@ YAML key that is wrong. The dimension syntax itself lives in :mod:`search.space`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Field, model_validator
 
+from search.budget import Budget, MinutesBudget, PlanSteps, StepsBudget, check_plan_steps
+from search.space import SearchSpace
+from segcore import tracking
 from segcore.config import ConfigError, Strict, parse_config, read_yaml_mapping
 
-Engine = Literal["tpe", "random", "grid"]
+Engine = Literal["tpe", "random", "grid", "pbt"]
 
 
 class DataSection(Strict):
@@ -23,37 +26,6 @@ class DataSection(Strict):
     train: Path
     val: Path | None = None
     test: Path | None = Field(None, description="held-out data the champion alias is gated on; default: validation")
-
-
-class StepsBudget(Strict):
-    """Each trial trains for ``steps`` optimizer steps (search/budget.py sets epochs and patches per epoch)."""
-
-    unit: Literal["steps"] = "steps"
-    steps: int = Field(ge=1, description="optimizer steps per trial (per worker with DDP)")
-
-
-class MinutesBudget(Strict):
-    """Each trial stops training at the first epoch end after ``minutes`` of wall time (``max_minutes``)."""
-
-    unit: Literal["minutes"] = "minutes"
-    minutes: float = Field(gt=0, description="training wall time per trial, epochs' validation included")
-
-
-def _budget_kind(value: Any) -> str | None:
-    """``{steps: N}`` -> steps, ``{minutes: M}`` -> minutes (a ``unit`` key, if written, decides)."""
-    if isinstance(value, dict):
-        if "unit" in value:
-            return value["unit"]
-        kinds = [k for k in ("steps", "minutes") if k in value]
-        return kinds[0] if len(kinds) == 1 else None
-    return getattr(value, "unit", None)
-
-
-Budget = Annotated[
-    Annotated[StepsBudget, Tag("steps")] | Annotated[MinutesBudget, Tag("minutes")],
-    Discriminator(_budget_kind, custom_error_type="budget_kind",
-                  custom_error_message="write exactly one of {steps: N} or {minutes: M}"),
-]
 
 
 class AshaSection(Strict):
@@ -140,6 +112,38 @@ class RefitSection(Strict):
                              "the refit's epochs), so its training is not thrown away; false: from scratch")
 
 
+class ClusterSection(Strict):
+    """The cluster a search is sized for, counted in optimizer steps (search/lanes.py).
+
+    ``workers`` N trials run at a time (Tune's concurrency), each worker training at most
+    ``steps_per_worker`` C steps in all; trials, refits and any other training together use at most
+    N x C worker-steps. On N GPUs that is the wall time; on a smaller machine the same search takes
+    longer and reaches the same result."""
+
+    workers: int = Field(ge=1, description="N: workers (GPUs or nodes), one trial each at a time")
+    steps_per_worker: PlanSteps = Field(description="C: optimizer steps per worker, or plan (with minutes)")
+    minutes: float | None = Field(None, gt=0, description="with steps_per_worker: plan, the minutes C fills")
+
+    @model_validator(mode="after")
+    def _check_plan(self) -> ClusterSection:
+        check_plan_steps(self.steps_per_worker, self.minutes, "steps_per_worker", "minutes")
+        return self
+
+
+class PbtSection(Strict):
+    """Population-based training (Ray Tune's PBT, synchronous): the population trains side by side; at
+    every perturbation the worst ``quantile_fraction`` copy the best's weights and config, then
+    perturb the range dimensions (x 0.8 / 1.2, or a resample). Intervals are shares of a trial's steps."""
+
+    population: int | None = Field(None, ge=2, description="trials; default cluster.workers, else 4")
+    perturbation_interval: float = Field(0.2, gt=0, le=1, description="share of a trial's steps between "
+                                         "perturbations")
+    burn_in: float = Field(0.3, ge=0, lt=1, description="share of a trial's steps before the first "
+                           "perturbation (default: the one-cycle warm-up, when every trial still scores alike)")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    resample_probability: float = Field(0.25, ge=0, le=1)
+
+
 class SearchSpec(Strict):
     """A whole search, as written in ``search.yaml``."""
 
@@ -166,11 +170,60 @@ class SearchSpec(Strict):
     champion: ChampionSection = Field(default_factory=ChampionSection)
     refit: RefitSection = Field(default_factory=RefitSection)
     testing: TestingSection | None = None
-    budget: Budget | None = Field(None, description="per trial: {steps: N} or {minutes: M}; None: epochs")
+    budget: Budget | None = Field(None, description="per trial: {steps: N}, {steps: plan, minutes: T} or "
+                                  "{minutes: M}; None: epochs (or, with cluster, a worker's trial share)")
+    cluster: ClusterSection | None = Field(None, description="size the search in worker-steps (N x C)")
+    pbt: PbtSection = Field(default_factory=PbtSection)
 
     @property
     def experiment(self) -> str:
         return self.mlflow.experiment or self.name
+
+    @property
+    def folder(self) -> Path:
+        """Where Tune keeps this search (``<storage_path>/<name>``; storage default GIGASEG_HOME/searches)."""
+        return Path(self.storage_path or tracking.gigaseg_home() / "searches") / self.name
+
+    @property
+    def population(self) -> int:
+        """PBT's population: ``pbt.population``, else one trial per cluster worker, else 4."""
+        return self.pbt.population or (self.cluster.workers if self.cluster else 4)
+
+    @model_validator(mode="after")
+    def _check_cluster(self) -> SearchSpec:
+        if self.cluster is None:
+            return self
+        if self.resources.workers_per_trial > 1:
+            raise ValueError("cluster: trials with workers_per_trial > 1 are not counted in worker-steps; set "
+                             "resources.workers_per_trial: 1 (the refit trains on all cluster.workers)")
+        if self.refit.top_k > 1:
+            raise ValueError("cluster: the refit trains the best trial on all cluster.workers; set refit.top_k: 1")
+        if self.engine == "grid":
+            raise ValueError("cluster: a grid runs every combination whatever the worker-steps; use engine tpe, "
+                             "random or pbt")
+        if self.max_concurrent_trials not in (None, self.cluster.workers):
+            raise ValueError(f"cluster.workers ({self.cluster.workers}) runs that many trials at a time; remove "
+                             f"max_concurrent_trials ({self.max_concurrent_trials}) or make them equal")
+        if isinstance(self.budget, MinutesBudget):
+            raise ValueError("cluster counts optimizer steps: write budget: {steps: N} or {steps: plan, "
+                             "minutes: T}, not minutes")
+        return self
+
+    @model_validator(mode="after")
+    def _check_pbt(self) -> SearchSpec:
+        if self.engine != "pbt":
+            if "pbt" in self.model_fields_set:
+                raise ValueError(f"pbt: settings for engine pbt, but engine is {self.engine!r}")
+            return self
+        if self.asha.enabled and "asha" in self.model_fields_set:
+            raise ValueError("engine pbt schedules the trials itself: remove asha (or set asha.enabled: false)")
+        if "num_samples" in self.model_fields_set:
+            raise ValueError("engine pbt trains pbt.population trials (default: cluster.workers); remove "
+                             "num_samples")
+        if not isinstance(self.budget, StepsBudget) and self.cluster is None:
+            raise ValueError("engine pbt perturbs at step counts: give budget: {steps: N} (or "
+                             "{steps: plan, minutes: T}) or a cluster section")
+        return self
 
     @model_validator(mode="after")
     def _check_budget(self) -> SearchSpec:
@@ -202,8 +255,6 @@ def _check_data(spec: SearchSpec, source: str) -> None:
 
 def parse_search_spec(data: dict[str, Any], source: str = "<dict>", root: Path | None = None) -> SearchSpec:
     """Validate a search config dict completely (sections, space, seeds, data); raise ConfigError."""
-    from search.space import SearchSpace
-
     spec = parse_config(data, SearchSpec, source=source)
     spec = _resolve_paths(spec, root or Path.cwd())
     _check_data(spec, source)

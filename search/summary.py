@@ -10,7 +10,6 @@ from typing import Any
 from mlflow.entities import Metric, RunTag
 from ray import tune
 
-from search.engines import IS_LAST
 from search.failfast import error_message, most_common_error
 from search.mlflow_runs import (
     COMPLETED,
@@ -25,6 +24,7 @@ from search.mlflow_runs import (
     mark_trial,
     trial_runs_tagged,
 )
+from search.report import IS_LAST, creation_order
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,14 @@ def register_champion(target: MlflowTarget, trial_id: str, name: str, alias: str
     return f"models:/{name}@{alias}"
 
 
-def _refits(results: Any, spec: Any, target: MlflowTarget, ranked: list[Any]) -> list[Any]:
-    """The kept refits of the best trials (search.refit) as champion candidates; a refit that
-    breaks is logged and skipped, so the trials still yield a champion."""
+def _refits(results: Any, spec: Any, target: MlflowTarget, ranked: list[Any], used: Any) -> list[Any]:
+    """The kept refits of the best trials (search.refit) as champion candidates (with a cluster, in the
+    worker-steps ``used`` left); a refit that breaks is logged and skipped, so the trials still yield a
+    champion."""
     from search.refit import refit_candidates
 
     try:
-        return refit_candidates(spec, target, results, ranked)
+        return refit_candidates(spec, target, results, ranked, used)
     except Exception as exc:
         log.warning("refit failed (%s: %s); the champion is chosen from the trials alone", type(exc).__name__, exc,
                     exc_info=True)
@@ -164,17 +165,59 @@ def summarize(results: Any, spec: Any, target: MlflowTarget, path: str,
     counts.update(close_orphans(target, {r.metrics.get("trial_id") for r in results}))
     outcome = SearchOutcome(spec.name, path, target.parent_run_id, counts)
     ranked = ranked_completed(results, spec.metric, spec.mode)
+    used = log_worker_steps(results, spec, target)
     if ranked:
         best = ranked[0]
         outcome.best_trial_id = best.metrics["trial_id"]
         outcome.best_value = float(best.metrics[spec.metric])
         outcome.best_params = dict(best.config.get("params", {}))
-        refits = _refits(results, spec, target, ranked)
+        refits = _refits(results, spec, target, ranked, used)
         if spec.mlflow.registered_model_name:
             outcome.champion_uri = _champion(ranked, spec, target, refits)
     outcome.failure = failure_reason(results, outcome, spec, stopped_because)
     _log_outcome(target, outcome, spec.metric)
     return outcome
+
+
+PLAN_MARGIN = 0.002  # a champion this close to the plan's own trial is the plan, trained for fewer steps
+
+
+def plan_advice(spec: Any, results: Any, target: MlflowTarget) -> str | None:
+    """The search's last log line when its champion is within :data:`PLAN_MARGIN` of the plan's own
+    trial (trial 0) on validation: for this data, more steps on the plan pay more than the search."""
+    if not spec.plan.enabled or spec.engine == "grid" or not spec.mlflow.registered_model_name:
+        return None
+    done = [r for r in results if r.metrics and r.metrics.get(spec.metric) is not None]
+    champion = target.client().get_run(target.parent_run_id).data.metrics.get("ensemble_val_miou")
+    if not done or champion is None or spec.metric != "val_miou":
+        return None
+    plan_score = float(min(done, key=lambda r: creation_order(str(r.metrics.get("trial_id", "")))).metrics[spec.metric])
+    if champion - plan_score > PLAN_MARGIN:
+        return None
+    workers = spec.cluster.workers if spec.cluster else 1
+    steps = spec.cluster.steps_per_worker if spec.cluster else getattr(spec.budget, "steps", None)
+    command = f"gigaseg train --data {spec.data.train}" + (f" --workers {workers}" if workers > 1 else "") + (
+        f" --steps {steps}" if steps else "")
+    return (f"for this data, train the plan longer: the champion's validation mIoU {champion:.4f} is within "
+            f"{PLAN_MARGIN} of the plan's own trial ({plan_score:.4f}); `{command}` spends the same "
+            f"{'worker-' if workers > 1 else ''}steps on the plan alone")
+
+
+def log_worker_steps(results: Any, spec: Any, target: MlflowTarget) -> Any:
+    """With a cluster: the trials' worker-steps (:func:`search.lanes.worker_steps`) on the parent run
+    and in the log; returns them (the refit spends what is left), else None."""
+    if spec.cluster is None:
+        return None
+    from search.lanes import worker_steps
+
+    used = worker_steps(results, spec.cluster.workers, int(spec.cluster.steps_per_worker))
+    metrics = {"worker_steps_trials": used.trials, "worker_steps_budget": float(used.budget),
+               "worker_steps_used": used.trials}
+    target.client().log_batch(target.parent_run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
+    log.info("worker-steps: the trials trained %.0f of %d x %d = %d (per worker %s); %d per worker left for a "
+             "refit on all %d", used.trials, used.workers, used.per_worker, used.budget,
+             [round(x) for x in used.lanes], used.refit_steps(), used.workers)
+    return used
 
 
 def _log_outcome(target: MlflowTarget, outcome: SearchOutcome, metric: str) -> None:

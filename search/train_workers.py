@@ -87,8 +87,9 @@ class WorkersJob:
     run_id: str | None
 
 
-def _worker_body(slot: WorkerSlot, job: WorkersJob) -> None:
-    """One worker: ``train`` under DDP; rank 0 logs epochs to the run, and its last checkpoint is the model."""
+def train_worker(slot: WorkerSlot, job: WorkersJob) -> None:
+    """One worker: ``train`` under DDP; rank 0 logs epochs to the run, and its last checkpoint is the model.
+    The job's tracking URI is the worker's too, so a model URI in the config (a refit's warm start) resolves there."""
     import torch
     from ray.train.v2._internal.execution import context as train_context
 
@@ -96,6 +97,8 @@ def _worker_body(slot: WorkerSlot, job: WorkersJob) -> None:
     from segcore.train import train
 
     setup_logging()
+    if job.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
     quiet = [train_context.__file__] + (["segcore", "search"] if slot.rank > 0 else [])  # rank 0 speaks for the run
     for name in quiet:  # Train's context logs every report's whole metrics dict, under its file's name
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -210,18 +213,24 @@ def resumed_state(args: argparse.Namespace, run_dir: Path) -> TrainState:
     return state
 
 
-def write_model(result: Any, state: TrainState, run_dir: Path) -> Path:
-    """The last checkpoint (the finished model folder) into ``--out``, without the train state; plus the plan."""
+def copy_model(result: Any, name: str, out: Path) -> Path:
+    """The Train run ``name``'s last checkpoint (the finished model folder) into ``out``, without the train state."""
     from segcore.train import STATE_FILE as TRAIN_STATE
 
     if result.checkpoint is None:
-        raise RuntimeError(f"Train run {state.name} finished without a checkpoint")
-    out = Path(state.out)
+        raise RuntimeError(f"Train run {name} finished without a checkpoint")
     out.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as ckpt:
         for path in Path(ckpt).iterdir():
             if path.is_file() and path.name != TRAIN_STATE:
                 shutil.copy2(path, out / path.name)
+    return out
+
+
+def write_model(result: Any, state: TrainState, run_dir: Path) -> Path:
+    """The last checkpoint (the finished model folder) into ``--out``, without the train state; plus the plan."""
+
+    out = copy_model(result, state.name, Path(state.out))
     if (run_dir / PLAN_COPY).is_file():
         shutil.copy2(run_dir / PLAN_COPY, out / PLAN_COPY)
     return out
@@ -232,7 +241,7 @@ def _fit(state: TrainState, max_failures: int) -> Any:
                      state.run_id)
     log.info("training on %d worker(s) (%g CPU, %g GPU each, %s); checkpoints in %s/%s", state.workers,
              state.cpus_per_worker, state.gpus_per_worker, state.resources.backend, state.storage, state.name)
-    return fit_workers(_worker_body, job, state.resources, name=state.name, storage=state.storage,
+    return fit_workers(train_worker, job, state.resources, name=state.name, storage=state.storage,
                        max_failures=max_failures, keep_checkpoints=KEEP_CHECKPOINTS)
 
 

@@ -4,6 +4,10 @@ Checks: ``base`` is a valid partial TrainConfig; every dimension names a TrainCo
 every choice (and both ends of every range) validates when applied to ``base``; each listed
 architecture has at least one valid encoder (segcore's ``list_valid_combinations``); loss terms
 are registered; weight files exist; seed configurations use searched keys with allowed values.
+
+``space`` is the :class:`search.space.SearchSpace` being built (its ``from_spec`` calls
+:func:`validate_space`) and ``spec`` its :class:`search.spec.SearchSpec`; both are typed ``Any``
+because this module sits below them (``tests/test_layers.py``).
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from search.space import NONE_WORDS, Dimension, SearchSpace, check_path, is_per_arch, to_config_value
+from search.budget import asha_clock
+from search.dimensions import NONE_WORDS, Dimension, check_path, is_per_arch, to_config_value
 from segcore.config import ConfigError, TrainConfig, did_you_mean, parse_config, set_dotted
 
 
-def validate_space(space: SearchSpace, spec: Any, source: str) -> None:
+def validate_space(space: Any, spec: Any, source: str) -> None:
     """Raise ConfigError for the first problem in ``spec.base``, ``spec.space`` or the seeds."""
     parse_config(space.base, TrainConfig, source=f"{source}: base")
     _check_loss_terms(space, source)
@@ -27,7 +32,7 @@ def validate_space(space: SearchSpace, spec: Any, source: str) -> None:
     _check_asha(space, spec, source)
 
 
-def _check_dimension(space: SearchSpace, dim: Dimension, source: str) -> None:
+def _check_dimension(space: Any, dim: Dimension, source: str) -> None:
     where = f"{source}: space.{dim.key}"
     problem = check_path(dim.path)
     if problem:
@@ -54,7 +59,7 @@ def _per_arch_values(dim: Dimension, value: Any) -> list[Any]:
     return [value]
 
 
-def _check_loss_terms(space: SearchSpace, source: str) -> None:
+def _check_loss_terms(space: Any, source: str) -> None:
     from segcore.losses import LOSSES
 
     names = set(space.base_value("loss.terms", {}) or {})
@@ -64,14 +69,14 @@ def _check_loss_terms(space: SearchSpace, source: str) -> None:
             raise ConfigError(f"{source}: loss term {name!r}: {LOSSES.unknown_message(name)}")
 
 
-def _choices(space: SearchSpace, key: str) -> list[Any]:
+def _choices(space: Any, key: str) -> list[Any]:
     dim = space.dim(key)
     if dim is None or dim.kind != "choice":
         return [dim.values[0] if dim else space.current(key, {})]
     return list(dim.values)
 
 
-def _valid_encoders(space: SearchSpace, source: str) -> dict[str, tuple[str, ...]]:
+def _valid_encoders(space: Any, source: str) -> dict[str, tuple[str, ...]]:
     """arch -> encoders valid with it (among the listed ones) at the smallest patch size."""
     from segcore.models import ARCHITECTURES, list_valid_combinations
 
@@ -91,7 +96,7 @@ def _valid_encoders(space: SearchSpace, source: str) -> dict[str, tuple[str, ...
     return valid
 
 
-def _check_seeds(space: SearchSpace, spec: Any, source: str) -> None:
+def _check_seeds(space: Any, spec: Any, source: str) -> None:
     if spec.seed_configs and spec.engine == "grid":
         raise ConfigError(f"{source}: seed_configs: only used by engine tpe or random (a grid tries everything).")
     searched = {d.key: d for d in space.dims if not d.fixed}
@@ -123,11 +128,11 @@ def _check_value(dim: Dimension, choices: tuple[Any, ...], value: Any, where: st
         raise ConfigError(f"{where}: {value!r} is not a whole number.")
 
 
-def _check_asha(space: SearchSpace, spec: Any, source: str) -> None:
+def _check_asha(space: Any, spec: Any, source: str) -> None:
     asha = spec.asha
+    if getattr(spec, "engine", None) == "pbt" or getattr(getattr(spec, "budget", None), "steps", None) == "plan":
+        return  # PBT schedules without ASHA; the plan's steps are known once it is timed (search/planned.py)
     if asha.enabled and getattr(spec, "budget", None) is not None:  # compared in the budget's unit
-        from search.budget import asha_clock
-
         clock = asha_clock(spec, space.to_train_config({}, source=source), space.max_epochs())
         if clock.grace_period > clock.max_t:
             raise ConfigError(f"{source}: asha.grace_period ({asha.grace_period} epochs = {clock.grace_period:.4g} "
@@ -139,7 +144,7 @@ def _check_asha(space: SearchSpace, spec: Any, source: str) -> None:
         raise ConfigError(f"{source}: asha.grace_period ({asha.grace_period}) exceeds max_t ({max_t}).")
 
 
-def seed_to_optuna(space: SearchSpace, seed: dict[str, Any]) -> dict[str, Any]:
+def seed_to_optuna(space: Any, seed: dict[str, Any]) -> dict[str, Any]:
     """A seed configuration with Optuna's parameter names (``encoder`` -> ``encoder__<arch>``)."""
     out = {}
     for key, value in seed.items():

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcore.config import AdversarialConfig, TrainConfig
+from segcore.device import train_autocast
 from segcore.errors import ConfigError
-from segcore.modeldir import logits_to_proba, train_autocast
+from segcore.modelio.folder import logits_to_proba
 from segcore.models.discriminator import PatchDiscriminator, output_size, receptive_field
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segcore.modeldir import CONFIG_FILE, TEMPERATURE_KEY, LoadedModel
+from segcore.modelio.card import CONFIG_FILE, TEMPERATURE_KEY
+from segcore.modelio.folder import LoadedModel
 from segcore.tiling import flip_tta, pad_to_multiple, predict_tiled
 
 log = logging.getLogger(__name__)

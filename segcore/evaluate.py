@@ -11,8 +11,8 @@ import numpy as np
 
 from segcore.data import load_samples, load_spec
 from segcore.metrics import ConfusionMatrix, format_report
-from segcore.modeldir import LoadedModel
-from segcore.modelref import load_model
+from segcore.modelio.folder import LoadedModel
+from segcore.modelio.ref import load_model
 from segcore.readers.scaled import area_resample, model_shape
 from segcore.tiling import pad_to_multiple, predict_tiled
 from segcore.visualize import save_prediction_panel

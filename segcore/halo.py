@@ -117,7 +117,7 @@ def measure_exact_halo(predict: PredictFn, images: Sequence[np.ndarray], tile: i
 
 def model_predictor(model: torch.nn.Module, device: torch.device) -> PredictFn:
     """(N, C, h, w) numpy -> (N, K>=2, h, w) numpy probabilities of ``model`` in eval mode."""
-    from segcore.modeldir import logits_to_proba
+    from segcore.modelio.folder import logits_to_proba
 
     @torch.inference_mode()
     def predict(batch: np.ndarray) -> np.ndarray:
@@ -148,7 +148,7 @@ def not_tileable(norms: list[str], multiple: int) -> dict[str, Any]:
 
 def card_halo(model: torch.nn.Module, card: Any, images: Sequence[np.ndarray], device: torch.device,
               cap: int = HALO_CAP) -> dict[str, Any]:
-    """``card.extra`` entries for a trained model (a :class:`segcore.modeldir.ModelCard`): the
+    """``card.extra`` entries for a trained model (a :class:`segcore.modelio.card.ModelCard`): the
     measured exact halo (the cap when none is found) and what it was measured on; ``{}`` when
     ``card.train.data.measure_halo`` is off or there is no validation image."""
     from segcore.models.validity import input_multiple

@@ -36,3 +36,10 @@ def with_steps(cfg: TrainConfig, steps: int, world_size: int = 1) -> TrainConfig
     ``steps`` optimizer steps on each of ``world_size`` ranks, at ``cfg``'s validation cadence."""
     epochs, ppe = fit_steps(steps, cfg.data.patches_per_epoch, cfg.data.batch_size, world_size)
     return cfg.model_copy(update={"epochs": epochs, "data": cfg.data.model_copy(update={"patches_per_epoch": ppe})})
+
+
+def worker_lr(lr: float, workers: int) -> float:
+    """The peak lr for ``workers`` data-parallel workers that each keep one worker's batch: x sqrt(N)
+    (square-root scaling, the rule for Adam-type optimizers, Malladi et al. 2022; linear scaling
+    overshoots with Adam), reached through the one-cycle's warm-up. Three significant digits."""
+    return float(f"{lr * math.sqrt(workers):.3g}")

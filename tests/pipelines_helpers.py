@@ -13,8 +13,9 @@ from astropy.io import fits
 
 from segcore.config import ModelConfig, NormalizeConfig, TrainConfig
 from segcore.data.normalize import NormStats, apply_norm
-from segcore.modeldir import ModelCard, save_model_dir
-from segcore.modelref import load_model
+from segcore.modelio.card import ModelCard
+from segcore.modelio.folder import save_model_dir
+from segcore.modelio.ref import load_model
 from segcore.models import build_model
 from segcore.tiling import flip_tta, pad_to_multiple, predict_whole
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from segcore.adversarial import AdversarialTerm
 from segcore.cli import main as gigaseg
 from segcore.config import AdversarialConfig, ConfigError, TrainConfig, parse_config
-from segcore.modeldir import load_model_dir
+from segcore.modelio.ref import load_model_dir
 from segcore.models.discriminator import PatchDiscriminator, output_size, receptive_field
 from segcore.train import STATE_FILE, build_run, load_checkpoint, train
 
@@ -180,7 +180,8 @@ def test_ddp_two_ranks_train_one_shared_discriminator(shapes_data, tmp_path):
 
 
 def test_adversarial_weight_is_a_search_dimension():
-    from search.space import SearchSpace, parse_dimension
+    from search.dimensions import parse_dimension
+    from search.space import SearchSpace
 
     dim = parse_dimension("adversarial_weight", {"uniform": [0.0, 0.5]})
     assert dim.path == "loss.adversarial.weight"

@@ -87,7 +87,7 @@ def test_a_run_cut_by_max_minutes_ends_annealed_not_at_peak_lr(shapes: Path, tmp
 @pytest.mark.slow
 def test_search_with_a_steps_budget_reports_steps_and_asha_counts_them(
         ray_local, mlflow_sqlite, shapes: Path, tmp_path: Path, monkeypatch) -> None:
-    import search.runner
+    import search.engines
 
     schedulers = []
 
@@ -95,8 +95,8 @@ def test_search_with_a_steps_budget_reports_steps_and_asha_counts_them(
         schedulers.append(build(spec, space))
         return schedulers[-1]
 
-    build = search.runner.build_scheduler
-    monkeypatch.setattr(search.runner, "build_scheduler", spy)
+    build = search.engines.build_scheduler
+    monkeypatch.setattr(search.engines, "build_scheduler", spy)
     raw = tiny("t-budget-steps", shapes, tmp_path / "store", budget={"steps": 6})
     raw["space"] = {**{k: v for k, v in raw["space"].items() if k != "epochs"}, "batch_size": {"choice": [4, 8]}}
     outcome = run_search(parse_search_spec(raw))
@@ -120,3 +120,22 @@ def test_search_with_a_steps_budget_reports_steps_and_asha_counts_them(
         per_epoch = ppe // batch
         assert steps == [per_epoch * (k + 1) for k in range(len(steps))]  # stopped early: a prefix
         assert len(client.get_metric_history(run.info.run_id, "train_minutes")) == len(steps)
+
+
+def test_a_resume_with_another_lr_rescales_the_schedule_where_it_stands(shapes: Path, tmp_path: Path) -> None:
+    """PBT's explore resumes a checkpoint with a new lr: the one-cycle schedule keeps its position and
+    shape, at the new peak (twice the lr: twice the lr at every later step)."""
+    cfg = {**TINY, "epochs": 3, "optim": {"schedule": "one_cycle", "lr": 1e-3}}
+    reference: list[EpochReport] = []
+
+    def keep(report: EpochReport) -> None:
+        reference.append(report)
+        report.save_checkpoint(tmp_path / f"ckpt{report.epoch}")
+
+    train(parse_config(cfg, TrainConfig), shapes, tmp_path / "ref", callbacks=[keep])
+    doubled: list[EpochReport] = []
+    train(parse_config({**cfg, "optim": {"schedule": "one_cycle", "lr": 2e-3}}, TrainConfig), shapes,
+          tmp_path / "doubled", resume_from=tmp_path / "ckpt0", callbacks=[doubled.append])
+    assert [r.epoch for r in doubled] == [1, 2]
+    for ref, new in zip(reference[1:], doubled, strict=True):
+        assert new.metrics["lr"] == pytest.approx(2 * ref.metrics["lr"], rel=1e-6)

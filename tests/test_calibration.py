@@ -13,7 +13,9 @@ from pipelines_helpers import make_model
 
 from segcore.calibration import calibrate_model, expected_calibration_error, fit_temperature, tiled_proba
 from segcore.data import load_samples, load_spec
-from segcore.modeldir import CONFIG_FILE, load_model_dir, save_model_dir
+from segcore.modelio.card import CONFIG_FILE
+from segcore.modelio.folder import save_model_dir
+from segcore.modelio.ref import load_model_dir
 
 
 def _overconfident(src, dst):
@@ -71,7 +73,7 @@ def test_fit_temperature_recovers_a_known_temperature():
 
 def test_binary_heads_are_not_calibrated(tmp_path):
     from segcore.config import ModelConfig, TrainConfig
-    from segcore.modeldir import ModelCard
+    from segcore.modelio.card import ModelCard
     from segcore.models import build_model
 
     cfg = TrainConfig(model=ModelConfig(arch="Unet", encoder="resnet18", classes=1,

@@ -9,9 +9,9 @@ import torch
 from champion_helpers import label_with, write_images
 from pipelines_helpers import make_model
 
-from segcore.ensemble import EnsembleModel, greedy_select, miou_of, save_ensemble_dir
 from segcore.errors import ModelError
-from segcore.modelref import digest, load_model
+from segcore.modelio.ensemble import EnsembleModel, greedy_select, miou_of, save_ensemble_dir
+from segcore.modelio.ref import digest, load_model
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from segcore.halo import (
     window_change,
     window_norms,
 )
-from segcore.modelref import load_model
+from segcore.modelio.ref import load_model
 from segcore.tiling import pad_to_multiple, predict_tiled, predict_whole
 from segcore.train import train
 

@@ -19,9 +19,9 @@ from segcore.data.lazy import (
     LazyPatchDataset,
     PatchReader,
     choose_val_blocks,
-    ignore_boundaries,
     scan_dataset,
 )
+from segcore.data.shared import ignore_boundaries
 
 CLASSES = ["a", "b", "c"]
 
@@ -146,7 +146,7 @@ def test_validation_blocks_never_overlap_training(tmp_path):
 
 
 def test_train_scale_4_on_generated_scan(tmp_path):
-    from segcore.modeldir import load_model_dir
+    from segcore.modelio.ref import load_model_dir
     from segcore.simulate.sem import generate_sem_qemscan
     from segcore.train import train
 

@@ -11,8 +11,8 @@ import mlflow
 from mlflow import MlflowClient
 from pipelines_helpers import make_model
 
-from segcore.mlflow_model import CACHE_DIR, log_model_dir
-from segcore.modelref import local_dir
+from segcore.mlflow_model import log_model_dir
+from segcore.modelio.ref import CACHE_DIR, local_dir
 
 
 def _register(model_dir: Path, name: str, uri: str) -> str:

@@ -14,7 +14,9 @@ import torch
 
 from segcore.config import FreezeConfig, ModelConfig, TrainConfig
 from segcore.errors import ModelError
-from segcore.modeldir import ModelCard, load_model_dir, save_model_dir
+from segcore.modelio.card import ModelCard
+from segcore.modelio.folder import save_model_dir
+from segcore.modelio.ref import load_model_dir
 from segcore.models import (
     EncoderWeightsError,
     InvalidCombinationError,

@@ -15,9 +15,9 @@ import tifffile
 import zarr
 from pipelines_helpers import HALO, TILE, make_model, write_tiled_tiff8
 
-from pipelines.readers import open_sources
 from pipelines.segment import main
 from segcore.data.errors import DataError
+from segcore.readers import open_sources
 
 
 def write_lying_tiff(path: Path) -> None:

@@ -16,7 +16,7 @@ from pipelines.plan import ImagePlan
 from pipelines.predictor import build_predictor
 from pipelines.runner import RunConfig, segment_archive
 from segcore.data.normalize import NormStats, apply_norm
-from segcore.modelref import load_model
+from segcore.modelio.ref import load_model
 from segcore.tiling import predict_tiled
 
 

@@ -20,8 +20,8 @@ from pipelines_helpers import (
 )
 
 from pipelines.layout import Manifest, assign_stems, expand_inputs
-from pipelines.readers import open_source, open_sources, reader_name
 from segcore.data.errors import DataError
+from segcore.readers import open_source, open_sources, reader_name
 
 R, C = slice(13, 41), slice(7, 50)
 

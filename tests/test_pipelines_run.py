@@ -32,7 +32,7 @@ from pipelines.options import ModelInfo
 from pipelines.plan import ImagePlan
 from pipelines.runner import RunConfig, segment_archive
 from segcore.data.normalize import NormStats, compute_norm_stats
-from segcore.modelref import load_model
+from segcore.modelio.ref import load_model
 
 pytestmark = pytest.mark.ray
 
@@ -91,7 +91,7 @@ def test_tiff_labels_equal_whole_image_prediction(archive: dict, run: dict, stem
 
 
 def test_norm_stats_come_from_the_model_config_and_a_sample(archive: dict, run: dict) -> None:
-    from segcore.modeldir import read_card
+    from segcore.modelio.ref import read_card
 
     cfg = read_card(archive["model"]).train.normalize
     image = archive["images"]["rock16"]  # small: the sample is the whole image

@@ -20,23 +20,18 @@ from search.space import SearchSpace
 from segcore.cli import main as gigaseg
 from segcore.config import TrainConfig, load_yaml_config
 from segcore.data.spec import DatasetSpec
-from segcore.modeldir import read_card
-from segcore.plan import (
-    EPOCH_HEADROOM,
+from segcore.modelio.ref import read_card
+from segcore.plan import plan_training
+from segcore.plan.decisions import (
     MIN_PATCH,
-    MIN_STEPS,
-    OVERHEAD_SHARE,
     THIN_MODEL,
-    VAL_SHARE,
-    Speed,
     decide_loss,
     decide_model,
     decide_patch,
-    fingerprint,
-    fit_to_steps,
     memory_budget,
-    plan_training,
 )
+from segcore.plan.fingerprints import fingerprint
+from segcore.plan.timing import EPOCH_HEADROOM, MIN_STEPS, OVERHEAD_SHARE, VAL_SHARE, Speed, fit_to_steps
 from segcore.simulate import generate_shapes
 from segcore.simulate.common import prepare_dataset_dir, rng_for, write_spec
 
@@ -135,7 +130,7 @@ def test_a_search_plan_is_timed_with_a_trials_threads(shapes: Path) -> None:
 def test_the_plan_times_steps_with_the_autocast_training_uses(shapes: Path) -> None:
     """Training runs bf16 autocast exactly where train_autocast says (a GPU, or a CPU with native bf16);
     the plan times its steps the same way and says so, and amp off is fp32 everywhere."""
-    from segcore.modeldir import cpu_has_native_bf16, train_autocast
+    from segcore.device import cpu_has_native_bf16, train_autocast
 
     cpu = torch.device("cpu")
     assert train_autocast(cpu, True) is cpu_has_native_bf16() and not train_autocast(cpu, False)

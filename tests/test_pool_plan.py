@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.runner import BIG_WINDOW, MAX_CPU_ACTORS, cpu_pool
+from pipelines.options import BIG_WINDOW
+from pipelines.runner import MAX_CPU_ACTORS, cpu_pool
 
 
 @pytest.mark.parametrize(("cpus", "nodes", "window", "expected"), [

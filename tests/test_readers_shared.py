@@ -1,4 +1,4 @@
-"""Training (segcore.data.io.read_image) and segment (segcore.readers / pipelines.readers) read the
+"""Training (segcore.data.io.read_image) and segment (segcore.readers) read the
 same arrays, in the same dtypes, from the same real files."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import tifffile
 from astropy.io import fits
 from PIL import Image
 
-from pipelines.readers import open_sources as pipeline_open_sources
 from segcore.data import DataError, read_image
 from segcore.readers import open_sources
+from segcore.readers import open_sources as pipeline_open_sources
 
 
 def _segment_arrays(path) -> list[np.ndarray]:
@@ -129,7 +129,7 @@ def test_segment_at_model_scale_writes_input_resolution(tmp_path, ray_local):
 
     from pipelines.runner import RunConfig, segment_archive
     from segcore.data.normalize import compute_norm_stats
-    from segcore.modeldir import CONFIG_FILE
+    from segcore.modelio.card import CONFIG_FILE
 
     image = (np.add.outer(np.arange(256) // 9 % 5, np.arange(322) // 13 % 3) * 40
              + np.random.default_rng(0).integers(0, 30, (256, 322))).astype(np.uint8)

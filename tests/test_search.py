@@ -24,9 +24,7 @@ from tiny_search import tiny_search as tiny
 from search import parse_search_spec, run_search
 from search.mlflow_runs import COMPLETED, STATUS_TAG, STOPPED, TRIAL_TAG
 from segcore.cli import main as gigaseg
-from segcore.mlflow_model import download_model_dir
-from segcore.modeldir import read_card
-from segcore.modelref import load_model
+from segcore.modelio.ref import download_model_dir, load_model, read_card
 from segcore.simulate import generate_shapes
 
 pytestmark = pytest.mark.ray

@@ -16,7 +16,6 @@ import zarr
 from astropy.io import fits
 from pipelines_helpers import HALO, TILE, structured, write_tiled_tiff8
 
-from pipelines.readers import open_sources
 from pipelines.runner import RunConfig, segment_archive
 from segcore.cli import main as gigaseg
 from segcore.config import DataConfig, LossConfig, ModelConfig, NormalizeConfig, TrainConfig
@@ -25,9 +24,11 @@ from segcore.data.errors import DataError
 from segcore.data.normalize import compute_norm_stats
 from segcore.errors import ModelError
 from segcore.evaluate import predict_labels
-from segcore.modeldir import CONFIG_FILE, WEIGHTS_FILE, ModelCard, save_model_dir
-from segcore.modelref import load_model
+from segcore.modelio.card import CONFIG_FILE, WEIGHTS_FILE, ModelCard
+from segcore.modelio.folder import save_model_dir
+from segcore.modelio.ref import load_model
 from segcore.models import build_model
+from segcore.readers import open_sources
 from segcore.simulate import generate_shapes
 from segcore.train import build_run
 

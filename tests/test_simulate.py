@@ -132,8 +132,25 @@ def test_lines_seed003_style_is_grey_with_flat_shapes_on_noise(tmp_path):
         lines.generate_lines(tmp_path / "x", 1, style="fancy")
 
 
+def test_lines_seed003_hard_takes_the_flat_shape_shortcut_away():
+    """seed003-hard: the same shapes and classes, but every shape is shaded and textured (its pixels
+    vary, as the background's do) and edges are soft (grey levels between a line and the background)."""
+    image, mask = lines.render_seed003_hard(np.random.default_rng(3))
+    assert image.shape == (200, 400, 3) and (image == image[..., :1]).all()
+    assert set(np.unique(mask).tolist()) >= {0, 1}
+    grey = image[..., 0].astype(float)
+    from scipy.ndimage import binary_dilation, label
+
+    parts, n = label(mask == 1)
+    assert all(grey[parts == k].std() > 2 for k in range(1, n + 1) if (parts == k).sum() > 30)  # not flat
+    rim = binary_dilation(mask == 1, iterations=1) & (mask == 0)
+    inner, outer = np.median(grey[mask == 1]), np.median(grey[mask == 0])
+    between = (grey[rim] > min(inner, outer) + 5) & (grey[rim] < max(inner, outer) - 5)
+    assert between.mean() > 0.2  # blurred edges
+
+
 def test_lines_are_3_to_5_px_wide_with_anti_aliased_edges():
-    from segcore.plan import object_sizes
+    from segcore.plan.fingerprints import object_sizes
 
     image, mask = lines.render_lines(np.random.default_rng(7))
     line = mask == 1

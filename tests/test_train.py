@@ -13,7 +13,7 @@ import torch
 
 from segcore.cli import main as gigaseg
 from segcore.config import TrainConfig, parse_config
-from segcore.modelref import load_model
+from segcore.modelio.ref import load_model
 from segcore.train import EpochReport, train
 
 TINY = {
@@ -163,7 +163,7 @@ def test_binary_head_is_scored_with_the_threshold_it_saves(shapes_data, tmp_path
     """Validation picks the threshold on this epoch's pixels, then scores with it: the reported
     val_miou is what ``evaluate`` gets from the saved model and its saved threshold."""
     from segcore.evaluate import evaluate
-    from segcore.modeldir import read_card
+    from segcore.modelio.ref import read_card
 
     train_dir = _binary_copy(shapes_data / "train", tmp_path / "train")
     val_dir = _binary_copy(shapes_data / "test", tmp_path / "val")

@@ -11,13 +11,14 @@ import importlib
 from typing import Any
 
 from segcore.data.errors import DataError
-from segcore.data.io import RawImage, mask_to_ids, read_image, read_mask
+from segcore.data.io import RawImage, read_image
+from segcore.data.masks import mask_to_ids, read_mask
 from segcore.data.normalize import NormStats, apply_norm, compute_norm_stats, strided_sample
 from segcore.data.spec import IGNORE, DatasetSpec, load_spec, parse_spec
 
 _LAZY = {
     "PatchDataset": "segcore.data.dataset",
-    "Sample": "segcore.data.dataset",
+    "Sample": "segcore.data.shared",
     "load_samples": "segcore.data.dataset",
     "make_sample": "segcore.data.dataset",
     "build_augmentation": "segcore.data.augment",

@@ -1,128 +1,39 @@
-"""Samples (whole normalised images + masks) and the random-patch training dataset.
-
-Images pair with masks by file stem (``images/a.tif`` -> ``masks/a.png``; any supported
-suffix), or through ``pairing`` in dataset.yaml. FITS images give one sample per image HDU,
-named ``<stem>_<EXTNAME>`` (``<stem>_<hdu number>`` without EXTNAME; just ``<stem>`` for a
-single image HDU). The mask of HDU number ``i`` with EXTNAME ``E`` is the first that exists of:
-
-1. ``masks/<mask stem>_<E>.<png|tif|...>`` (what ``gigaseg simulate ccd`` writes),
-2. ``masks/<mask stem>_<i>.<...>``,
-3. ``masks/<mask stem>.<...>`` (only for a FITS with a single image HDU),
-4. a mask FITS ``masks/<mask stem>.fits``: its HDU with EXTNAME ``E``, else HDU number ``i``.
+"""The in-memory loader: whole normalised images + masks (:class:`Sample`) and the random-patch
+training dataset. How images pair with masks: :mod:`segcore.data.shared`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from segcore.config import NormalizeConfig
 from segcore.data.errors import DataError
-from segcore.data.io import (
-    RawImage,
-    file_stem,
-    is_fits,
-    is_supported,
-    mask_to_ids,
-    read_image,
-    read_mask,
-)
+from segcore.data.io import RawImage, read_image
 from segcore.data.normalize import apply_norm, compute_norm_stats, strided_sample
+from segcore.data.shared import (
+    EpochPatches,
+    Sample,
+    dataset_files,
+    find_mask,
+    ignore_boundaries,
+    mask_indices,
+    mask_stem,
+    read_mask_for,
+)
 from segcore.data.spec import IGNORE, DatasetSpec, load_spec
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class Sample:
-    """One training/validation image: normalised (C, H, W) float32 and int64 (H, W) class ids."""
-
-    name: str
-    image: np.ndarray
-    mask: np.ndarray
-    source: Path
-
-
-def _index_files(folder: Path) -> dict[str, list[Path]]:
-    if not folder.is_dir():
-        raise DataError(folder, "folder not found", f"a dataset needs {folder.name}/ next to the other folder")
-    index: dict[str, list[Path]] = {}
-    for p in sorted(folder.iterdir()):
-        if is_supported(p):
-            index.setdefault(file_stem(p), []).append(p)
-    return index
-
-
-def _mask_stem(image: Path, spec: DatasetSpec, masks: dict[str, list[Path]]) -> str:
-    """The mask stem for ``image`` under ``spec.pairing``."""
-    pairing = spec.pairing
-    groups = pairing.match_image(file_stem(image))
-    if groups is None:
-        raise DataError(image, f"name does not match pairing.image_regex {pairing.image_regex!r}",
-                        "rename the file or fix pairing.image_regex in dataset.yaml")
-    if pairing.mask_template is not None:
-        return pairing.mask_template.format(**groups)
-    if pairing.mask_regex is not None:
-        hits = [s for s in masks if (m := re.fullmatch(pairing.mask_regex, s)) and m.groupdict() == groups]
-        if len(hits) > 1:
-            raise DataError(image, f"several masks match: {hits}", "keep one mask per image")
-        return hits[0] if hits else pairing.mask_regex
-    return groups["stem"]
-
-
-def _unique(stem: str, masks: dict[str, list[Path]]) -> Path | None:
-    paths = masks.get(stem, [])
-    if len(paths) > 1:
-        raise DataError(paths[0].parent / stem, f"several mask files share this name: {[p.name for p in paths]}",
-                        "keep one mask file per image")
-    return paths[0] if paths else None
-
-
-def _find_mask(image: Path, raw: RawImage, n_raw: int, stem: str,
-               masks: dict[str, list[Path]]) -> tuple[Path, bool]:
-    """The mask file of one raw image and whether it is a per-HDU mask FITS (see module doc)."""
-    candidates = [stem] if n_raw == 1 else []
-    if is_fits(image):
-        candidates = [f"{stem}_{raw.extname}"] * bool(raw.extname) + [f"{stem}_{raw.index}"] + candidates
-    for cand in candidates:
-        path = _unique(cand, masks)
-        if path is not None:
-            return path, is_fits(path) and is_fits(image)
-    path = _unique(stem, masks)
-    if path is not None and is_fits(path) and is_fits(image):
-        return path, True
-    looked = ", ".join(f"{c}.*" for c in dict.fromkeys(candidates + [stem]))
-    raise DataError(image, f"no mask for {raw.name} in masks/ (looked for {looked})",
-                    "add the mask, or fix pairing in dataset.yaml")
-
-
-def _read_mask_for(raw: RawImage, path: Path, from_fits: bool, spec: DatasetSpec) -> np.ndarray:
-    """Read the mask of ``raw``; in a mask FITS pick the HDU with its EXTNAME, else its number."""
-    if not from_fits:
-        return read_mask(path, spec)
-    hdus = read_image(path, palette_indices=True)
-    pick = [m for m in hdus if raw.extname and m.extname == raw.extname] or [m for m in hdus if m.index == raw.index]
-    if len(hdus) == 1:
-        pick = hdus
-    if not pick:
-        have = ", ".join(f"{m.index}:{m.extname or ''}" for m in hdus)
-        raise DataError(path, f"no HDU for image HDU {raw.index} (EXTNAME {raw.extname}); mask HDUs are {have}",
-                        "give the mask FITS the image's EXTNAMEs or HDU layout")
-    return mask_to_ids(pick[0].array, spec, f"{path}[{pick[0].extname or pick[0].index}]")
 
 
 def _fit_mask(raw: RawImage, image: Path, mask: np.ndarray, mask_path: Path, spec: DatasetSpec) -> np.ndarray:
     """The mask on the image's pixel grid: itself, or a coarser mask (``mask_scale``) resampled
     nearest; a size that fits no declared scale is a DataError naming both sizes."""
-    from segcore.data.lazy import ignore_boundaries, mask_indices
-
     h, w = raw.array.shape[:2]
     scale = spec.mask_scale_for((h, w), mask.shape, f"{image} ({raw.name}, mask {mask_path.name})")
     if scale != 1 or mask.shape != (h, w):
@@ -155,14 +66,6 @@ def _check_channels(samples: list[Sample]) -> None:
                             f"{first.image.shape[0]}", "convert all images of a dataset to the same channels")
 
 
-def dataset_files(data_dir: Path) -> tuple[list[Path], dict[str, list[Path]]]:
-    """The image files of ``<data_dir>/images`` and the mask index of ``<data_dir>/masks``."""
-    images = [p for paths in _index_files(data_dir / "images").values() for p in paths]
-    if not images:
-        raise DataError(data_dir / "images", "no images (PNG, JPEG, TIFF or FITS) found", "add images")
-    return images, _index_files(data_dir / "masks")
-
-
 def load_samples(data_dir: str | Path, spec: DatasetSpec | None = None,
                  normalize: NormalizeConfig | None = None) -> list[Sample]:
     """Read every image of ``<data_dir>/images`` with its mask from ``<data_dir>/masks``.
@@ -176,11 +79,11 @@ def load_samples(data_dir: str | Path, spec: DatasetSpec | None = None,
     images, masks = dataset_files(data_dir)
     samples: list[Sample] = []
     for image in images:
-        stem = _mask_stem(image, spec, masks)
+        stem = mask_stem(image, spec, masks)
         raws = read_image(image)
         for raw in raws:
-            mask_path, from_fits = _find_mask(image, raw, len(raws), stem, masks)
-            mask = _fit_mask(raw, image, _read_mask_for(raw, mask_path, from_fits, spec), mask_path, spec)
+            mask_path, from_fits = find_mask(image, raw, len(raws), stem, masks)
+            mask = _fit_mask(raw, image, read_mask_for(raw, mask_path, from_fits, spec), mask_path, spec)
             _check_pixels(raw, image)
             samples.append(make_sample(raw, mask, image, cfg))
     _check_channels(samples)
@@ -225,28 +128,6 @@ class _ClassIndex:
 
     def pixel(self, cls: int, u: float) -> int:
         return int(self.order[self.start[cls] + min(int(u * self.count[cls]), self.count[cls] - 1)])
-
-
-class EpochPatches(Dataset):
-    """``patches_per_epoch`` random patches whose stream depends on ``(seed, epoch, index)``; the
-    epoch lives in shared memory, so persistent DataLoader workers see :meth:`set_epoch`."""
-
-    patches_per_epoch: int
-    _epoch: torch.Tensor
-
-    def _init_epoch(self) -> None:
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-
-    def __len__(self) -> int:
-        return self.patches_per_epoch
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the random stream of ``epoch`` (call before each epoch, like DistributedSampler)."""
-        self._epoch.fill_(int(epoch))
 
 
 class PatchDataset(EpochPatches):

@@ -4,7 +4,7 @@ Multi-extension files often keep calibration keywords (PEDESTAL, GAIN, ...) in t
 header only. Following the FITS INHERIT convention, an extension's cards come first and any
 card it lacks is taken from the primary header, unless the extension says ``INHERIT = F``.
 Structural cards (BITPIX, NAXISn, BZERO, ...) describe one HDU's data and are never inherited.
-Training (``segcore.data.io``) and ``segment`` (``pipelines.readers_fits``) both use this, so
+Training (``segcore.data.io``) and ``segment`` (``segcore.readers.fits``) both use this, so
 a key is found the same way on both paths.
 """
 

@@ -31,9 +31,20 @@ import numpy as np
 import torch
 
 from segcore.config import NormalizeConfig
-from segcore.data.dataset import EpochPatches
 from segcore.data.errors import DataError
+from segcore.data.io import RawImage, file_stem, is_fits, open_image_sources
 from segcore.data.normalize import NormStats, apply_norm, compute_norm_stats
+from segcore.data.shared import (
+    EpochPatches,
+    Sample,
+    dataset_files,
+    find_mask,
+    ignore_boundaries,
+    index_files,
+    mask_indices,
+    mask_stem,
+    read_mask_for,
+)
 from segcore.data.spec import IGNORE, DatasetSpec
 from segcore.readers.scaled import read_scaled
 
@@ -47,12 +58,6 @@ MAX_TRIES = 64  # rejection sampling of training corners outside the validation 
 
 
 # ----------------------------------------------------------------------------- resampling
-
-
-def mask_indices(start: int, n: int, scale: float, mask_scale: float, size: int) -> np.ndarray:
-    """Mask px under the centres of model px ``start .. start + n - 1`` (nearest, clipped)."""
-    centres = (start + np.arange(n) + 0.5) * scale / mask_scale
-    return np.clip(np.floor(centres).astype(np.int64), 0, size - 1)
 
 
 def gather(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, dtype: Any = None) -> np.ndarray:
@@ -72,25 +77,6 @@ def normalise(region: np.ndarray, stats: NormStats) -> np.ndarray:
         return apply_norm(region, stats)
     out = np.subtract(region, np.float32(stats.offset), dtype=np.float32)
     out *= np.float32(stats.scale)
-    return out
-
-
-def ignore_boundaries(mask: np.ndarray, k: int) -> np.ndarray:
-    """``mask`` with pixels within ``k`` px (chessboard) of a label boundary set to 255."""
-    if k <= 0:
-        return mask
-    from scipy import ndimage
-
-    edge = np.zeros(mask.shape, bool)
-    dy, dx = mask[1:, :] != mask[:-1, :], mask[:, 1:] != mask[:, :-1]
-    edge[1:, :] |= dy
-    edge[:-1, :] |= dy
-    edge[:, 1:] |= dx
-    edge[:, :-1] |= dx
-    if k > 1:
-        edge = ndimage.binary_dilation(edge, np.ones((3, 3), bool), iterations=k - 1)
-    out = mask.copy()
-    out[edge] = IGNORE
     return out
 
 
@@ -163,15 +149,12 @@ def load_mask_index(data_dir: Path, mask_path: Path, spec: DatasetSpec,
 
 def scan_dataset(data_dir: str | Path, spec: DatasetSpec, normalize: NormalizeConfig | None = None) -> list[LazyImage]:
     """Every image of ``<data_dir>/images`` as a :class:`LazyImage` (pixels stay in the files)."""
-    from segcore.data.dataset import _find_mask, _mask_stem, _read_mask_for, dataset_files
-    from segcore.data.io import RawImage, file_stem, is_fits, open_image_sources
-
     data_dir = Path(data_dir)
     cfg = normalize or spec.normalize
     images, masks = dataset_files(data_dir)
     out: list[LazyImage] = []
     for image in images:
-        stem = _mask_stem(image, spec, masks)
+        stem = mask_stem(image, spec, masks)
         sources = open_image_sources(image)
         try:
             for src in sources:
@@ -179,9 +162,9 @@ def scan_dataset(data_dir: str | Path, spec: DatasetSpec, normalize: NormalizeCo
                 if is_fits(image) and len(sources) > 1:
                     name = f"{stem_name}_{src.extname or src.index}"
                 raw = RawImage(name, np.empty(0), src.header, max(src.index, 0), getattr(src, "extname", None))
-                mask_path, from_fits = _find_mask(image, raw, len(sources), stem, masks)
+                mask_path, from_fits = find_mask(image, raw, len(sources), stem, masks)
                 ids, counts = load_mask_index(data_dir, mask_path, spec,
-                                              lambda r=raw, m=mask_path, f=from_fits: _read_mask_for(r, m, f, spec),
+                                              lambda r=raw, m=mask_path, f=from_fits: read_mask_for(r, m, f, spec),
                                               hdu=(raw.extname, raw.index) if from_fits else None)
                 scale = spec.mask_scale_for(src.shape, ids.shape, f"{image} (mask {mask_path.name})")
                 stats = compute_norm_stats(src.sample(), cfg, src.header, source=src.label)
@@ -206,11 +189,8 @@ def _check_lazy(images: list[LazyImage], data_dir: Path) -> None:
 
 def total_pixels(data_dir: str | Path) -> int:
     """Image pixels of a dataset from the file headers (nothing decoded)."""
-    from segcore.data.dataset import _index_files
-    from segcore.data.io import open_image_sources
-
     total = 0
-    for paths in _index_files(Path(data_dir) / "images").values():
+    for paths in index_files(Path(data_dir) / "images").values():
         for path in paths:
             sources = open_image_sources(path)
             total += sum(s.shape[0] * s.shape[1] for s in sources)
@@ -251,8 +231,6 @@ class PatchReader:
         return state
 
     def _source(self, k: int) -> Any:
-        from segcore.data.io import open_image_sources
-
         if os.getpid() != self._pid:  # forked: the parent's handles are not ours
             self._open, self._pid = {}, os.getpid()
         if k not in self._open:
@@ -499,16 +477,14 @@ class TrainData:
     """What training needs from a lazily read dataset."""
 
     patches: LazyPatchDataset
-    val_samples: list[Any]  # segcore.data.dataset.Sample at model resolution
+    val_samples: list[Sample]  # at model resolution
     channels: int
     input_range: tuple[float, float]
     masks: list[np.ndarray]  # training masks (coarse ones for lazy data), for class weights
 
 
-def block_samples(reader: PatchReader, blocks: Sequence[Block]) -> list[Any]:
+def block_samples(reader: PatchReader, blocks: Sequence[Block]) -> list[Sample]:
     """Validation samples (normalised image + labels at model resolution) of ``blocks``."""
-    from segcore.data.dataset import Sample
-
     out = []
     for b in blocks:
         im = reader.images[b.k]

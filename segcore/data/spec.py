@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from segcore.config import NormalizeConfig, format_validation_error
 from segcore.data.errors import DataError
+from segcore.data.io import is_supported, read_image
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +268,6 @@ def load_spec(data_dir: str | Path) -> DatasetSpec:
 
 def _infer_num_classes(data_dir: Path, spec: DatasetSpec) -> int:
     """1 + the largest class id found in ``masks/`` (255 = ignore does not count)."""
-    from segcore.data.io import is_supported, read_image  # io imports spec; avoid a cycle
-
     mask_dir = data_dir / "masks"
     if not mask_dir.is_dir():
         raise DataError(mask_dir, "masks folder not found", "put one mask per image in <data_dir>/masks/")

@@ -21,16 +21,22 @@ The rules encode what smp 0.6 does (found by reading its source and probing ever
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from segcore.config import ModelConfig
 from segcore.errors import UserError
+from segcore.models.architectures import (
+    ARCHITECTURES,
+    instantiate,
+    list_architectures,
+    list_encoders,
+    timm_info,
+)
 from segcore.registry import UnknownNameError
 
 log = logging.getLogger(__name__)
@@ -53,32 +59,6 @@ class InvalidCombinationError(UserError, ValueError):
 
 class UnknownArchitectureError(UnknownNameError, InvalidCombinationError):
     """An unregistered architecture: the registry's "did you mean" message (a KeyError and ValueError)."""
-
-
-@dataclass(frozen=True)
-class TimmInfo:
-    """What matters about a timm model for smp: its feature strides and ViT capabilities."""
-
-    reductions: tuple[int, ...]
-    forward_intermediates: bool
-    dynamic_img_size: bool
-
-
-@functools.lru_cache(maxsize=256)
-def timm_info(name: str) -> TimmInfo | None:
-    """Inspect timm model ``name`` (built on the meta device: no memory, no weights); None if unknown."""
-    import timm
-
-    if not timm.is_model(name):
-        return None
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False)
-    info = getattr(model, "feature_info", None) or []
-    return TimmInfo(
-        reductions=tuple(int(f["reduction"]) for f in info),
-        forward_intermediates=hasattr(model, "forward_intermediates"),
-        dynamic_img_size=hasattr(model, "dynamic_img_size"),
-    )
 
 
 def _is_hierarchical(reductions: Sequence[int]) -> bool:
@@ -178,8 +158,6 @@ def valid_sizes(arch: str, encoder: str, arch_kwargs: dict[str, Any] | None = No
 
 
 def _works_list(arch: str, encoder: str, kw: dict[str, Any]) -> str:
-    from segcore.models import list_architectures, list_encoders
-
     encs = [e for e in list_encoders() if _encoder_reason(arch, e, kw) is None]
     enc_text = ", ".join(encs) if encs else "none of smp's own encoders"
     if arch == "DPT":
@@ -204,8 +182,6 @@ def check_combination(
 
     ``image_size=None`` skips the size rules (used by ``build_model``, which has no size).
     """
-    from segcore.models import ARCHITECTURES, list_encoders
-
     if arch not in ARCHITECTURES:
         raise UnknownArchitectureError(ARCHITECTURES.unknown_message(arch))
     if not _known_encoder(encoder):
@@ -244,8 +220,6 @@ def list_valid_combinations(
 
     Defaults: every registered arch; smp's encoders plus a few timm ViTs (so DPT has candidates).
     """
-    from segcore.models import list_architectures, list_encoders
-
     archs = list(archs) if archs is not None else list_architectures()
     encoders = list(encoders) if encoders is not None else [*list_encoders(), *DEFAULT_TIMM_ENCODERS]
     out = []
@@ -272,9 +246,6 @@ def probe_combination(
     Raises :class:`InvalidCombinationError` when building or running fails or the output is
     not ``(2, classes, image_size, image_size)``. Slow (seconds); rules are what callers use.
     """
-    from segcore.config import ModelConfig
-    from segcore.models import instantiate
-
     cfg = ModelConfig(arch=arch, encoder=encoder, in_channels=in_channels, classes=classes,
                       arch_kwargs=dict(arch_kwargs or {}))
     try:

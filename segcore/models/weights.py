@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from segcore.config import ModelConfig
 from segcore.errors import UserError
+from segcore.models.architectures import MODEL_CONFIG_ATTR, instantiate
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +117,10 @@ def _weights_file(path: Path) -> Path:
 
 
 def load_model_weights(model: torch.nn.Module, source: str | Path) -> None:
-    """Start the whole ``model`` from trained weights in place (warm start, fine-tuning): a gigaseg
-    model directory, an MLflow model URI (resolved against ``MLFLOW_TRACKING_URI``) or a weights file
-    of the same architecture, encoder, channels and classes."""
-    from segcore.modelref import is_mlflow_uri, local_dir
-
-    path = _weights_file(local_dir(source) if is_mlflow_uri(source) else Path(source))
+    """Start the whole ``model`` from trained weights in place (warm start, fine-tuning): a local gigaseg
+    model directory or a weights file of the same architecture, encoder, channels and classes. An MLflow
+    model URI is resolved to its local folder by the caller (:func:`segcore.modelio.ref.local_dir`)."""
+    path = _weights_file(Path(source))
     if not path.is_file():
         raise EncoderWeightsError(
             f"model.init_weights {str(source)!r}: no such file or model directory. Give a gigaseg model directory "
@@ -179,8 +178,6 @@ def load_encoder_weights(
     if source is None:
         return
     if str(source) == "imagenet":
-        from segcore.models import MODEL_CONFIG_ATTR
-
         cfg = model_cfg or getattr(getattr(model, "module", model), MODEL_CONFIG_ATTR, None)
         if cfg is None:
             raise EncoderWeightsError(
@@ -247,8 +244,6 @@ def _hub_offline_guard(offline: bool) -> Iterator[None]:
 
 def build_pretrained(cfg: ModelConfig) -> torch.nn.Module:
     """Build ``cfg`` with the hub's imagenet encoder (smp adapts the first conv to in_channels)."""
-    from segcore.models import instantiate
-
     offline = _offline()
     if offline and not _is_cached(cfg.encoder):
         raise EncoderWeightsError(

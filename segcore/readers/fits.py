@@ -20,7 +20,7 @@ from astropy.io import fits
 
 from segcore.data.errors import DataError
 from segcore.data.fitsheader import inherited_header
-from segcore.readers import ImageSource, register_reader, safe_name
+from segcore.readers.base import ImageSource, register_reader, safe_name
 
 log = logging.getLogger(__name__)
 

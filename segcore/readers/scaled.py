@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from segcore.readers import ImageSource
+from segcore.readers.base import ImageSource
 
 
 def _area_weights(start: float, n_out: int, scale: float, first: int, n_in: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import zarr
 from PIL import Image, ImageFile
 
 from segcore.data.errors import DataError
-from segcore.readers import ImageSource, register_reader
+from segcore.readers.base import ImageSource, register_reader
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import tifffile
 import zarr
 
 from segcore.data.errors import DataError
-from segcore.readers import ImageSource, register_reader
+from segcore.readers.base import ImageSource, register_reader
 from segcore.readers.cache import chunk_cache
 
 log = logging.getLogger(__name__)

@@ -60,9 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            help="write tiled BigTIFF scans and QEMSCAN-like colour masks K x coarser "
                                 "(dataset.yaml gets mask_scale: K) [same-size masks]")
         if kind == "lines":
-            p.add_argument("--style", choices=("varied", "seed003"), default="varied",
+            p.add_argument("--style", choices=("varied", "seed003", "seed003-hard"), default="varied",
                            help="varied: colour, blur and noise on every shape; seed003: seed 003's own "
-                                "recipe (grey, flat shapes on truncated-Gaussian noise) [varied]")
+                                "recipe (grey, flat shapes on truncated-Gaussian noise); seed003-hard: that "
+                                "recipe with shaded, textured shapes and soft edges, as its real images [varied]")
         if kind == "ccd":
             p.add_argument("--hdus", type=_positive, default=2, help="amplifier HDUs per file [2]")
             p.add_argument("--dtype", choices=("uint16", "float32"), default="uint16",

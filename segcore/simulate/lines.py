@@ -14,6 +14,7 @@ its centre.
 [0.6, 1]), 1-9 ellipses (radii 5-20 px) and as many straight lines (3 or 5 px wide, 20 px to the
 image's short side long), each shape flat at a grey level in [0, 0.7], so the darker shapes stand out and
 the brighter ones differ from the background mainly by having no noise. Lines are drawn last.
+``style="seed003-hard"`` takes that shortcut away (:func:`render_seed003_hard`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 CLASSES = ["background", "line", "ellipse"]
 WIDTH, HEIGHT = 400, 200  # seed 003's image size (width x height)
-LinesStyle = Literal["varied", "seed003"]
+LinesStyle = Literal["varied", "seed003", "seed003-hard"]
 STYLES: tuple[str, ...] = get_args(LinesStyle)
 
 
@@ -145,14 +146,43 @@ def render_seed003(rng: np.random.Generator, width: int = WIDTH, height: int = H
     return np.repeat(grey[..., None], 3, axis=2), mask
 
 
-RENDERERS = {"varied": render_lines, "seed003": render_seed003}
+def render_seed003_hard(rng: np.random.Generator, width: int = WIDTH,
+                        height: int = HEIGHT) -> tuple[np.ndarray, np.ndarray]:
+    """Seed 003's recipe made harder where its text ("lines and ellipses with variable gray scale
+    intensity ... placed onto a Gaussian noise background") and its real images differ from
+    :func:`render_seed003`, on which the plan scores above what it scores on the real data (0.970
+    against 0.954 at 10 min; line IoU 0.949 against 0.905): each shape's grey level varies across
+    it (a ramp of up to +-0.1 over the image), shapes keep 30-100 % of the background's noise (flat,
+    noiseless shapes are a shortcut the real images do not give), levels reach 0.8 (well inside the
+    background's 0.6-1 range), and the image is blurred slightly (sigma 0.7 px) before 8-bit
+    quantisation, so edges are soft as in a rendered figure."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    mean = rng.uniform(0.7, 0.9)
+    noise = 0.1 * truncnorm.rvs((0.6 - mean) / 0.1, (1.0 - mean) / 0.1, size=(height, width), random_state=rng)
+    image = mean + noise
+    mask = np.zeros((height, width), np.uint8)
+    n = int(rng.integers(1, 10))
+    for label, draw in ((2, _seed003_ellipse), (1, _seed003_line)):
+        for _ in range(n):
+            inside = draw(yy, xx, rng)
+            gy, gx = rng.uniform(-0.1, 0.1, 2)
+            ramp = gy * (yy / height - 0.5) + gx * (xx / width - 0.5)
+            texture = rng.uniform(0.3, 1.0) * (noise - noise.mean())
+            image[inside] = (rng.uniform(0.0, 0.8) + ramp + texture)[inside]
+            mask[inside] = label
+    grey = np.uint8(255 * np.clip(gaussian_filter(image, 0.7), 0.0, 1.0))
+    return np.repeat(grey[..., None], 3, axis=2), mask
+
+
+RENDERERS = {"varied": render_lines, "seed003": render_seed003, "seed003-hard": render_seed003_hard}
 
 
 def generate_lines(out: str | Path, n: int, width: int = WIDTH, seed: int = 0, style: LinesStyle = "varied") -> Path:
     """Write ``n`` RGB PNG images of ``width`` x ``width // 2`` px, class-id PNG masks and dataset.yaml.
 
-    ``style`` picks the renderer: ``varied`` (colour, blur, noise on every shape) or ``seed003``
-    (seed 003's own recipe: grey, flat shapes on truncated-Gaussian noise)."""
+    ``style`` picks the renderer: ``varied`` (colour, blur, noise on every shape), ``seed003``
+    (seed 003's own recipe: grey, flat shapes on truncated-Gaussian noise) or ``seed003-hard`` (that
+    recipe with shaded, textured shapes and soft edges, closer to its real images)."""
     if n < 1 or width < 32:
         raise ConfigError(f"need n >= 1 and size (image width) >= 32, got n={n}, size={width}")
     if style not in RENDERERS:

@@ -1,12 +1,13 @@
-"""An ensemble model directory, and greedy ensemble selection (Caruana et al. 2004).
+"""Layer 4 of :mod:`segcore.modelio`: an ensemble folder, built on single model folders (layer 3), and
+greedy ensemble selection (Caruana et al. 2004).
 
 An ensemble directory holds ``config.json`` (``format: gigaseg-ensemble/1``, the members'
 sub-directories and weights, plus its own ``metrics`` and ``extra``: temperature, TTA) and one
-ordinary gigaseg model directory per member under ``members/``. :func:`segcore.modeldir.load_model_dir`
+ordinary gigaseg model directory per member under ``members/``. :func:`segcore.modelio.ref.load_model_dir`
 (hence ``load_model``, ``gigaseg evaluate``, the MLflow pyfunc and ``segment``) loads it as an
-:class:`EnsembleModel`, a :class:`~segcore.modeldir.LoadedModel` whose ``predict_tensor`` is the
-weighted mean of its members' probabilities. Members must agree on classes, input channels and
-normalisation; the ensemble's size multiple is the lcm of theirs.
+:class:`EnsembleModel`, a :class:`~segcore.modelio.folder.LoadedModel` whose ``predict_tensor`` is the
+weighted mean of its members' probabilities. Members are single models that must agree on classes,
+input channels and normalisation; the ensemble's size multiple is the lcm of theirs.
 """
 
 from __future__ import annotations
@@ -25,13 +26,8 @@ import numpy as np
 import torch
 
 from segcore.errors import ModelError
-from segcore.modeldir import (
-    CONFIG_FILE,
-    INPUT_RANGE_KEY,
-    LoadedModel,
-    ModelCard,
-    read_card,
-)
+from segcore.modelio.card import CONFIG_FILE, INPUT_RANGE_KEY, ModelCard, read_single_card
+from segcore.modelio.folder import LoadedModel, load_single_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +53,7 @@ def save_ensemble_dir(path: str | Path, members: Sequence[str | Path], weights: 
     if not members or len(members) != len(weights) or min(weights) < 0 or sum(weights) <= 0:
         raise ModelError(f"ensemble: need one non-negative weight per member (got {len(members)} members, "
                          f"weights {list(weights)})")
-    cards = [read_card(m) for m in members]
+    cards = [read_single_card(m) for m in members]
     check_compatible(cards, [str(m) for m in members])
     path = Path(path)
     (path / MEMBERS_DIR).mkdir(parents=True, exist_ok=True)
@@ -127,7 +123,7 @@ def ensemble_card(cards: Sequence[ModelCard], weights: Sequence[float], metrics:
 def read_ensemble_card(path: str | Path) -> ModelCard:
     """The ensemble's merged card (see :func:`ensemble_card`), members checked for agreement."""
     data = read_ensemble_config(path)
-    cards = [read_card(p) for p, _ in data["members"]]
+    cards = [read_single_card(p) for p, _ in data["members"]]
     check_compatible(cards, [str(p) for p, _ in data["members"]])
     return ensemble_card(cards, [w for _, w in data["members"]], data.get("metrics", {}), data.get("extra", {}))
 
@@ -187,11 +183,9 @@ def apply_temperature(proba: torch.Tensor, temperature: float, binary: bool = Fa
 
 def load_ensemble_dir(path: str | Path, device: str = "auto", fold_bn: bool = True) -> EnsembleModel:
     """Load every member (checked card against weights) and wrap them as one model (``fold_bn``:
-    see :func:`segcore.modeldir.load_model_dir`)."""
-    from segcore.modeldir import load_model_dir
-
+    see :func:`segcore.modelio.folder.load_single_dir`)."""
     data = read_ensemble_config(path)
-    members = [load_model_dir(p, device, fold_bn) for p, _ in data["members"]]
+    members = [load_single_dir(p, device, fold_bn) for p, _ in data["members"]]
     weights = [w for _, w in data["members"]]
     check_compatible([m.card for m in members], [str(p) for p, _ in data["members"]])
     card = ensemble_card([m.card for m in members], weights, data.get("metrics", {}), data.get("extra", {}))
