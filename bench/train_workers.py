@@ -13,7 +13,7 @@ and prints test mIoU, per-class IoU and walls. On one machine the workers share 
 N-worker wall says what gloo costs here, not what N GPUs would take.
 
     python bench/train_workers.py                      # S = 200, N = 2 (about 15 min on 2 cores)
-    python bench/train_workers.py --steps 60 --quick   # a few minutes
+    python bench/train_workers.py --steps 100 --quick --small   # a depth-3 U-Net: a few minutes
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 from search_vs_default import gigaseg, simulate, test_scores
+
+SMALL = ["--arch", "Unet", "--set", "model.arch_kwargs={encoder_depth: 3, decoder_channels: [32, 16, 8]}"]
 
 
 def train(work: Path, name: str, train_dir: Path, flags: list[str]) -> dict:
@@ -48,13 +50,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per worker of the N-worker run")
     parser.add_argument("--budget-min", type=float, default=10.0, help="the plan's budget (patch, batch, cadence)")
     parser.add_argument("--quick", action="store_true", help="the smaller datasets of bench/search_vs_default.py")
+    parser.add_argument("--small", action="store_true", help="a depth-3 U-Net (the tests' model), for a busy machine")
     parser.add_argument("--work", type=Path, help="working folder (default: a temp folder)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-workers-"))
+    work.mkdir(parents=True, exist_ok=True)
     env = {"GIGASEG_HOME": str(work / "home")}
     os.environ.update(env)
     train_dir, test_dir = simulate("shapes", work, args.quick)
-    n, plan = args.workers, ["--budget-min", str(args.budget_min)]
+    n, plan = args.workers, ["--budget-min", str(args.budget_min), *(SMALL if args.small else [])]
     one = train(work, "one", train_dir, [*plan, "--steps", str(n * args.steps)])
     pinned = ["--patch-size", str(one["patch"]), "--batch-size", str(one["batch"])]
     many = train(work, f"workers{n}", train_dir, [*plan, *pinned, "--steps", str(args.steps), "--workers", str(n)])
