@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_vs_default import SIZES, gigaseg, simulate, test_scores  # noqa: E402
+from search_vs_default import SIZES, _m, gigaseg, simulate, test_scores  # noqa: E402
 
 TASKS = ("seed003", "shapes", "sem", "ccd")
 RECIPES = {"seed003": ("lines", "--style", "seed003-hard")}  # seed 003's recipe, shaded and textured as its real data
@@ -112,10 +112,6 @@ def run_task(task: str, work: Path, minutes: float, workers: int, cpus: float, s
               flush=True)
     row["S_makeup"] = champion_makeup(env, task)
     return row
-
-
-def _m(scores: dict | None) -> float:
-    return scores["miou"] if scores else math.nan
 
 
 def print_table(rows: list[dict]) -> None:
