@@ -172,11 +172,12 @@ def num_trials(spec: SearchSpec, space: SearchSpace) -> int:
     trials, or with a cluster as many as its worker-steps hold (``num_samples``, if written, caps them)."""
     if spec.engine in ("grid", "pbt"):
         return 1
-    if spec.cluster is not None and "num_samples" not in spec.model_fields_set:
-        return UNBOUNDED_TRIALS
+    if spec.num_samples is None:
+        return UNBOUNDED_TRIALS if spec.cluster is not None else DEFAULT_TRIALS
     return spec.num_samples
 
 
+DEFAULT_TRIALS = 8
 UNBOUNDED_TRIALS = 100_000  # the worker-steps end a cluster's search (search.lanes.LaneSearcher)
 
 

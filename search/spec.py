@@ -153,7 +153,8 @@ class SearchSpec(Strict):
     space: dict[str, Any] = Field(default_factory=dict, description="dimensions, see search.space")
     engine: Engine = "tpe"
     seed: int = 0
-    num_samples: int = Field(8, ge=1, description="trials for tpe/random (grid: the grid decides)")
+    num_samples: int | None = Field(None, ge=1, description="trials for tpe/random (default 8; with a cluster, "
+                                    "as many as its worker-steps hold); grid and pbt: not used")
     time_budget_s: float | None = Field(None, gt=0)
     max_trial_epochs: int | None = Field(None, ge=1, description="stop the search after this many epochs in all")
     max_concurrent_trials: int | None = Field(None, ge=1)
@@ -212,12 +213,12 @@ class SearchSpec(Strict):
     @model_validator(mode="after")
     def _check_pbt(self) -> SearchSpec:
         if self.engine != "pbt":
-            if "pbt" in self.model_fields_set:
+            if self.pbt != PbtSection():  # defaults (as a resumed search's saved spec holds them) are fine
                 raise ValueError(f"pbt: settings for engine pbt, but engine is {self.engine!r}")
             return self
-        if self.asha.enabled and "asha" in self.model_fields_set:
+        if self.asha.enabled and self.asha != AshaSection():
             raise ValueError("engine pbt schedules the trials itself: remove asha (or set asha.enabled: false)")
-        if "num_samples" in self.model_fields_set:
+        if self.num_samples is not None:
             raise ValueError("engine pbt trains pbt.population trials (default: cluster.workers); remove "
                              "num_samples")
         if not isinstance(self.budget, StepsBudget) and self.cluster is None:

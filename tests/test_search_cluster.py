@@ -52,7 +52,7 @@ def test_steps_plan_and_cluster_take_the_plans_own_step_timing(shapes: Path, tmp
     ({"cluster": {"workers": 2, "steps_per_worker": 50}, "max_concurrent_trials": 3}, "cluster.workers (2)"),
     ({"cluster": {"workers": 2, "steps_per_worker": 50}, "budget": {"minutes": 1}}, "cluster counts optimizer steps"),
     ({"engine": "pbt", "budget": {"steps": 10}, "num_samples": 4}, "remove num_samples"),
-    ({"engine": "pbt", "budget": {"steps": 10}, "asha": {"enabled": True}}, "remove asha"),
+    ({"engine": "pbt", "budget": {"steps": 10}, "asha": {"grace_period": 2}}, "remove asha"),
     ({"engine": "pbt"}, "perturbs at step counts"),
     ({"pbt": {"population": 4}}, "settings for engine pbt"),
 ])
@@ -67,6 +67,16 @@ def test_cluster_and_pbt_settings_are_honoured_or_refused(shapes: Path, tmp_path
         raw.pop("asha")
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_search_spec(raw)
+
+
+def test_a_saved_spec_parses_again_as_a_resume_reads_it(shapes: Path, tmp_path: Path) -> None:
+    """``gigaseg search --resume`` re-parses the spec saved with every default written out: defaults of
+    pbt, asha and num_samples are not settings the user wrote, so they are not refused."""
+    space = {k: v for k, v in tiny("x", shapes, tmp_path)["space"].items() if k != "epochs"}
+    for over in ({}, {"engine": "pbt", "budget": {"steps": 10}, "num_samples": None, "asha": None, "space": space}):
+        raw = {k: v for k, v in tiny("t-saved", shapes, tmp_path / "store", **over).items() if v is not None}
+        spec = parse_search_spec(raw)
+        assert parse_search_spec(spec.model_dump(mode="json")) == spec
 
 
 def test_a_trial_budget_above_a_workers_share_is_refused(shapes: Path, tmp_path: Path) -> None:
