@@ -10,8 +10,8 @@ budget, and the search ends when no lane does. A trial that ASHA stops early fre
 the next one. Counting steps rather than seconds makes the ledger the same on any hardware: on N
 GPUs it is the wall time, on 2 CPUs the same search runs longer and reaches the same model.
 
-After the trials, :func:`worker_steps` reads what each trial really trained from its reported
-results; :meth:`WorkerSteps.refit_steps` is what is left for a data-parallel refit on all N
+After the trials, :func:`worker_steps` reads what each trial really trained from the ledger that
+:class:`StepsLedger` keeps on the driver; :meth:`WorkerSteps.refit_steps` is what is left for a data-parallel refit on all N
 workers (it starts when the busiest worker is free).
 """
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray import tune
 from ray.tune.search import Searcher
 
 from search.budget import StepsBudget, plan_steps
@@ -33,6 +34,7 @@ from segcore.config import ConfigError
 log = logging.getLogger(__name__)
 
 LANES_FILE = "lanes.json"  # beside the inner searcher's checkpoint, so Tuner.restore keeps the ledger
+STEPS_FILE = "worker_steps.json"  # in the experiment folder: steps each trial trained (StepsLedger)
 
 
 def resolve_plan_steps(spec: SearchSpec, plan: Any) -> SearchSpec:
@@ -184,15 +186,34 @@ class WorkerSteps:
         return max(0, int(self.per_worker - max(self.lanes, default=0.0)))
 
 
-def worker_steps(results: Any, workers: int, per_worker: int) -> WorkerSteps:
-    """Steps each trial trained, summed from its reported epochs (a PBT clone's included)."""
-    per_trial: dict[str, float] = {}
-    for r in results:
-        frame = r.metrics_dataframe
-        trial_id = (r.metrics or {}).get("trial_id")
-        if frame is None or trial_id is None or "steps" not in frame or "epoch" not in frame:
-            continue
-        rows = frame[["steps", "epoch"]].to_dict("records")
-        per_trial[trial_id] = float(sum(epoch_steps(row) for row in rows))
+class StepsLedger(tune.Callback):
+    """Driver side: the optimizer steps each trial trained, summed over every result Tune received and
+    kept in ``<experiment>/worker_steps.json`` (so a resumed search goes on counting).
+
+    Tune's own result files are no ledger: a trial that restarts (a PBT exploit, a restore) copies its
+    ``result.json`` back from storage, which may lag behind, and the epochs since are lost."""
+
+    def __init__(self, exp_dir: str | Path) -> None:
+        self.path = Path(exp_dir) / STEPS_FILE
+        self.steps: dict[str, float] | None = None  # loaded on the first result
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if self.steps is None:
+            self.steps = read_steps_ledger(self.path.parent)
+        self.steps[trial.trial_id] = self.steps.get(trial.trial_id, 0.0) + epoch_steps(result)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.steps))
+        tmp.replace(self.path)
+
+
+def read_steps_ledger(exp_dir: str | Path) -> dict[str, float]:
+    """Trial id -> steps trained, as :class:`StepsLedger` wrote them (empty before the first result)."""
+    path = Path(exp_dir) / STEPS_FILE
+    return {k: float(v) for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+
+
+def worker_steps(exp_dir: str | Path, workers: int, per_worker: int) -> WorkerSteps:
+    """Steps each trial trained (a PBT clone's included), from the driver's :class:`StepsLedger`."""
+    per_trial = read_steps_ledger(exp_dir)
     ordered = dict(sorted(per_trial.items(), key=lambda kv: creation_order(kv[0])))
     return WorkerSteps(ordered, workers, per_worker)

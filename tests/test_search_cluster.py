@@ -189,5 +189,8 @@ def test_pbt_then_a_refit_on_both_workers_within_the_worker_steps(
     parent = client.get_run(outcome.parent_run_id).data.metrics
     assert parent["worker_steps_budget"] == 64
     assert 32 <= parent["worker_steps_trials"] <= 32 + 2 * 4  # + < 1 epoch (4 steps) per member
+    # counted on the driver from every result (a clone's result.json, copied back from storage, may lag)
+    ledger = json.loads((tmp_path / "store" / "t-pbt" / "worker_steps.json").read_text())
+    assert len(ledger) == 2 and sum(ledger.values()) == parent["worker_steps_trials"]
     assert 32 <= parent["worker_steps_refit"] <= 32 + 2 * 4
     assert parent["worker_steps_used"] == parent["worker_steps_trials"] + parent["worker_steps_refit"] <= 64 + 16
