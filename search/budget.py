@@ -27,7 +27,7 @@ from pydantic import Discriminator, Field, Tag, model_validator
 
 from segcore.config import Strict, TrainConfig
 from segcore.schedules import PCT_START
-from segcore.steps import fit_steps, steps_per_epoch, with_steps
+from segcore.steps import Rounding, fit_steps, steps_per_epoch, with_steps
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class StepsBudget(Strict):
     unit: Literal["steps"] = "steps"
     steps: PlanSteps = Field(description="optimizer steps per trial (per worker with DDP), or plan")
     minutes: float | None = Field(None, gt=0, description="with steps: plan, the minutes the plan's steps fill")
+    rounding: Rounding = Field("at_least", description="whole epochs: at least the steps, or at most (a cluster's "
+                               "trials, so no worker passes its steps_per_worker)")
 
     @model_validator(mode="after")
     def _check_plan(self) -> StepsBudget:
@@ -90,7 +92,7 @@ Budget = Annotated[
 def apply_budget(cfg: TrainConfig, budget: Budget | None, world_size: int = 1) -> TrainConfig:
     """The trial's TrainConfig under ``budget`` (unchanged without one)."""
     if isinstance(budget, StepsBudget):
-        return with_steps(cfg, budget.steps, world_size)
+        return with_steps(cfg, budget.steps, world_size, budget.rounding)
     if isinstance(budget, MinutesBudget):
         return cfg.model_copy(update={"max_minutes": budget.minutes})
     return cfg
@@ -130,7 +132,8 @@ def asha_clock(spec: Any, base: TrainConfig, max_epochs: int) -> AshaClock:
         return AshaClock(TIME_ATTR["epochs"], math.ceil(grace), max_t, "epochs" + why)
     if isinstance(budget, StepsBudget):
         world = spec.resources.workers_per_trial
-        epochs, ppe = fit_steps(budget.steps, base.data.patches_per_epoch, base.data.batch_size, world)
+        epochs, ppe = fit_steps(budget.steps, base.data.patches_per_epoch, base.data.batch_size, world,
+                                budget.rounding)
         per_epoch: float = steps_per_epoch(ppe, base.data.batch_size, world)
         total: float = budget.steps
         why = f"1 epoch = {per_epoch:g} steps of the base config ({epochs} epochs for {budget.steps} steps)"

@@ -73,13 +73,16 @@ def _fit_trials_to_workers(spec: SearchSpec) -> SearchSpec:
     share = trial_share(spec)
     if spec.budget is None:
         log.info("cluster: no trial budget written; each trial gets a worker's trial share, %d steps", share)
-        return spec.model_copy(update={"budget": StepsBudget(steps=share)})
+        return spec.model_copy(update={"budget": StepsBudget(steps=share, rounding="at_most")})
+    if spec.budget.rounding != "at_most" and "rounding" in spec.budget.model_fields_set:
+        raise ConfigError(f"{spec.name}: budget.rounding {spec.budget.rounding} with a cluster: a cluster's trials "
+                          "train at most their steps, so no worker passes cluster.steps_per_worker; leave it out")
     if spec.budget.steps > share:
         raise ConfigError(f"{spec.name}: budget.steps {spec.budget.steps} exceeds a worker's share for trials, "
                           f"{share} (cluster.steps_per_worker {spec.cluster.steps_per_worker} less "
                           f"refit.budget_fraction {spec.refit.budget_fraction:g}); lower budget.steps or raise "
                           "cluster.steps_per_worker")
-    return spec
+    return spec.model_copy(update={"budget": spec.budget.model_copy(update={"rounding": "at_most"})})
 
 
 @dataclass

@@ -341,7 +341,8 @@ def plan_worker_refit(spec: SearchSpec, best: Any, model_dir: Path, used: Any,
         return None
     optim = cfg.optim.model_copy(update={"lr": worker_lr(cfg.optim.lr, workers)})
     data = cfg.data.model_copy(update={"patches_per_epoch": cfg.data.patches_per_epoch * workers})
-    scaled = with_steps(cfg.model_copy(update={"optim": optim, "data": data, "max_minutes": None}), steps, workers)
+    scaled = with_steps(cfg.model_copy(update={"optim": optim, "data": data, "max_minutes": None}), steps, workers,
+                        rounding="at_most")  # no worker passes C
     history = _history(model_dir)
     return RefitPlan(trial_id, scaled, 0.0, len(history), 0.0, 0.0, float(best.metrics[spec.metric]), start_from,
                      spec.resources.cpus_per_trial, workers, steps)

@@ -7,8 +7,11 @@ search's ``budget: {steps: N}`` (search/budget.py) both go through :func:`fit_st
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from segcore.config import TrainConfig
+
+Rounding = Literal["at_least", "at_most"]  # a step count met or exceeded, or never exceeded
 
 
 def steps_per_epoch(patches_per_epoch: int, batch_size: int, world_size: int = 1) -> int:
@@ -18,23 +21,25 @@ def steps_per_epoch(patches_per_epoch: int, batch_size: int, world_size: int = 1
     return max(1, per_rank // batch_size)
 
 
-def fit_steps(steps: int, patches_per_epoch: int, batch_size: int, world_size: int = 1) -> tuple[int, int]:
-    """``(epochs, patches_per_epoch)`` that make at least ``steps`` optimizer steps per rank.
+def fit_steps(steps: int, patches_per_epoch: int, batch_size: int, world_size: int = 1,
+              rounding: Rounding = "at_least") -> tuple[int, int]:
+    """``(epochs, patches_per_epoch)`` that make about ``steps`` optimizer steps per rank.
 
     Rounding: epochs = max(1, round(steps / steps per epoch at the configured patches_per_epoch)),
     so validation keeps about the configured cadence; then each epoch gets ceil(steps / epochs)
-    steps, i.e. patches_per_epoch = that x batch_size x world_size. The total overshoots ``steps``
-    by less than one step per epoch.
+    steps (``at_least``: overshoots by less than one step per epoch) or floor (``at_most``, a
+    cluster's worker-steps: falls short by less than one per epoch), i.e. patches_per_epoch = that
+    x batch_size x world_size.
     """
     epochs = max(1, round(steps / steps_per_epoch(patches_per_epoch, batch_size, world_size)))
-    per_epoch = math.ceil(steps / epochs)
+    per_epoch = math.ceil(steps / epochs) if rounding == "at_least" else steps // epochs
     return epochs, per_epoch * batch_size * world_size
 
 
-def with_steps(cfg: TrainConfig, steps: int, world_size: int = 1) -> TrainConfig:
-    """``cfg`` with the ``epochs`` and ``data.patches_per_epoch`` of :func:`fit_steps`: at least
+def with_steps(cfg: TrainConfig, steps: int, world_size: int = 1, rounding: Rounding = "at_least") -> TrainConfig:
+    """``cfg`` with the ``epochs`` and ``data.patches_per_epoch`` of :func:`fit_steps`: about
     ``steps`` optimizer steps on each of ``world_size`` ranks, at ``cfg``'s validation cadence."""
-    epochs, ppe = fit_steps(steps, cfg.data.patches_per_epoch, cfg.data.batch_size, world_size)
+    epochs, ppe = fit_steps(steps, cfg.data.patches_per_epoch, cfg.data.batch_size, world_size, rounding)
     return cfg.model_copy(update={"epochs": epochs, "data": cfg.data.model_copy(update={"patches_per_epoch": ppe})})
 
 

@@ -241,6 +241,10 @@ def test_fit_steps_rounding(steps, ppe, batch, world, expected) -> None:
     assert (epochs, new_ppe) == expected
     total = epochs * steps_per_epoch(new_ppe, batch, world)
     assert steps <= total < steps + epochs
+    epochs, new_ppe = fit_steps(steps, ppe, batch, world, rounding="at_most")  # a cluster's: never above
+    assert epochs == expected[0]
+    total = epochs * steps_per_epoch(new_ppe, batch, world)
+    assert steps - epochs < total <= steps
 
 
 def test_apply_budget_and_asha_clock(data_dir: Path) -> None:
