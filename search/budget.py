@@ -104,7 +104,7 @@ def plan_steps(plan: Any, minutes: float) -> int:
     from segcore.plan import decide_steps
 
     chosen, _ = decide_steps(plan.fingerprint, plan.config, plan.speed, minutes)
-    return chosen["epochs"] * max(1, chosen["patches_per_epoch"] // plan.config.data.batch_size)
+    return chosen["epochs"] * steps_per_epoch(chosen["patches_per_epoch"], plan.config.data.batch_size)
 
 
 @dataclass(frozen=True)

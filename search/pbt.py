@@ -121,7 +121,7 @@ class LoggedPBT(PopulationBasedTraining):
                 client.set_tag(run_id, f"pbt.exploit.{n}", text[:5000])
                 client.set_tag(run_id, "pbt.params", json.dumps(after, sort_keys=True, default=str)[:5000])
         except Exception as exc:  # tracking trouble must not stop the search
-            log.warning("pbt: could not tag trial %s's exploit in MLflow: %s", trial.trial_id, exc)
+            log.warning("pbt: could not tag trial %s's exploit in MLflow: %s", trial.trial_id, exc, exc_info=True)
         log.info("pbt: trial %s %s", trial.trial_id, text)
 
 

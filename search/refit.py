@@ -51,6 +51,7 @@ from search.spec import ResourcesSection, SearchSpec
 from segcore.config import TrainConfig, flatten
 from segcore.modelio.ref import local_dir, read_card
 from segcore.steps import steps_per_epoch, with_steps, worker_lr
+from segcore.tracking import MlflowEpochLogger
 
 log = logging.getLogger(__name__)
 
@@ -202,18 +203,6 @@ def open_refit_run(target: MlflowTarget, plan: RefitPlan) -> str:
     return run_id
 
 
-class EpochLogger:
-    """EpochCallback: the refit's per-epoch metrics on its MLflow run (``step=epoch``)."""
-
-    def __init__(self, target: MlflowTarget, run_id: str) -> None:
-        self.client, self.run_id = target.client(), run_id
-
-    def __call__(self, rep: Any) -> None:
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, rep.epoch) for k, v in rep.metrics.items() if isinstance(v, (int, float))]
-        self.client.log_batch(self.run_id, metrics=items)
-
-
 @contextmanager
 def _tracking_env(uri: str) -> Iterator[None]:
     """``MLFLOW_TRACKING_URI`` = ``uri`` inside (a model URI in the config resolves there), then as before."""
@@ -245,7 +234,7 @@ def refit_train(plan: RefitPlan, train_dir: str, val_dir: str | None, target: Ml
     with tempfile.TemporaryDirectory(prefix="gigaseg-refit-") as tmp, _tracking_env(target.uri), \
             torch_threads(max(1, int(plan.cpus))):
         target.client().log_metric(run_id, "torch_threads", torch.get_num_threads())
-        result = train(cfg, train_dir, Path(tmp) / "model", callbacks=[EpochLogger(target, run_id)],
+        result = train(cfg, train_dir, Path(tmp) / "model", callbacks=[MlflowEpochLogger(target.uri, run_id)],
                        val_dir=val_dir)
         score = float(result.metrics[metric])
         uri = None

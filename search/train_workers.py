@@ -36,8 +36,8 @@ from search.relay import EpochRelay
 from segcore import tracking
 from segcore.config import TrainConfig, flatten
 from segcore.errors import ConfigError
+from segcore.tracking import MlflowEpochLogger
 from segcore.train_cli import (
-    MlflowEpochLogger,
     announce_model,
     close_run,
     command_line,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,25 @@ def log_flat_params(params: dict[str, Any]) -> None:
     items = list(clean.items())
     for i in range(0, len(items), 100):  # MLflow batches at most 100 params
         mlflow.log_params(dict(items[i : i + 100]))
+
+
+class MlflowEpochLogger:
+    """Epoch callback: rank 0's numeric per-epoch metrics with ``step`` into the MLflow run ``run_id``
+    at ``uri`` (the driver's run, whether training runs in its process or on Ray Train workers; a
+    search's refit run too). The client is made on the first epoch, where the callback runs."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+        self._client: Any = None
+
+    def __call__(self, report: Any) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        if report.rank != 0:
+            return
+        self._client = self._client or MlflowClient(self.uri)
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, report.epoch) for k, v in report.metrics.items()
+                   if isinstance(v, (int, float))]
+        self._client.log_batch(self.run_id, metrics=metrics)

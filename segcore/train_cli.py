@@ -16,7 +16,7 @@ import yaml
 
 from segcore.config import TrainConfig, flatten, load_yaml_config, parse_config, read_yaml_mapping, set_dotted
 from segcore.errors import ConfigError
-from segcore.tracking import log_flat_params, mlflow_ui_command, setup_mlflow
+from segcore.tracking import MlflowEpochLogger, log_flat_params, mlflow_ui_command, setup_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +78,6 @@ def parse_loss_terms(text: str) -> dict[str, float]:
         except ValueError:
             raise ConfigError(f"--loss {text!r}: weight {weight!r} is not a number; use e.g. dice=1,focal=0.5") from None
     return terms
-
-
-class MlflowEpochLogger:
-    """Epoch callback: rank 0's per-epoch metrics with ``step`` into the MLflow run ``run_id`` at ``uri``
-    (the driver's run, whether training runs in its process or on Ray Train workers)."""
-
-    def __init__(self, uri: str, run_id: str) -> None:
-        self.uri, self.run_id = uri, run_id
-
-    def __call__(self, report) -> None:
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric
-
-        if report.rank == 0:
-            now = int(time.time() * 1000)
-            metrics = [Metric(k, float(v), now, report.epoch) for k, v in report.metrics.items()]
-            MlflowClient(self.uri).log_batch(self.run_id, metrics=metrics)
 
 
 def epochs_flag_wins(cfg: TrainConfig, planned: TrainConfig) -> TrainConfig:
@@ -172,7 +155,7 @@ def check_train_flags(args: argparse.Namespace) -> None:
     if args.steps < 1:
         raise ConfigError(f"--steps {args.steps}: needs at least 1 optimizer step")
     written = command_line(args)
-    clash = [key for key in ("epochs", "data.patches_per_epoch") if _has_key(written, key)]
+    clash = [key for key in ("epochs", "data.patches_per_epoch") if key in flatten(written)]
     if clash:
         raise ConfigError(f"--steps {args.steps} sets epochs and data.patches_per_epoch itself; drop "
                           f"{' and '.join(clash)} from the command line, or drop --steps")
@@ -181,15 +164,6 @@ def check_train_flags(args: argparse.Namespace) -> None:
 def command_line(args: argparse.Namespace) -> dict[str, Any]:
     """The config keys written by flags and ``--set`` (not by the config file)."""
     return args_dict(argparse.Namespace(**{**vars(args), "config": None}), {})
-
-
-def _has_key(data: dict[str, Any], dotted: str) -> bool:
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
 
 
 def train_launcher() -> Callable[[argparse.Namespace], int]:

@@ -56,7 +56,8 @@ def measure_speed(cfg: TrainConfig, channels: int, classes: int, device: str = "
     model = build_model(cfg.model.model_copy(update={"in_channels": channels, "classes": classes}))
     model = model.to(dev, memory_format=fmt)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
-    loss_fn = build_loss(cfg.loss, classes, None).to(dev)
+    weights = None if cfg.loss.class_weighting == "none" else torch.ones(max(classes, 2))  # a step costs the same
+    loss_fn = build_loss(cfg.loss, classes, weights).to(dev)  # with any weights (no 'unweighted' warning)
     x = torch.randn(measured, channels, patch, patch, device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, classes, (measured, patch, patch), device=dev)
     use_amp = train_autocast(dev, cfg.amp)
